@@ -12,6 +12,8 @@ from profiling.errors import SpeckvError
 # Each module defines `register(subparsers)`, which adds its subcommand and sets `func` on the parser.
 STAGE_MODULES = (
     "pipeline.generate",
+    "pipeline.models",
+    "pipeline.prompts",
 )
 
 

