@@ -14,6 +14,7 @@ STAGE_MODULES = (
     "pipeline.generate",
     "pipeline.models",
     "pipeline.prompts",
+    "pipeline.train",
 )
 
 

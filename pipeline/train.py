@@ -1,0 +1,43 @@
+"""`speckv train`: fit the acceptance predictor on the profiled tokens, export it, log and register it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from pipeline.config import load_section
+from predictor.train import TrainConfig, run_training
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("metrics.json", "importance.json", "importance.md", "reliability.png", "importance.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_section(TrainConfig, "train", args.params)
+    metrics = run_training(config)
+    for name, scores in metrics["models"].items():
+        log.info("test %-22s AUC %.4f  log loss %.4f  Brier %.4f", name, *scores.values())
+    from predictor.registry import MODEL_NAME, log_training_run  # MLflow is slow to import
+
+    out_dir = Path(config.out_dir)
+    run_id, version = log_training_run(
+        asdict(config),
+        metrics,
+        [out_dir / name for name in OUTPUT_FILES],
+        Path(config.export_dir),
+        uri=config.tracking_uri,
+        experiment=config.experiment,
+        artifact_location=config.artifact_location,
+        register=config.register,
+    )
+    log.info("MLflow run %s%s", run_id, f"; registered {MODEL_NAME} v{version} @candidate" if version else "")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train, export and register the acceptance predictor")
+    parser.add_argument("--params", default="params.yaml", help="params file (section `train:`)")
+    parser.set_defaults(func=run)

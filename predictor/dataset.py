@@ -1,0 +1,122 @@
+"""The predictor's training data: labelled drafted tokens of the profiled token table, split by prompt.
+
+A token is labelled up to and including its step's first rejection; its label is `accepted` (greedy) or the
+acceptance probability min(1, p_target/p_draft) (sampling). Splits come from the table's per-prompt `split`
+column, never from rows, so no prompt is seen in two splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from predictor.features import FEATURES, table_features
+from profiling.errors import SpeckvError
+from profiling.schema import TOKEN_SCHEMA
+
+SPLITS = ("train", "dev", "test")
+PARTITIONS = pa.schema([("compression", pa.string()), ("task", pa.string())])
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's rows: features, labels, and the table columns replay and grouping need."""
+
+    X: np.ndarray  # (rows, len(FEATURES)) float64
+    y: np.ndarray  # (rows,) float64: 0/1 (greedy) or acceptance probability (sampling)
+    rows: pd.DataFrame  # the token-table rows, same order as X
+
+
+def load_tokens(path: str | Path) -> pd.DataFrame:
+    """Read the hive-partitioned token table, checking it holds exactly TOKEN_SCHEMA's columns and types."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SpeckvError(f"token table not found: {path} (run `speckv profile`)")
+    try:
+        table = ds.dataset(path, format="parquet", partitioning=ds.partitioning(PARTITIONS, flavor="hive"))
+        data = table.to_table()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SpeckvError(f"token table {path} is unreadable or corrupt: {exc}") from exc
+    if data.num_rows == 0:
+        raise SpeckvError(f"token table {path} holds no rows")
+    expected = {f.name: f.type for f in TOKEN_SCHEMA}
+    found = {f.name: f.type for f in data.schema}
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(found) if found[n] != expected[n])
+    if missing or extra or wrong:
+        raise SpeckvError(
+            f"token table {path} does not match TOKEN_SCHEMA: missing {missing}, unexpected {extra}, "
+            f"wrong type {[f'{n}: {found[n]} (want {expected[n]})' for n in wrong]}"
+        )
+    return data.select(TOKEN_SCHEMA.names).to_pandas()
+
+
+def select_runs(tokens: pd.DataFrame, mode: str, controller: str) -> pd.DataFrame:
+    """The rows of one decoding mode profiled under one controller (the full-draft `fixed:gamma_max` runs)."""
+    chosen = tokens[(tokens["mode"] == mode) & (tokens["controller"] == controller)]
+    if chosen.empty:
+        runs = sorted(set(zip(tokens["mode"], tokens["controller"], strict=True)))
+        raise SpeckvError(f"no token rows with mode={mode!r}, controller={controller!r}; table has {runs}")
+    return chosen
+
+
+def token_labels(rows: pd.DataFrame) -> np.ndarray:
+    """Greedy rows: 1.0 if the target accepted the token; sampling rows: its acceptance probability."""
+    greedy = (rows["mode"] == "greedy").to_numpy()
+    prob = rows["accept_prob"].to_numpy(np.float64, na_value=np.nan)
+    return np.where(greedy, rows["accepted"].to_numpy(np.float64), prob)
+
+
+def check_finite(X: np.ndarray, y: np.ndarray, what: str) -> None:
+    bad_features = [FEATURES[j] for j in np.flatnonzero(~np.isfinite(X).all(axis=0))]
+    if bad_features:
+        raise SpeckvError(f"{what}: NaN or infinite values in feature(s) {bad_features}")
+    if not np.isfinite(y).all():
+        raise SpeckvError(f"{what}: {int((~np.isfinite(y)).sum())} label(s) are missing (null accept_prob?)")
+    if ((y < 0) | (y > 1)).any():
+        raise SpeckvError(f"{what}: labels outside [0, 1]")
+
+
+def check_prompt_splits(tokens: pd.DataFrame) -> None:
+    """Each prompt must sit in exactly one split, and only the known splits may appear."""
+    unknown = sorted(set(tokens["split"]) - set(SPLITS))
+    if unknown:
+        raise SpeckvError(f"unknown split name(s) {unknown}; expected {list(SPLITS)}")
+    per_prompt = tokens.groupby(["task", "prompt_id"], observed=True)["split"].nunique()
+    leaking = per_prompt[per_prompt > 1]
+    if not leaking.empty:
+        raise SpeckvError(f"{len(leaking)} prompt(s) appear in more than one split, e.g. {leaking.index[0]}")
+
+
+def build_splits(tokens: pd.DataFrame) -> dict[str, Split]:
+    """Features on every drafted row, then the labelled rows of each prompt split."""
+    check_prompt_splits(tokens)
+    tokens = tokens.reset_index(drop=True)
+    # Features need the whole draft (running aggregates), so they are built before unlabelled rows go.
+    X_all = table_features(tokens)
+    splits = {}
+    for name in SPLITS:
+        mask = (tokens["split"] == name).to_numpy() & tokens["labelled"].to_numpy(bool)
+        if not mask.any():
+            raise SpeckvError(f"split {name!r} has no labelled token rows")
+        rows = tokens[mask]
+        X, y = X_all[mask], token_labels(rows)
+        check_finite(X, y, f"split {name!r}")
+        splits[name] = Split(X=X, y=y, rows=rows.reset_index(drop=True))
+    return splits
+
+
+def split_drafts(tokens: pd.DataFrame, split: str) -> tuple[np.ndarray, pd.DataFrame]:
+    """Features and rows of every drafted token of a split, labelled or not: the input of stop-rule replay."""
+    rows = tokens[tokens["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise SpeckvError(f"split {split!r} has no drafted rows")
+    X = table_features(rows)
+    check_finite(X, np.zeros(len(rows)), f"split {split!r} drafts")
+    return X, rows

@@ -1,0 +1,79 @@
+"""Writing the trained predictor as a safe export: `weights.npz` (numpy arrays, no pickle) + `model.json`.
+
+model.json holds the feature list, the calibration, the stop rule (discount, gamma_max, per-compression
+step_ms table from the cost models) and the training config; predictor.runtime loads it with numpy alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from predictor.features import COMPRESSIONS, FEATURES
+from predictor.runtime import EXPORT_FORMAT, META_FILE, WEIGHTS_FILE, AcceptancePredictor
+
+
+def mlp_weights(model: Pipeline) -> dict[str, np.ndarray]:
+    """The scaler and both dense layers of a fitted StandardScaler → MLPClassifier pipeline."""
+    scaler, mlp = model[0], model[-1]
+    return {
+        "scaler_mean": scaler.mean_,
+        "scaler_scale": scaler.scale_,
+        "W1": mlp.coefs_[0],
+        "b1": mlp.intercepts_[0],
+        "W2": mlp.coefs_[1],
+        "b2": mlp.intercepts_[1],
+    }
+
+
+def build_meta(
+    calibration: dict[str, Any], stop_rule: dict[str, Any], label_mode: str, train_config: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "format": EXPORT_FORMAT,
+        "features": list(FEATURES),
+        "compressions": list(COMPRESSIONS),
+        "activation": "relu",
+        "output": "logistic",
+        "calibration": calibration,
+        "stop_rule": stop_rule,
+        "label_mode": label_mode,
+        "train_config": train_config,
+    }
+
+
+def build_predictor(
+    model: Pipeline, calibration: dict[str, Any], arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> tuple[AcceptancePredictor, dict[str, np.ndarray]]:
+    """The runtime predictor exactly as it will be exported, so training scores what is deployed."""
+    weights = {**mlp_weights(model), **arrays}
+    meta = {**meta, "calibration": calibration}
+    return AcceptancePredictor({k: np.asarray(v, np.float64) for k, v in weights.items()}, meta), weights
+
+
+def write_export(path: str | Path, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+    """Write the export directory atomically: built beside `path`, then swapped in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        np.savez(staging / WEIGHTS_FILE, **{k: np.asarray(v, np.float64) for k, v in weights.items()})
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old)
+        else:
+            staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,203 @@
+"""The deployed acceptance predictor: loads the safe export with numpy alone and drives the decode loop.
+
+Nothing here imports scikit-learn or torch at module level: `load_export(...).predict_proba` runs on
+numpy only. MLPController (the Controller protocol) reuses profiling.signals.RunningStats and
+predictor.features.live_features, so live features are computed exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from predictor.policy import keep_drafting
+from profiling.errors import SpeckvError
+
+if TYPE_CHECKING:
+    from profiling.controllers import StepContext
+    from profiling.signals import TokenSignals
+
+EXPORT_FORMAT = 1
+WEIGHTS_FILE = "weights.npz"
+META_FILE = "model.json"
+WEIGHT_NAMES = ("scaler_mean", "scaler_scale", "W1", "b1", "W2", "b2")
+MODELS_URI_PREFIX = "models:/"
+# Probabilities are kept this far from 0/1 so logits and log losses stay finite.
+PROB_EPS = 1e-6
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def _sigmoid_scalar(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def apply_calibration(p: np.ndarray, calibration: dict[str, Any], arrays: dict[str, Any]) -> np.ndarray:
+    """Map raw MLP probabilities through the export's calibration: none, Platt (a, b) or isotonic (x, y)."""
+    kind = calibration["kind"]
+    if kind == "platt":
+        p = np.clip(p, PROB_EPS, 1 - PROB_EPS)
+        return _sigmoid(calibration["a"] * (np.log(p) - np.log1p(-p)) + calibration["b"])
+    if kind == "isotonic":
+        return np.interp(p, arrays["iso_x"], arrays["iso_y"])
+    return p
+
+
+class AcceptancePredictor:
+    """Standardise → Dense(16, relu) → Dense(1, logistic) → optional calibration; numpy only."""
+
+    def __init__(self, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.meta = meta
+        self.features: tuple[str, ...] = tuple(meta["features"])
+        self.calibration: dict[str, Any] = meta["calibration"]
+        self.stop_rule: dict[str, Any] = meta["stop_rule"]
+        self.mean = weights["scaler_mean"]
+        self.scale = weights["scaler_scale"]
+        self.W1, self.b1 = weights["W1"], weights["b1"]
+        self.w2, self.b2 = weights["W2"].reshape(-1), float(weights["b2"].reshape(-1)[0])
+        self.iso_x = weights.get("iso_x")
+        self.iso_y = weights.get("iso_y")
+        # The scaler folded into the first layer, for the one-row path of the decode loop.
+        self._W1_folded = np.ascontiguousarray(self.W1 / self.scale[:, None])
+        self._b1_folded = self.b1 - (self.mean / self.scale) @ self.W1
+        self._hidden = np.empty(self.W1.shape[1])
+        n = len(self.features)
+        if self.mean.shape != (n,) or self.scale.shape != (n,) or self.W1.shape[0] != n:
+            raise SpeckvError(f"export weights do not match its {n} features")
+
+    def calibrate(self, p: np.ndarray) -> np.ndarray:
+        return apply_calibration(p, self.calibration, {"iso_x": self.iso_x, "iso_y": self.iso_y})
+
+    def predict_raw(self, X: np.ndarray) -> np.ndarray:
+        """The MLP's acceptance probability before calibration, for (rows, features) X."""
+        hidden = np.maximum(((X - self.mean) / self.scale) @ self.W1 + self.b1, 0.0)
+        return _sigmoid(hidden @ self.w2 + self.b2)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Calibrated probability that each row's drafted token is accepted, given earlier ones were."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != len(self.features):
+            raise SpeckvError(f"expected a (rows, {len(self.features)}) feature matrix, got {X.shape}")
+        return self.calibrate(self.predict_raw(X))
+
+    def predict_one(self, x: np.ndarray) -> float:
+        """predict_proba of one feature vector, without allocating per call."""
+        np.dot(x, self._W1_folded, out=self._hidden)
+        self._hidden += self._b1_folded
+        np.maximum(self._hidden, 0.0, out=self._hidden)
+        p = _sigmoid_scalar(float(np.dot(self._hidden, self.w2)) + self.b2)
+        kind = self.calibration["kind"]
+        if kind == "platt":
+            p = min(max(p, PROB_EPS), 1 - PROB_EPS)
+            return _sigmoid_scalar(self.calibration["a"] * math.log(p / (1 - p)) + self.calibration["b"])
+        if kind == "isotonic":
+            return float(np.interp(p, self.iso_x, self.iso_y))
+        return p
+
+
+def load_export(path: str | Path) -> AcceptancePredictor:
+    """Load an export directory written by predictor.export.write_export."""
+    path = Path(path)
+    meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise SpeckvError(f"no predictor export at {path}: needs {META_FILE} + {WEIGHTS_FILE} (speckv train)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        with np.load(weights_path, allow_pickle=False) as npz:
+            weights = {name: npz[name].astype(np.float64) for name in npz.files}
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise SpeckvError(f"predictor export {path} is corrupt: {exc}") from exc
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != EXPORT_FORMAT:
+        raise SpeckvError(f"predictor export {path}: unsupported format {found!r}, want {EXPORT_FORMAT}")
+    missing = [n for n in WEIGHT_NAMES if n not in weights]
+    if missing or meta.get("calibration", {}).get("kind") == "isotonic" and "iso_x" not in weights:
+        raise SpeckvError(f"predictor export {path} lacks weights {missing or ['iso_x']}")
+    try:
+        return AcceptancePredictor(weights, meta)
+    except KeyError as exc:
+        raise SpeckvError(f"predictor export {path}: {META_FILE} lacks {exc}") from exc
+
+
+class MLPController:
+    """Draft while the stop rule, fed by the MLP's per-token acceptance, expects more tokens per second."""
+
+    needs_signals = True
+
+    def __init__(self, predictor: AcceptancePredictor, gamma_max: int, compression: str, name: str) -> None:
+        # profiling.signals imports torch (for distribution_signals), so it is imported only here, where a
+        # decode loop already has torch loaded; load_export stays numpy-only.
+        from predictor.features import compression_one_hot, live_features
+        from profiling.signals import RunningStats
+
+        compression_one_hot(compression)  # an unknown compression fails here, not mid-generation
+
+        rule = predictor.stop_rule
+        trained_max = int(rule["gamma_max"])
+        if gamma_max > trained_max:
+            raise SpeckvError(
+                f"{name}: gamma_max {gamma_max} exceeds the {trained_max} the predictor and its cost model "
+                f"were trained with; use gamma_max <= {trained_max}"
+            )
+        if compression not in rule["step_ms"]:
+            raise SpeckvError(
+                f"{name}: no cost model for compression {compression!r} in the export "
+                f"(trained on {sorted(rule['step_ms'])})"
+            )
+        self.name = name
+        self.predictor = predictor
+        self.gamma_max = gamma_max
+        self.compression = compression
+        self.discount = float(rule["discount"])
+        self.step_ms = tuple(float(t) for t in rule["step_ms"][compression][: gamma_max + 1])
+        self._features = live_features
+        self._stats = RunningStats()
+        self._x = np.zeros(len(predictor.features))
+        self.reset()
+
+    def reset(self) -> None:
+        self._ctx: StepContext | None = None
+        self._k, self._survival, self._expected = 0, 1.0, 1.0
+
+    def start_step(self, ctx: StepContext) -> int:
+        if ctx.compression != self.compression:
+            raise SpeckvError(f"{self.name} was loaded for {self.compression!r}, not {ctx.compression!r}")
+        self._ctx = ctx
+        self._stats.reset()
+        self._k, self._survival, self._expected = 0, 1.0, 1.0
+        return self.gamma_max
+
+    def keep_drafting(self, signals: TokenSignals) -> bool:
+        running = self._stats.update(signals)
+        p = self.predictor.predict_one(self._features(signals, running, self._ctx, self._x))
+        self._k += 1
+        self._survival *= p
+        self._expected += self._survival
+        return keep_drafting(self._k, self._survival, self._expected, p, self.step_ms, self.discount)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """Nothing to learn online: the next StepContext carries prev_gamma / prev_accepted."""
+
+
+def resolve_export_dir(ref: str) -> Path:
+    """A local export directory, or `models:/NAME@ALIAS` downloaded from the MLflow registry."""
+    if ref.startswith(MODELS_URI_PREFIX):
+        from predictor.registry import download_export  # MLflow only for registry references
+
+        return download_export(ref)
+    return Path(ref)
+
+
+def load_mlp_controller(ref: str, gamma_max: int, compression: str) -> MLPController:
+    """The `mlp:REF` controller: REF is an export directory or `models:/speckv-gamma-predictor@ALIAS`."""
+    predictor = load_export(resolve_export_dir(ref))
+    return MLPController(predictor, gamma_max=gamma_max, compression=compression, name=f"mlp:{ref}")
