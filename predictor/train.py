@@ -27,6 +27,7 @@ from predictor.dataset import Split, build_splits, load_tokens, select_runs, spl
 from predictor.export import build_meta, build_predictor, write_export
 from predictor.features import COMPRESSIONS, FEATURES, RUNNING, STEP_KEYS
 from profiling.costmodel import CostModel
+from profiling.errors import SpeckvError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,22 @@ class TrainConfig:
     artifact_location: str = "mlartifacts"  # where a new MLflow experiment stores artifacts
     experiment: str = "speckv-train"
     register: bool = True  # register the export as speckv-gamma-predictor@candidate
+
+    def __post_init__(self) -> None:
+        # Checked here so a typo fails before minutes of training, not after.
+        problems = []
+        if self.mode not in ("greedy", "sampling"):
+            problems.append(f"mode must be greedy or sampling, got {self.mode!r}")
+        if not set(self.calibrations) <= {"none", "platt", "isotonic"} or not self.calibrations:
+            problems.append("calibrations must be a non-empty subset of none, platt, isotonic")
+        if self.importance_scoring not in importance.SCORINGS:
+            problems.append(f"importance_scoring must be one of {importance.SCORINGS}")
+        if not self.discount_grid or min(self.discount_grid) <= 0:
+            problems.append("discount_grid must hold positive numbers")
+        if self.hidden_units < 1 or self.max_iter < 1 or self.importance_repeats < 1:
+            problems.append("hidden_units, max_iter and importance_repeats must be >= 1")
+        if problems:
+            raise SpeckvError("[train] " + "; ".join(problems))
 
 
 def _atomic_text(path: Path, text: str) -> None:
