@@ -1,0 +1,99 @@
+"""`speckv generate`: one prompt through the speculative decoding loop, with its statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from profiling.controllers import CONTROLLER_SPECS, parse_controller
+from profiling.decode import DecodeConfig, speculative_generate
+from profiling.errors import SpeckvError
+from profiling.models import COMPRESSIONS, load_pair
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate from one prompt with speculative decoding",
+                       description="Generate from one prompt with speculative decoding and print statistics.")
+    p.add_argument("--target", required=True, help="target: HF id, local directory, .gguf file or 'default'")
+    p.add_argument("--draft", help="draft: HF id, local directory, .gguf file or 'default' (omit with 'none')")
+    p.add_argument("--compression", default="fp32", choices=COMPRESSIONS, help="target compression")
+    p.add_argument("--controller", default="fixed:4", help=f"gamma controller: {CONTROLLER_SPECS}")
+    p.add_argument("--gamma-max", type=int, default=8, help="most tokens drafted per step")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run)
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise SpeckvError("--chat given but the target's tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def eos_ids(tokenizer, model) -> tuple[int, ...]:
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return tuple(sorted(ids))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise SpeckvError(f"prompt file not found: {args.prompt_file}")
+        text = args.prompt_file.read_text()
+    else:
+        text = args.prompt
+    if not text.strip():
+        raise SpeckvError("the prompt is empty")
+    config = DecodeConfig(
+        max_new_tokens=args.max_new_tokens,
+        gamma_max=args.gamma_max,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    config.validate()
+    controller = parse_controller(args.controller, args.gamma_max, args.compression)
+    if controller.name != "none" and not args.draft:
+        raise SpeckvError(f"controller {args.controller!r} needs --draft")
+    pair = load_pair(args.target, args.draft if controller.name != "none" else None, args.compression, args.device)
+    prompt_ids = encode_prompt(pair.tokenizer, text, args.chat)
+    config = DecodeConfig(**{**config.__dict__, "eos_token_ids": eos_ids(pair.tokenizer, pair.target)})
+    result = speculative_generate(pair.target, pair.draft, prompt_ids, controller, config, args.compression)
+    text_out = pair.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    if args.json:
+        payload = {"text": text_out, "token_ids": result.token_ids, **result.summary(),
+                   "controller": controller.name, "compression": args.compression,
+                   "gamma_max": args.gamma_max, "temperature": args.temperature}
+        print(json.dumps(payload))
+    else:
+        s = result.summary()
+        print(text_out)
+        print(
+            f"\n[{controller.name} | {args.compression}] {s['new_tokens']} tokens in {s['wall_s']:.2f} s "
+            f"({s['tokens_per_s']:.1f} tok/s), {s['steps']} steps, acceptance {s['acceptance_rate']:.2f}, "
+            f"{s['mean_accepted_per_step']:.2f} accepted/step"
+        )
+    return 0

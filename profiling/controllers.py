@@ -1,0 +1,183 @@
+"""Gamma controllers: small objects that decide, token by token, when the draft stops and the target verifies.
+
+The decode loop asks `start_step` for the most tokens it may draft this step, then after every drafted
+token asks `keep_drafting`; after verification it reports the outcome with `observe`. Fixed gamma, the
+transformers heuristic, confidence and entropy stops, the trained MLP and the hindsight oracle all speak
+this protocol, so profiling, deployment and evaluation compare like with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from profiling.errors import SpeckvError
+from profiling.signals import TokenSignals
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What is known when a step starts, before anything is drafted."""
+
+    step: int  # 0-based step index within this generation
+    position: int  # tokens in the context (prompt + generated) at the start of the step
+    new_tokens: int  # tokens generated so far
+    prev_gamma: int  # tokens drafted in the previous step (0 on the first step)
+    prev_accepted: int  # of those, how many the target accepted (0 on the first step)
+    compression: str  # the target's compression, e.g. "fp32", "int8", "nf4"
+
+
+@runtime_checkable
+class Controller(Protocol):
+    name: str
+    needs_signals: bool  # False lets the loop skip computing draft signals (fixed gamma, none)
+
+    def reset(self) -> None:
+        """Forget per-sequence state before a new generation."""
+
+    def start_step(self, ctx: StepContext) -> int:
+        """The most tokens to draft this step (0: the target decodes alone)."""
+
+    def keep_drafting(self, signals: TokenSignals) -> bool:
+        """Called after each drafted token that could be followed by another: draft one more?"""
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """The verification outcome of the step just finished."""
+
+
+class _Stateless:
+    needs_signals = False
+
+    def reset(self) -> None:
+        pass
+
+    def keep_drafting(self, signals: TokenSignals) -> bool:
+        return True
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+class NoDraft(_Stateless):
+    """The target alone, in the same loop: the fair baseline for every speedup."""
+
+    name = "none"
+
+    def start_step(self, ctx: StepContext) -> int:
+        return 0
+
+
+class FixedGamma(_Stateless):
+    """Always draft `gamma` tokens (what most systems ship, usually gamma=4)."""
+
+    def __init__(self, gamma: int) -> None:
+        self.gamma = gamma
+        self.name = f"fixed:{gamma}"
+
+    def start_step(self, ctx: StepContext) -> int:
+        return self.gamma
+
+
+class HeuristicGamma(_Stateless):
+    """transformers' "heuristic" schedule: +2 after a fully accepted draft, else -1, never below 1."""
+
+    def __init__(self, initial: int, gamma_max: int) -> None:
+        self.initial = initial
+        self.gamma_max = gamma_max
+        self.name = "heuristic" if initial == gamma_max else f"heuristic:{initial}"
+        self.reset()
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+    def start_step(self, ctx: StepContext) -> int:
+        return self.current
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        if accepted == drafted:
+            self.current = min(self.current + 2, self.gamma_max)
+        else:
+            self.current = max(self.current - 1, 1)
+
+
+class ConfidenceStop(_Stateless):
+    """Stop once a drafted token's draft probability falls below `threshold` (transformers / DISCO style).
+
+    The low-confidence token itself is still verified, as in transformers' assistant_confidence_threshold.
+    """
+
+    needs_signals = True
+
+    def __init__(self, threshold: float, gamma_max: int) -> None:
+        self.threshold = threshold
+        self.gamma_max = gamma_max
+        self.name = f"threshold:{threshold:g}"
+
+    def start_step(self, ctx: StepContext) -> int:
+        return self.gamma_max
+
+    def keep_drafting(self, signals: TokenSignals) -> bool:
+        return signals.draft_prob >= self.threshold
+
+
+class EntropyStop(_Stateless):
+    """Stop once the draft's entropy (nats) at a drafted token exceeds `max_entropy` (AdaEDL / SVIP style)."""
+
+    needs_signals = True
+
+    def __init__(self, max_entropy: float, gamma_max: int) -> None:
+        self.max_entropy = max_entropy
+        self.gamma_max = gamma_max
+        self.name = f"entropy:{max_entropy:g}"
+
+    def start_step(self, ctx: StepContext) -> int:
+        return self.gamma_max
+
+    def keep_drafting(self, signals: TokenSignals) -> bool:
+        return signals.entropy <= self.max_entropy
+
+
+CONTROLLER_SPECS = "none | fixed:K | heuristic[:K0] | threshold:P | entropy:H | mlp:PATH | mlp:models:/NAME@ALIAS"
+
+
+def _number(spec: str, text: str, kind: type) -> float | int:
+    try:
+        return kind(text)
+    except ValueError:
+        raise SpeckvError(f"controller {spec!r}: {text!r} is not a valid {kind.__name__}") from None
+
+
+def parse_controller(spec: str, gamma_max: int, compression: str = "fp32") -> Controller:
+    """Build a controller from its spec string (see CONTROLLER_SPECS)."""
+    if gamma_max < 1:
+        raise SpeckvError(f"gamma_max must be >= 1, got {gamma_max}")
+    kind, _, arg = spec.strip().partition(":")
+    if kind == "none" and not arg:
+        return NoDraft()
+    if kind == "fixed":
+        k = int(_number(spec, arg, int))
+        if not 1 <= k <= gamma_max:
+            raise SpeckvError(f"controller {spec!r}: K must be in 1..gamma_max ({gamma_max})")
+        return FixedGamma(k)
+    if kind == "heuristic":
+        k0 = int(_number(spec, arg, int)) if arg else gamma_max
+        if not 1 <= k0 <= gamma_max:
+            raise SpeckvError(f"controller {spec!r}: K0 must be in 1..gamma_max ({gamma_max})")
+        return HeuristicGamma(k0, gamma_max)
+    if kind == "threshold":
+        p = float(_number(spec, arg, float))
+        if not 0.0 <= p <= 1.0:
+            raise SpeckvError(f"controller {spec!r}: the probability threshold must be in [0, 1]")
+        return ConfidenceStop(p, gamma_max)
+    if kind == "entropy":
+        h = float(_number(spec, arg, float))
+        if h < 0:
+            raise SpeckvError(f"controller {spec!r}: the entropy threshold must be >= 0 nats")
+        return EntropyStop(h, gamma_max)
+    if kind == "mlp" and arg:
+        from predictor.runtime import load_mlp_controller  # numpy-only; imported on demand
+
+        return load_mlp_controller(arg, gamma_max=gamma_max, compression=compression)
+    raise SpeckvError(f"unknown controller {spec!r}; expected one of: {CONTROLLER_SPECS}")

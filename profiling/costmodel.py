@@ -1,0 +1,53 @@
+"""Measured cost model of one speculative step on one device and compression: draft ms/token, verify ms."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from profiling.errors import SpeckvError
+
+
+@dataclass
+class CostModel:
+    compression: str
+    device: str
+    draft_ms: float  # one draft forward producing one token, sampling included
+    verify_ms: list[float]  # verify_ms[k]: one target forward over k drafted tokens + 1 (k = 0..gamma_max)
+    overhead_ms: float = 0.0  # per-step loop overhead outside the model forwards
+    meta: dict = field(default_factory=dict)  # how it was measured (repeats, context length, versions)
+
+    @property
+    def gamma_max(self) -> int:
+        return len(self.verify_ms) - 1
+
+    def step_ms(self, gamma: int) -> float:
+        """Modelled wall time of a step that drafts `gamma` tokens and verifies them."""
+        if not 0 <= gamma <= self.gamma_max:
+            raise ValueError(f"gamma {gamma} outside the calibrated range 0..{self.gamma_max}")
+        return gamma * self.draft_ms + self.verify_ms[gamma] + self.overhead_ms
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        path = Path(path)
+        if not path.is_file():
+            raise SpeckvError(f"cost model not found: {path} (run `speckv calibrate`)")
+        try:
+            raw = json.loads(path.read_text())
+            model = cls(**raw)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise SpeckvError(f"cost model {path} is corrupt: {exc}") from exc
+        if model.draft_ms < 0 or not model.verify_ms or any(v <= 0 for v in model.verify_ms):
+            raise SpeckvError(f"cost model {path} holds non-positive timings")
+        return model

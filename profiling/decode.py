@@ -1,0 +1,314 @@
+"""The one speculative decoding loop: profiling, deployment and evaluation all run `speculative_generate`.
+
+Speculative decoding (Leviathan et al. 2023, arXiv 2211.17192; Chen et al. 2023, arXiv 2302.01318):
+  1. the draft proposes tokens one at a time, a controller deciding after each one whether to go on;
+  2. the target scores the last committed token and every drafted token in one forward pass;
+  3. greedy: accept the longest drafted prefix equal to the target's argmax; sampling: accept token i with
+     probability min(1, p_i/q_i), on the first rejection resample from norm(max(0, p - q));
+  4. append the target's own next token (the correction, or the bonus token when all were accepted),
+     and roll both KV caches back to the committed sequence.
+The output distribution is exactly the target's, so greedy output equals target-only greedy output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import DynamicCache
+
+from profiling.controllers import Controller, StepContext
+from profiling.errors import SpeckvError
+from profiling.models import synchronize
+from profiling.signals import TokenSignals, distribution_signals
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    max_new_tokens: int = 128  # generated tokens, EOS included
+    gamma_max: int = 8  # hard cap on tokens drafted per step, whatever the controller says
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0  # 1.0 keeps every token
+    seed: int = 0  # seeds the sampling generator (unused when greedy)
+    eos_token_ids: tuple[int, ...] = ()  # generation stops after any of these
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise SpeckvError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.gamma_max < 1:
+            raise SpeckvError(f"gamma_max must be >= 1, got {self.gamma_max}")
+        if self.temperature < 0:
+            raise SpeckvError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SpeckvError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SpeckvError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class StepOutcome:
+    """Everything one step produced, handed to a recorder (built only when a recorder is attached)."""
+
+    ctx: StepContext
+    signals: list[TokenSignals]  # one per drafted token
+    draft_ms: list[float]  # one per drafted token
+    accepted: int  # drafted tokens the target accepted
+    accept_probs: list[float] | None  # min(1, p/q) per drafted token (sampling only)
+    target_token: int  # correction or bonus token
+    produced: int  # tokens appended after EOS / max_new_tokens truncation
+    verify_ms: float
+
+
+class Recorder(Protocol):
+    def record_step(self, outcome: StepOutcome) -> None: ...
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    gammas: list[int] = field(default_factory=list)  # drafted per step
+    accepts: list[int] = field(default_factory=list)  # accepted per step
+    wall_s: float = 0.0
+    stop_reason: str = "length"  # "eos" or "length"
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def steps(self) -> int:
+        return len(self.gammas)
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.gammas)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepts)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        return self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_per_step": self.mean_accepted_per_step,
+            "wall_s": self.wall_s,
+            "tokens_per_s": self.tokens_per_s,
+            "stop_reason": self.stop_reason,
+        }
+
+
+def logits_to_probs(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+    """The sampling distribution: temperature, then top-k, then top-p (nucleus), over the last dim."""
+    logits = logits.float() / max(config.temperature, 1e-5) if not config.greedy else logits.float()
+    if config.top_k > 0 and config.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop tokens once the mass before them already reaches top_p; the first token always stays
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= config.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def _sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _forward(model, ids: list[int], cache: DynamicCache, device: torch.device, all_logits: bool):
+    """Feed `ids` after what `cache` holds; logits of the last position (or of every position)."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+    return out.logits[0] if all_logits else out.logits[0, -1]
+
+
+def _truncate(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions beyond `length` (DynamicCache.crop takes a negative count in transformers 5)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+def verify_greedy(drafted: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
+    """(accepted, next token): the longest drafted prefix matching the target's argmax, then its own token."""
+    choices = target_logits.argmax(dim=-1).tolist()
+    n = 0
+    while n < len(drafted) and drafted[n] == choices[n]:
+        n += 1
+    return n, choices[n]
+
+
+def verify_sampling(
+    drafted: list[int],
+    draft_probs: list[torch.Tensor],
+    target_probs: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[int, int, list[float]]:
+    """Leviathan et al. rejection sampling: (accepted, next token, min(1, p/q) of every drafted token)."""
+    k = len(drafted)
+    if k:
+        idx = torch.arange(k, device=target_probs.device)
+        tok = torch.tensor(drafted, device=target_probs.device)
+        p = target_probs[idx, tok]
+        q = torch.stack([draft_probs[i][drafted[i]] for i in range(k)])
+        ratios = torch.clamp(p / q, max=1.0).tolist()
+    else:
+        ratios = []
+    uniforms = torch.rand(k, generator=generator, device=target_probs.device).tolist() if k else []
+    for i in range(k):
+        if uniforms[i] >= ratios[i]:
+            residual = torch.clamp(target_probs[i] - draft_probs[i], min=0.0)
+            total = residual.sum()
+            # p == q on the support: rejection is impossible in exact arithmetic, so sample p itself
+            dist = residual / total if total > 0 else target_probs[i]
+            return i, _sample(dist, generator), ratios
+    return k, _sample(target_probs[k], generator), ratios
+
+
+@torch.inference_mode()
+def speculative_generate(
+    target,
+    draft,
+    prompt_ids: list[int],
+    controller: Controller,
+    config: DecodeConfig,
+    compression: str = "fp32",
+    recorder: Recorder | None = None,
+) -> GenerationResult:
+    """Generate up to `config.max_new_tokens` tokens after `prompt_ids`; batch size 1, KV caches for both.
+
+    With `draft=None` only a controller that never drafts (`none`) is valid.
+    """
+    config.validate()
+    if not prompt_ids:
+        raise SpeckvError("the prompt is empty")
+    device = target.device
+    greedy = config.greedy
+    eos = frozenset(config.eos_token_ids)
+    want_signals = recorder is not None or controller.needs_signals
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    controller.reset()
+
+    synchronize(device)
+    start = time.perf_counter()
+    tokens = list(prompt_ids)
+    target_cache = DynamicCache(config=target.config)
+    draft_cache = DynamicCache(config=draft.config) if draft is not None else None
+    if len(tokens) > 1:
+        _forward(target, tokens[:-1], target_cache, device, all_logits=False)
+    draft_len = 0  # positions held by the draft cache; it is filled lazily, so `none` never pays for it
+    result = GenerationResult(token_ids=[])
+    prev_gamma = prev_accepted = 0
+
+    while result.new_tokens < config.max_new_tokens:
+        ctx = StepContext(
+            step=result.steps,
+            position=len(tokens),
+            new_tokens=result.new_tokens,
+            prev_gamma=prev_gamma,
+            prev_accepted=prev_accepted,
+            compression=compression,
+        )
+        # a step always yields one target token, so drafting past max_new_tokens - 1 would be wasted
+        budget = min(controller.start_step(ctx), config.gamma_max, config.max_new_tokens - result.new_tokens - 1)
+        if budget > 0 and draft is None:
+            raise SpeckvError(f"controller {controller.name!r} drafts tokens but no draft model was given")
+
+        # Step 1: draft up to `budget` tokens, asking the controller after each one.
+        drafted: list[int] = []
+        draft_probs: list[torch.Tensor] = []
+        signals: list[TokenSignals] = []
+        draft_ms: list[float] = []
+        pending = tokens[draft_len:]
+        for i in range(budget):
+            t0 = time.perf_counter() if recorder is not None else 0.0
+            logits = _forward(draft, pending, draft_cache, device, all_logits=False)
+            draft_len += len(pending)
+            if greedy:
+                probs = torch.softmax(logits.float(), dim=-1) if want_signals else None
+                token = int(logits.argmax())
+            else:
+                probs = logits_to_probs(logits, config)
+                token = _sample(probs, generator)
+                draft_probs.append(probs)
+            drafted.append(token)
+            pending = [token]
+            if want_signals:
+                sig = TokenSignals(*distribution_signals(probs, token), draft_index=i, position=len(tokens) + i)
+                signals.append(sig)
+            if recorder is not None:
+                synchronize(device)
+                draft_ms.append((time.perf_counter() - t0) * 1e3)
+            if i + 1 < budget and not controller.keep_drafting(signals[-1] if want_signals else None):
+                break
+
+        # Step 2: one target forward over the last committed token and every drafted token.
+        t0 = time.perf_counter() if recorder is not None else 0.0
+        target_logits = _forward(target, [tokens[-1]] + drafted, target_cache, device, all_logits=True)
+
+        # Step 3: accept a prefix and take the target's next token.
+        accept_probs = None
+        if greedy:
+            n_accepted, next_token = verify_greedy(drafted, target_logits)
+        else:
+            target_probs = logits_to_probs(target_logits, config)
+            n_accepted, next_token, accept_probs = verify_sampling(drafted, draft_probs, target_probs, generator)
+        if recorder is not None:
+            synchronize(device)
+            verify_ms = (time.perf_counter() - t0) * 1e3
+
+        # Step 4: commit, then roll both caches back to the committed sequence.
+        k = len(drafted)
+        committed = len(tokens)
+        new = drafted[:n_accepted] + [next_token]
+        produced = 0
+        for tok in new:
+            tokens.append(tok)
+            result.token_ids.append(tok)
+            produced += 1
+            if tok in eos:
+                result.stop_reason = "eos"
+                break
+        _truncate(target_cache, committed + n_accepted)
+        if k:
+            draft_len = min(draft_len, committed + n_accepted)
+            _truncate(draft_cache, draft_len)
+        result.gammas.append(k)
+        result.accepts.append(n_accepted)
+        controller.observe(k, n_accepted)
+        if recorder is not None:
+            recorder.record_step(
+                StepOutcome(ctx, signals, draft_ms, n_accepted, accept_probs, next_token, produced, verify_ms)
+            )
+        prev_gamma, prev_accepted = k, n_accepted
+        if result.stop_reason == "eos":
+            break
+
+    synchronize(device)
+    result.wall_s = time.perf_counter() - start
+    return result

@@ -1,0 +1,162 @@
+"""Loading a target at a compression and a draft at its own dtype, on one device chosen in one place."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from profiling.errors import SpeckvError
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
+_FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; `requested` ("cpu", "cuda", "cuda:1") overrides."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SpeckvError(f"device {requested!r} requested but CUDA is not available")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels so wall-clock timings mean something (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained should look: a hub id or a directory, plus a GGUF file name if any."""
+
+    ref: str
+    path: str
+    gguf_file: str | None = None
+
+
+def resolve_source(ref: str, role: str) -> ModelSource:
+    """Turn a user reference (`default`, HF id, local directory, .gguf file) into a ModelSource."""
+    if ref == "default":
+        from data.models import resolve_model  # fetches or distils the embedded pair on first use
+
+        ref_path = resolve_model(ref, role)
+        return ModelSource(ref, ref_path)
+    path = Path(ref).expanduser()
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise SpeckvError(f"{role} GGUF file not found: {ref}")
+        return ModelSource(ref, str(path.parent), path.name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise SpeckvError(f"{role} {ref!r} is not a transformers model directory (no config.json)")
+        return ModelSource(ref, str(path))
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise SpeckvError(f"{role} model not found: {ref!r} is neither a local path nor a hub id (org/name)")
+    return ModelSource(ref, ref)
+
+
+def quantization_kwargs(compression: str, device: torch.device) -> dict:
+    """from_pretrained keyword arguments that load a model at `compression`."""
+    if compression not in COMPRESSIONS:
+        raise SpeckvError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    if compression in _FLOAT_DTYPES:
+        return {"dtype": _FLOAT_DTYPES[compression]}
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.float32 if device.type == "cpu" else torch.float16
+    if compression == "int8":
+        # LLM.int8's outlier decomposition picks fp16 columns from the whole input batch, so a row's logits
+        # depend on the other rows: a (k+1)-token verify then differs from one-token decoding (measured:
+        # 0.06 logit max difference on a tiny Llama) and greedy speculative output stops matching the
+        # target's own. Threshold 0 keeps plain row-wise int8, which is batch-invariant (1e-6).
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+        )
+    return {"quantization_config": config, "device_map": device.type if device.type == "cpu" else str(device),
+            "dtype": compute}
+
+
+def load_model(ref: str, role: str, device: torch.device, compression: str | None = None):
+    """A causal LM in eval mode. `compression=None` keeps the checkpoint's own dtype (the draft)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_source(ref, role)
+    kwargs: dict = {"trust_remote_code": False}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if compression is None:
+        kwargs["dtype"] = "auto"
+    else:
+        kwargs.update(quantization_kwargs(compression, device))
+    log.info("loading %s %s (%s)", role, source.ref, compression or "own dtype")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SpeckvError(f"cannot load {role} model {ref!r}: {exc}") from exc
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    if compression is None and model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        model = model.float()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_source(ref, "target")
+    kwargs: dict = {"trust_remote_code": False}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise SpeckvError(f"cannot load the tokenizer of {ref!r}: {exc}") from exc
+
+
+def vocab_size(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+@dataclass
+class ModelPair:
+    target: object
+    draft: object | None
+    tokenizer: object
+    compression: str
+    device: torch.device
+    target_ref: str
+    draft_ref: str | None
+
+
+def load_pair(
+    target: str, draft: str | None, compression: str = "fp32", device: str | None = None
+) -> ModelPair:
+    """Target at `compression`, draft (optional) at its own dtype, refusing pairs with different vocabularies."""
+    if compression not in COMPRESSIONS:
+        raise SpeckvError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    dev = pick_device(device)
+    if compression in ("int8", "nf4") and dev.type not in ("cpu", "cuda"):
+        raise SpeckvError(f"compression {compression} needs a CPU or CUDA device, not {dev}")
+    if compression == "fp16" and dev.type == "cpu":
+        log.warning("fp16 on CPU is slow and less exact; fp32 or bf16 suit a CPU better")
+    target_model = load_model(target, "target", dev, compression)
+    draft_model = load_model(draft, "draft", dev) if draft else None
+    if draft_model is not None:
+        tv, dv = vocab_size(target_model), vocab_size(draft_model)
+        if tv != dv:
+            raise SpeckvError(
+                f"draft and target do not share a vocabulary: target {target!r} has {tv} tokens, "
+                f"draft {draft!r} has {dv}"
+            )
+    return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft)

@@ -1,0 +1,67 @@
+"""Draft-side signals of one drafted token, and their running aggregates over the draft so far.
+
+Everything here is known the moment a token is drafted, before the target sees it: these are the only
+inputs a gamma controller may use (the published SpecKV features used post-hoc step aggregates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SIGNALS = ("draft_prob", "top1_prob", "margin", "entropy")
+AGGREGATES = ("min", "max", "mean")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSignals:
+    """What the draft's distribution said about one drafted token."""
+
+    draft_prob: float  # probability the draft gave the token it proposed
+    top1_prob: float  # the draft's largest probability (== draft_prob when greedy)
+    margin: float  # top-1 minus top-2 probability
+    entropy: float  # entropy of the draft distribution, nats
+    draft_index: int  # 0-based index of this token within the current draft
+    position: int  # context position of the token (prompt tokens included)
+
+
+def distribution_signals(probs: torch.Tensor, token: int) -> tuple[float, float, float, float]:
+    """(draft_prob, top1_prob, margin, entropy) of a 1-D probability vector, with one host transfer."""
+    top2 = torch.topk(probs, 2).values
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
+    packed = torch.stack([probs[token], top2[0], top2[0] - top2[1], entropy]).float().cpu().tolist()
+    return packed[0], packed[1], packed[2], packed[3]
+
+
+class RunningStats:
+    """Running min/max/mean of each signal over the tokens drafted so far in this step."""
+
+    __slots__ = ("_n", "_min", "_max", "_sum")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._n = 0
+        self._min = [float("inf")] * len(SIGNALS)
+        self._max = [float("-inf")] * len(SIGNALS)
+        self._sum = [0.0] * len(SIGNALS)
+
+    def update(self, signals: TokenSignals) -> dict[str, float]:
+        """Add one token; return `{f"{signal}_{agg}": value}` including this token."""
+        self._n += 1
+        out = {}
+        for i, name in enumerate(SIGNALS):
+            v = getattr(signals, name)
+            self._min[i] = min(self._min[i], v)
+            self._max[i] = max(self._max[i], v)
+            self._sum[i] += v
+            out[f"{name}_min"] = self._min[i]
+            out[f"{name}_max"] = self._max[i]
+            out[f"{name}_mean"] = self._sum[i] / self._n
+        return out
+
+
+def running_columns() -> list[str]:
+    return [f"{s}_{a}" for s in SIGNALS for a in AGGREGATES]

@@ -1,0 +1,192 @@
+"""The decode loop is lossless: greedy output equals the target's own generate(), sampling keeps its law."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from tiny import char_tokenizer, perturbed_draft, tiny_target
+
+from profiling.controllers import parse_controller
+from profiling.decode import DecodeConfig, _truncate, speculative_generate, verify_sampling
+from profiling.models import load_pair
+
+CONTROLLERS = ["none", "fixed:1", "fixed:4", "fixed:8", "heuristic", "threshold:0.4", "entropy:1.5"]
+PROMPTS = ["def add(a, b):", "The quick brown fox", "x = [i * i for i in range(10)]"]
+
+
+def reference(model, ids: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    out = model.generate(
+        torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0
+    )
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
+def test_greedy_is_lossless_for_every_controller(tiny_pair_dir, tokenizer, compression):
+    target_dir, draft_dir = tiny_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), compression, "cpu")
+    total_accepted = total_rejected = 0
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        expected = reference(pair.target, ids, 24)
+        for spec in CONTROLLERS:
+            result = speculative_generate(
+                pair.target, pair.draft, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=24),
+                compression,
+            )
+            assert result.token_ids == expected, f"{compression} {spec} {prompt!r}"
+            assert sum(result.gammas) == result.drafted
+            total_accepted += result.accepted
+            total_rejected += result.drafted - result.accepted
+    # the pair must exercise both paths, or the test proves nothing about rollback
+    assert total_accepted > 20 and total_rejected > 20
+
+
+def test_identical_draft_is_always_accepted():
+    """If either cache were rolled back wrongly, a draft equal to the target would stop agreeing with it."""
+    target = tiny_target()
+    ids = list(range(5, 25))
+    for spec in ["fixed:3", "fixed:8", "heuristic"]:
+        result = speculative_generate(target, target, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=40))
+        assert result.acceptance_rate == 1.0
+        assert result.token_ids == reference(target, ids, 40)
+
+
+def test_unrelated_draft_is_rejected_yet_lossless():
+    target = tiny_target(seed=0)
+    stranger = tiny_target(seed=123)
+    ids = list(range(5, 25))
+    result = speculative_generate(target, stranger, ids, parse_controller("fixed:5", 8), DecodeConfig(max_new_tokens=30))
+    assert result.acceptance_rate < 0.2
+    assert result.token_ids == reference(target, ids, 30)
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7, 9])
+def test_max_new_tokens_is_exact(max_new):
+    target = tiny_target()
+    draft = perturbed_draft(target, 0.04)
+    ids = list(range(3, 15))
+    for spec in ["none", "fixed:4", "fixed:8"]:
+        result = speculative_generate(target, draft, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=max_new))
+        assert result.token_ids == reference(target, ids, max_new)
+        assert result.new_tokens == max_new
+
+
+def test_eos_stops_exactly():
+    target = tiny_target()
+    draft = perturbed_draft(target, 0.04)
+    ids = list(range(3, 15))
+    free = reference(target, ids, 30)
+    eos = free[11]  # a token the target really produces, so the stop lands mid-draft for some controllers
+    expected = reference(target, ids, 30, eos=eos)
+    assert expected[-1] == eos and len(expected) <= 12
+    for spec in ["none", "fixed:2", "fixed:8", "heuristic"]:
+        config = DecodeConfig(max_new_tokens=30, eos_token_ids=(eos,))
+        result = speculative_generate(target, draft, ids, parse_controller(spec, 8), config)
+        assert result.token_ids == expected
+        assert result.stop_reason == "eos"
+
+
+def test_truncate_drops_only_the_tail():
+    from transformers import DynamicCache
+
+    target = tiny_target()
+    cache = DynamicCache(config=target.config)
+    target(input_ids=torch.arange(3, 13)[None], past_key_values=cache, use_cache=True)
+    keys_before = cache.layers[0].keys.clone()
+    _truncate(cache, 6)
+    assert cache.get_seq_length() == 6
+    assert torch.equal(cache.layers[0].keys, keys_before[..., :6, :])
+    _truncate(cache, 8)  # growing is not truncating: nothing happens
+    assert cache.get_seq_length() == 6
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """Leviathan et al., Theorem 3.5: the first emitted token is distributed as p, whatever q is."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 6
+    p = torch.tensor([[0.35, 0.25, 0.2, 0.1, 0.07, 0.03], [0.1, 0.1, 0.2, 0.2, 0.2, 0.2]])
+    q = torch.tensor([0.05, 0.05, 0.4, 0.3, 0.1, 0.1])
+    n = 20000
+    counts = np.zeros(vocab)
+    for _ in range(n):
+        drafted = [int(torch.multinomial(q, 1, generator=gen))]
+        accepted, nxt, _ = verify_sampling(drafted, [q], p, gen)
+        counts[drafted[0] if accepted else nxt] += 1
+    assert chisquare(counts, p[0].numpy() * n).pvalue > 0.001
+    # and a biased rule (always accept) is caught by the same test
+    biased = np.bincount(torch.multinomial(q, n, replacement=True, generator=gen).numpy(), minlength=vocab)
+    assert chisquare(biased, p[0].numpy() * n).pvalue < 1e-6
+
+
+def test_sampled_sequences_follow_the_target():
+    """End to end on a tiny model: the law of the first two generated tokens equals the target's."""
+    vocab = 32
+    target = tiny_target(vocab_size=vocab)
+    draft = perturbed_draft(target, 0.3)
+    ids = [5, 9, 13]
+    config_t = 1.0
+    with torch.no_grad():
+        first = torch.softmax(target(torch.tensor([ids])).logits[0, -1] / config_t, -1)
+        cont = torch.tensor([ids + [t] for t in range(vocab)])
+        second_given = torch.softmax(target(cont).logits[:, -1] / config_t, -1)
+    pair_law = (first[:, None] * second_given).double().numpy()
+    pair_law /= pair_law.sum()
+    runs = 1500
+    counts = np.zeros((vocab, vocab))
+    controller = parse_controller("fixed:3", 8)
+    for seed in range(runs):
+        result = speculative_generate(
+            target, draft, ids, controller, DecodeConfig(max_new_tokens=2, temperature=config_t, seed=seed)
+        )
+        counts[result.token_ids[0], result.token_ids[1]] += 1
+    expected = pair_law * runs
+    # pool cells with small expected counts so the chi-square approximation holds
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    assert chisquare(obs, exp).pvalue > 0.001
+
+
+def test_top_k_top_p_restrict_support():
+    from profiling.decode import logits_to_probs
+
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    probs = logits_to_probs(logits, DecodeConfig(temperature=1.0, top_k=2))
+    assert (probs[2:] == 0).all() and probs[:2].sum() == pytest.approx(1.0)
+    probs = logits_to_probs(logits, DecodeConfig(temperature=1.0, top_p=0.7))
+    assert probs[0] > 0 and probs[1] > 0 and (probs[2:] == 0).all()
+
+
+def test_recorder_matches_the_loop(tiny_pair_dir):
+    from profiling.recorder import TableRecorder
+
+    target = tiny_target()
+    draft = perturbed_draft(target, 0.04)
+    ids = list(range(3, 20))
+    run = {"prompt_id": "p0", "task": "code", "split": "train", "compression": "fp32", "controller": "fixed:8",
+           "mode": "greedy"}
+    recorder = TableRecorder(run, prompt_len=len(ids))
+    result = speculative_generate(
+        target, draft, ids, parse_controller("fixed:8", 8), DecodeConfig(max_new_tokens=40), recorder=recorder
+    )
+    tokens = recorder.token_table().to_pandas()
+    steps = recorder.step_table().to_pandas()
+    assert steps["gamma"].tolist() == result.gammas
+    assert steps["accepted"].tolist() == result.accepts
+    assert steps["produced"].sum() == result.new_tokens
+    assert len(tokens) == result.drafted
+    per_step = tokens.groupby("step")["accepted"].sum().tolist()
+    assert per_step == [a for a, g in zip(result.accepts, result.gammas, strict=True) if g]
+    labelled = tokens[tokens["labelled"]]
+    # every labelled token is accepted except the first rejection of each step
+    assert (labelled.groupby("step")["accepted"].apply(lambda s: (~s).sum() <= 1)).all()
+    assert (tokens["draft_prob"] == tokens["top1_prob"]).all()  # greedy drafts the argmax
+    assert (tokens["draft_prob_min"] <= tokens["draft_prob"] + 1e-7).all()
