@@ -19,7 +19,13 @@ def run(args: argparse.Namespace) -> int:
     config = load_section(TrainConfig, "train", args.params)
     metrics = run_training(config)
     for name, scores in metrics["models"].items():
-        log.info("test %-22s AUC %.4f  log loss %.4f  Brier %.4f", name, *scores.values())
+        log.info(
+            "test %-22s AUC %.4f  log loss %.4f  Brier %.4f",
+            name,
+            scores["roc_auc"],
+            scores["log_loss"],
+            scores["brier"],
+        )
     from predictor.registry import MODEL_NAME, log_training_run  # MLflow is slow to import
 
     out_dir = Path(config.out_dir)
