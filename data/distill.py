@@ -12,7 +12,6 @@ Recipe ("shallow copy", chosen because it reuses the target's output space exact
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -145,23 +144,33 @@ def generate_teacher_data(
 def load_or_generate_teacher(
     path: Path, target: Any, rows: list[dict], config: DistillConfig, pad_id: int, eos_id: int
 ) -> list[dict[str, Any]]:
-    """Teacher data cached at `path`, regenerated only when the prompts or the generation settings change."""
-    key = {
-        "prompt_ids": [r["prompt_id"] for r in rows],
-        "max_new_tokens": config.max_new_tokens,
-        "input_ids_sha256": hashlib.sha256(json.dumps([r["input_ids"] for r in rows]).encode()).hexdigest(),
-    }
+    """Teacher sequences for `rows`, cached per prompt at `path`; only prompts not cached are generated.
+
+    A cached sequence counts only if it was made with the same `max_new_tokens` from the same prompt ids, so
+    growing `train_per_task` costs just the new prompts.
+    """
+    cached: dict[str, dict] = {}
     if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
-            log.info("teacher data: reusing %s", path)
-            return cached["seqs"]
-    seqs = generate_teacher_data(target, rows, config.max_new_tokens, config.gen_batch_size, pad_id, eos_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"key": key, "seqs": seqs}, tmp)
-    tmp.replace(path)
-    return seqs
+        data = torch.load(path, weights_only=True)
+        if data.get("max_new_tokens") == config.max_new_tokens:
+            cached = data["seqs"]
+    missing = [
+        r
+        for r in rows
+        if r["prompt_id"] not in cached
+        or cached[r["prompt_id"]]["tokens"][: len(r["input_ids"])].tolist() != r["input_ids"]
+    ]
+    log.info("teacher data: %d of %d prompts cached in %s", len(rows) - len(missing), len(rows), path)
+    if missing:
+        fresh = generate_teacher_data(
+            target, missing, config.max_new_tokens, config.gen_batch_size, pad_id, eos_id
+        )
+        cached.update({s["prompt_id"]: s for s in fresh})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"max_new_tokens": config.max_new_tokens, "seqs": cached}, tmp)
+        tmp.replace(path)
+    return [cached[r["prompt_id"]] for r in rows]
 
 
 # ---- draft model -----------------------------------------------------------------------------------------

@@ -189,3 +189,25 @@ def test_distill_rejects_an_empty_split(tmp_path: Path) -> None:
         distill(
             tiny_target(tmp_path / "target"), prompts, tmp_path / "out", tmp_path / "t.pt", DistillConfig()
         )
+
+
+def test_teacher_cache_generates_only_new_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
+    rows = [{"prompt_id": f"math/{i}", "task": "math", "input_ids": [1, 4 + i, 9]} for i in range(3)]
+    config = DistillConfig(max_new_tokens=3, gen_batch_size=2)
+    generated: list[str] = []
+    real = distill_mod.generate_teacher_data
+
+    def counting(target: object, rows: list[dict], *args: object) -> list[dict]:
+        generated.extend(r["prompt_id"] for r in rows)
+        return real(target, rows, *args)
+
+    monkeypatch.setattr(distill_mod, "generate_teacher_data", counting)
+    path = tmp_path / "teacher.pt"
+    first = distill_mod.load_or_generate_teacher(path, target, rows[:2], config, 2, 2)
+    both = distill_mod.load_or_generate_teacher(path, target, rows, config, 2, 2)
+    assert generated == ["math/0", "math/1", "math/2"]
+    assert torch.equal(first[0]["tokens"], both[0]["tokens"]) and len(both) == 3
+    changed = [{**rows[0], "input_ids": [1, 7, 7]}]
+    distill_mod.load_or_generate_teacher(path, target, changed, config, 2, 2)
+    assert generated[-1] == "math/0"
