@@ -60,7 +60,14 @@ class DistillConfig:
     warmup_steps: int = 30  # linear warmup before cosine decay
     cosine_weight: float = 4.0  # weight of 1 − cos(draft hidden, target hidden)
     prompt_weight: float = 0.5  # loss weight of prompt positions relative to response positions
+    save_dtype: str = "float16"  # halves the head's memory traffic: 1-token forward ~15 -> ~9 ms on this CPU
     threads: int = 1  # torch CPU threads; 2 on 2 shared cores oversubscribes OpenMP (10x slower)
+
+
+def save_dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "float16", "bfloat16"):
+        raise SpeckvError(f"save_dtype must be float32, float16 or bfloat16, got {name!r}")
+    return getattr(torch, name)
 
 
 def set_seed(seed: int) -> None:
@@ -421,10 +428,10 @@ def distill(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".distill-") as work:
         build_dir = Path(work) / "draft"
-        draft.save_pretrained(build_dir)
+        draft.to(save_dtype(config.save_dtype)).save_pretrained(build_dir)
         tokenizer.save_pretrained(build_dir)
         # Measure the saved artefact, loaded as users load it.
-        saved = AutoModelForCausalLM.from_pretrained(build_dir, dtype=torch.float32).eval()
+        saved = AutoModelForCausalLM.from_pretrained(build_dir, dtype="auto").eval()
         metrics = {
             "agreement": agreement_by_task(saved, dev_seqs),
             "n_train_prompts": len(train_seqs),
