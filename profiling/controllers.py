@@ -39,7 +39,10 @@ class Controller(Protocol):
         """The most tokens to draft this step (0: the target decodes alone)."""
 
     def keep_drafting(self, signals: TokenSignals) -> bool:
-        """Called after each drafted token that could be followed by another: draft one more?"""
+        """After each drafted token that could be followed by another: draft one more?
+
+        Only called when `needs_signals` is true; otherwise the loop drafts the whole `start_step` budget.
+        """
 
     def observe(self, drafted: int, accepted: int) -> None:
         """The verification outcome of the step just finished."""
@@ -52,7 +55,7 @@ class _Stateless:
         pass
 
     def keep_drafting(self, signals: TokenSignals) -> bool:
-        return True
+        return True  # never consulted: needs_signals is False
 
     def observe(self, drafted: int, accepted: int) -> None:
         pass

@@ -245,27 +245,42 @@ def speculative_generate(
         signals: list[TokenSignals] = []
         draft_ms: list[float] = []
         pending = tokens[draft_len:]
+        draft_rows: list[torch.Tensor] = []  # the draft's distributions, for signals computed after drafting
         for i in range(budget):
             t0 = time.perf_counter() if recorder is not None else 0.0
             logits = _forward(draft, pending, draft_cache, device, all_logits=False)
             draft_len += len(pending)
             if greedy:
-                probs = torch.softmax(logits.float(), dim=-1) if want_signals else None
                 token = int(logits.argmax())
+                probs = torch.softmax(logits.float(), dim=-1) if want_signals else None
             else:
                 probs = logits_to_probs(logits, config)
                 token = _sample(probs, generator)
                 draft_probs.append(probs)
             drafted.append(token)
             pending = [token]
-            if want_signals:
-                sig = TokenSignals(*distribution_signals(probs, token), draft_index=i, position=len(tokens) + i)
-                signals.append(sig)
             if recorder is not None:
                 synchronize(device)
                 draft_ms.append((time.perf_counter() - t0) * 1e3)
-            if i + 1 < budget and not controller.keep_drafting(signals[-1] if want_signals else None):
+            if i + 1 >= budget:
+                if recorder is not None:
+                    draft_rows.append(probs)
                 break
+            if controller.needs_signals:
+                (values,) = distribution_signals(probs[None], [token])
+                signals.append(TokenSignals(*values, draft_index=i, position=len(tokens) + i))
+                if not controller.keep_drafting(signals[-1]):
+                    break
+            elif want_signals:
+                draft_rows.append(probs)
+        if draft_rows:
+            # a recorder alone wants signals: compute them for the whole draft at once, off the token path
+            offset = len(signals)
+            batch = distribution_signals(torch.stack(draft_rows), drafted[offset:])
+            signals.extend(
+                TokenSignals(*values, draft_index=offset + j, position=len(tokens) + offset + j)
+                for j, values in enumerate(batch)
+            )
 
         # Step 2: one target forward over the last committed token and every drafted token.
         t0 = time.perf_counter() if recorder is not None else 0.0

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 SIGNALS = ("draft_prob", "top1_prob", "margin", "entropy")
 AGGREGATES = ("min", "max", "mean")
 
@@ -26,12 +24,19 @@ class TokenSignals:
     position: int  # context position of the token (prompt tokens included)
 
 
-def distribution_signals(probs: torch.Tensor, token: int) -> tuple[float, float, float, float]:
-    """(draft_prob, top1_prob, margin, entropy) of a 1-D probability vector, with one host transfer."""
-    top2 = torch.topk(probs, 2).values
-    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum()
-    packed = torch.stack([probs[token], top2[0], top2[0] - top2[1], entropy]).float().cpu().tolist()
-    return packed[0], packed[1], packed[2], packed[3]
+def distribution_signals(probs, tokens: list[int]) -> list[tuple[float, float, float, float]]:
+    """(draft_prob, top1_prob, margin, entropy) per row of a [k, V] probability tensor, one host transfer.
+
+    Batched so that a recorder can compute a whole draft's signals after drafting, off the per-token path.
+    """
+    import torch  # kept local: the numpy-only MLP runtime imports this module without torch
+
+    idx = torch.arange(len(tokens), device=probs.device)
+    chosen = probs[idx, torch.tensor(tokens, device=probs.device)]
+    top2 = torch.topk(probs, 2, dim=-1).values
+    entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)
+    packed = torch.stack([chosen, top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=-1).float().cpu().tolist()
+    return [tuple(row) for row in packed]
 
 
 class RunningStats:

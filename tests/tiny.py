@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import string
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def tiny_target(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
 
 def perturbed_draft(target: LlamaForCausalLM, noise: float, seed: int = 1) -> LlamaForCausalLM:
     """A draft that agrees with `target` often but not always: its weights plus Gaussian noise."""
-    draft = LlamaForCausalLM(target.config)
+    draft = LlamaForCausalLM(copy.deepcopy(target.config))
     draft.load_state_dict(target.state_dict())
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

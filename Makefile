@@ -1,0 +1,34 @@
+# Set-up is part of every target: a fresh machine needs only `make repro` or `make test`.
+PYTHON ?= python3
+# CPU machines take the local CPU wheel; GPU users pass their own build, e.g. `make repro TORCH=torch`.
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup repro test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+# The whole pipeline on the embedded default pair: fetch, distil, prompts, calibrate, profile, train,
+# evaluate, report. DVC skips every stage whose inputs did not change.
+repro: setup
+	$(BIN)/dvc repro
+
+# pytest exits 5 when it collects nothing: that is a failure here, not a pass.
+test: setup
+	@$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/bench_decode.py
+	$(BIN)/python -m predictor.bench_overhead --export artifacts/predictor/export
