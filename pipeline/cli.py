@@ -11,9 +11,11 @@ from profiling.errors import SpeckvError
 
 # Each module defines `register(subparsers)`, which adds its subcommand and sets `func` on the parser.
 STAGE_MODULES = (
+    "pipeline.evaluate",
     "pipeline.generate",
     "pipeline.models",
     "pipeline.prompts",
+    "pipeline.report",
     "pipeline.train",
 )
 

@@ -1,0 +1,33 @@
+"""`speckv evaluate`: replay every policy on the traces, time a subset live, decide the promotion."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pipeline.config import load_section
+from predictor.evaluate import EvaluateConfig, run_evaluation
+
+log = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_section(EvaluateConfig, "evaluate", args.params)
+    if args.no_live:
+        config.live_controllers = {}
+    summary = run_evaluation(config)
+    share = summary["replay"]["oracle_gap_share"]
+    log.info("test replay: MLP closes %.0f%% of the best-fixed -> oracle gap", 100 * share["share"])
+    for name, ci in summary.get("live", {}).get("ratios", {}).items():
+        log.info("live %s: %.3f [%.3f, %.3f]", name, ci["ratio"], ci["low"], ci["high"])
+    log.info("promotion: %s", summary["promotion"]["reason"])
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="replay and live-time every gamma policy; promote the MLP if it pays"
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (section `evaluate:`)")
+    parser.add_argument("--no-live", action="store_true", help="replay only: skip the wall-clock runs")
+    parser.set_defaults(func=run)

@@ -1,0 +1,456 @@
+"""The evaluation stage as one library call: dev tuning, replay on dev/test, live runs, statistics, promotion.
+
+Everything chosen (best fixed gamma, thresholds) is chosen by replay on dev prompts, per compression; test
+prompts are only measured. Replay covers every policy and compression; live wall-clock runs cover the
+subset in `live_controllers`, because each costs real decoding time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from predictor.replay import ReplayResult, Trace, load_traces, oracle, replay
+from predictor.stats import gap_share, paired_ratio, pooled_rate
+from profiling.controllers import Controller, parse_controller
+from profiling.costmodel import CostModel
+from profiling.errors import SpeckvError
+
+log = logging.getLogger(__name__)
+
+# Roles resolved after dev tuning; every other live entry is a parse_controller spec or an hf-* role.
+TUNED_ROLES = ("best-fixed", "threshold:tuned", "entropy:tuned", "mlp")
+
+
+@dataclass
+class EvaluateConfig:
+    traces_dir: str = "artifacts/profile/traces"  # dense greedy traces, hive-partitioned compression=/task=
+    calibrate_dir: str = "artifacts/calibrate"  # cost models {compression}.json
+    export_dir: str = "artifacts/predictor/export"  # the MLP export evaluated (and promoted if it pays)
+    prompts: str = "artifacts/prompts/prompts.jsonl"  # tokenized prompts; live runs use the test split
+    out_dir: str = "artifacts/eval"
+    target: str = "default"
+    draft: str = "default"
+    device: str | None = None
+    gamma_max: int = 8
+    threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    entropy_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 21)])
+    live_controllers: dict[str, list[str]] = field(
+        default_factory=lambda: {"fp32": ["none", "fixed:4", "best-fixed", "mlp"]}
+    )
+    live_per_task: int = 2
+    max_new_tokens: int = 48
+    warmup_tokens: int = 8
+    threads: int = 1
+    n_boot: int = 2000
+    ci_level: float = 0.95
+    seed: int = 0
+    promote: bool = True
+    tracking_uri: str | None = None
+    overhead_calls: int = 20000
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.gamma_max < 1:
+            problems.append("gamma_max must be >= 1")
+        if not self.threshold_grid or not all(0 <= p <= 1 for p in self.threshold_grid):
+            problems.append("threshold_grid must hold probabilities")
+        if not self.entropy_grid or min(self.entropy_grid) < 0:
+            problems.append("entropy_grid must hold non-negative entropies (nats)")
+        for compression, specs in self.live_controllers.items():
+            if not isinstance(specs, list) or "none" not in specs:
+                problems.append(f"live_controllers.{compression} must be a list including none")
+        if self.live_per_task < 0 or self.max_new_tokens < 1 or self.threads < 1 or self.n_boot < 1:
+            problems.append("live_per_task >= 0, max_new_tokens, threads and n_boot >= 1 required")
+        if not 0 < self.ci_level < 1:
+            problems.append("ci_level must be in (0, 1)")
+        if problems:
+            raise SpeckvError("[evaluate] " + "; ".join(problems))
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+class PolicyFactory:
+    """Builds fresh controllers from specs; the MLP export is loaded once and shared."""
+
+    def __init__(self, gamma_max: int, export_dir: str | None) -> None:
+        self.gamma_max = gamma_max
+        self.export_dir = export_dir
+        self._predictor = None
+
+    def __call__(self, spec: str, compression: str) -> Controller:
+        if spec == "mlp":
+            from predictor.runtime import MLPController, load_export
+
+            if self._predictor is None:
+                self._predictor = load_export(self.export_dir)
+            return MLPController(self._predictor, self.gamma_max, compression, name="mlp")
+        return parse_controller(spec, self.gamma_max, compression)
+
+
+def replay_rows(
+    traces: list[Trace], spec: str, policy: str, make, costs: dict[str, list[float]]
+) -> list[dict]:
+    """One row per trace: `policy` (a role name) replayed with controller `spec` (or the oracle)."""
+    rows = []
+    for trace in traces:
+        cost = costs[trace.compression]
+        if spec == "oracle":
+            result = oracle(trace, cost)
+        else:
+            result = replay(make(spec, trace.compression), trace, cost)
+        rows.append(_row(trace, policy, spec, result))
+    return rows
+
+
+def _row(trace: Trace, policy: str, spec: str, result: ReplayResult) -> dict:
+    return {
+        "split": trace.split,
+        "compression": trace.compression,
+        "task": trace.task,
+        "prompt_id": trace.prompt_id,
+        "policy": policy,
+        "spec": spec,
+        "new_tokens": result.new_tokens,
+        "steps": len(result.gammas),
+        "drafted": sum(result.gammas),
+        "accepted": sum(result.accepts),
+        "model_ms": result.model_ms,
+        "goodput": result.goodput,
+        "gammas": result.gammas,
+        "accepts": result.accepts,
+    }
+
+
+def _goodput(rows: list[dict]) -> float:
+    return 1000.0 * pooled_rate(
+        np.array([r["new_tokens"] for r in rows]), np.array([r["model_ms"] for r in rows])
+    )
+
+
+def tune_on_dev(
+    dev: list[Trace], make, costs: dict[str, list[float]], config: EvaluateConfig
+) -> dict[str, dict[str, Any]]:
+    """Per compression: the best of none/fixed:K, the best threshold and entropy stop, by dev replay."""
+    tuned: dict[str, dict[str, Any]] = {}
+    for compression in sorted({t.compression for t in dev}):
+        traces = [t for t in dev if t.compression == compression]
+        candidates = {
+            "best-fixed": ["none", *(f"fixed:{k}" for k in range(1, config.gamma_max + 1))],
+            "threshold:tuned": [f"threshold:{p:g}" for p in config.threshold_grid],
+            "entropy:tuned": [f"entropy:{h:g}" for h in config.entropy_grid],
+        }
+        tuned[compression] = {"dev_goodput": {}}
+        for role, specs in candidates.items():
+            scores = {s: _goodput(replay_rows(traces, s, role, make, costs)) for s in specs}
+            best = max(specs, key=lambda s: scores[s])  # ties: the first, i.e. the cheapest setting
+            tuned[compression][role] = best
+            tuned[compression]["dev_goodput"].update(scores)
+        tuned[compression]["mlp"] = "mlp"
+        log.info(
+            "dev tuning %s: %s",
+            compression,
+            {k: v for k, v in tuned[compression].items() if k != "dev_goodput"},
+        )
+    return tuned
+
+
+def replay_policies(gamma_max: int, has_mlp: bool) -> list[str]:
+    """Role names of every policy replayed, in report order."""
+    roles = ["none", *(f"fixed:{k}" for k in range(1, gamma_max + 1)), "best-fixed", "heuristic"]
+    roles += ["threshold:0.4", "threshold:tuned", "entropy:tuned"]
+    return roles + (["mlp"] if has_mlp else []) + ["oracle"]
+
+
+def run_replay(
+    traces: list[Trace], tuned: dict, make, costs: dict[str, list[float]], roles: list[str]
+) -> pd.DataFrame:
+    rows = []
+    for compression in sorted({t.compression for t in traces}):
+        if compression not in tuned:
+            raise SpeckvError(
+                f"no dev traces for compression {compression!r}: nothing to tune its policies on"
+            )
+        subset = [t for t in traces if t.compression == compression]
+        for role in roles:
+            spec = tuned[compression].get(role, role)
+            rows += replay_rows(subset, spec, role, make, costs)
+    return pd.DataFrame(rows)
+
+
+def compare(
+    frame: pd.DataFrame,
+    roles: list[str],
+    base: str,
+    time_col: str,
+    config: EvaluateConfig,
+    by: tuple[str, ...] = (),
+) -> dict:
+    """Pooled tokens/s per role and its ratio to `base` (paired bootstrap CI), overall and per `by` group."""
+    seconds = frame[time_col] / (1000.0 if time_col == "model_ms" else 1.0)
+    frame = frame.assign(_s=seconds)
+    groups = [("all", frame)] + (
+        [(k if isinstance(k, str) else "/".join(k), g) for k, g in frame.groupby(list(by))] if by else []
+    )
+    out = {}
+    for name, group in groups:
+        entry = {}
+        for role in roles:
+            rows = group[group["policy"] == role]
+            if rows.empty:
+                continue
+            entry[role] = {"tokens_per_s": pooled_rate(rows["new_tokens"].to_numpy(), rows["_s"].to_numpy())}
+            if role != base and (group["policy"] == base).any():
+                ci = paired_ratio(
+                    group,
+                    role,
+                    base,
+                    time_col="_s",
+                    n_boot=config.n_boot,
+                    level=config.ci_level,
+                    seed=config.seed,
+                )
+                entry[role][f"vs_{base}"] = ci.as_dict()
+        out[name] = entry
+    return out
+
+
+def decision_overhead_ms(export_dir: str, calls: int) -> float:
+    """ms per drafted token of the MLP controller's keep_drafting on the real export (as bench_overhead)."""
+    from predictor.bench_overhead import per_call_ms
+    from predictor.runtime import MLPController, load_export
+    from profiling.controllers import StepContext
+    from profiling.signals import TokenSignals
+
+    predictor = load_export(export_dir)
+    compression = sorted(predictor.stop_rule["step_ms"])[0]
+    gamma_max = int(predictor.stop_rule["gamma_max"])
+    controller = MLPController(predictor, gamma_max, compression, name="mlp")
+    ctx = StepContext(
+        step=3, position=200, new_tokens=20, prev_gamma=4, prev_accepted=2, compression=compression
+    )
+    p = np.random.default_rng(0).uniform(0.2, 1.0, 4096)
+    tokens = [
+        TokenSignals(float(v), float(v), float(v) / 2, float(2 * (1 - v)), i % gamma_max, 200 + i % gamma_max)
+        for i, v in enumerate(p)
+    ]
+
+    def decide(i: int) -> None:
+        if i % gamma_max == 0:
+            controller.start_step(ctx)
+        controller.keep_drafting(tokens[i % len(tokens)])
+
+    return per_call_ms(decide, calls)
+
+
+def alias_version(alias: str, uri: str | None) -> str | None:
+    """The registered version of speckv-gamma-predictor that `alias` points at, or None."""
+    from mlflow import MlflowClient
+
+    from predictor.registry import MODEL_NAME, tracking_uri
+
+    resolved = tracking_uri(uri)
+    try:
+        return str(
+            MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+            .get_model_version_by_alias(MODEL_NAME, alias)
+            .version
+        )
+    except Exception:  # MLflow raises its own RestException / MlflowException for a missing name or alias
+        return None
+
+
+def promotion(dev_frame: pd.DataFrame, config: EvaluateConfig) -> dict[str, Any]:
+    """Promote the registered candidate to `champion` iff MLP / best-fixed dev replay CI lies above 1.0."""
+    ci = paired_ratio(
+        dev_frame,
+        "mlp",
+        "best-fixed",
+        time_col="model_ms",
+        n_boot=config.n_boot,
+        level=config.ci_level,
+        seed=config.seed,
+    )
+    decision: dict[str, Any] = {"dev_ratio_vs_best_fixed": ci.as_dict(), "promoted": False, "version": None}
+    if ci.low <= 1.0:
+        decision["reason"] = (
+            f"MLP / best fixed on dev replay = {ci}: CI not above 1.0, previous champion stays"
+        )
+        return decision
+    if not config.promote:
+        decision["reason"] = (
+            f"MLP beats best fixed on dev ({ci}) but promotion is switched off (evaluate.promote)"
+        )
+        return decision
+    from predictor.registry import MODEL_NAME, promote
+
+    version = alias_version("candidate", config.tracking_uri)
+    if version is None:
+        decision["reason"] = f"MLP beats best fixed on dev ({ci}) but no {MODEL_NAME}@candidate is registered"
+        return decision
+    promote(version, "champion", uri=config.tracking_uri)
+    decision.update(promoted=True, version=version, reason=f"MLP beats best fixed on dev replay: {ci}")
+    return decision
+
+
+def load_costs(calibrate_dir: str, compressions: list[str], gamma_max: int) -> dict[str, list[float]]:
+    costs = {}
+    for c in compressions:
+        cost = CostModel.load(Path(calibrate_dir) / f"{c}.json")
+        if cost.gamma_max < gamma_max:
+            raise SpeckvError(
+                f"cost model {c} covers gamma up to {cost.gamma_max}, evaluate.gamma_max is {gamma_max}"
+            )
+        costs[c] = [cost.step_ms(k) for k in range(gamma_max + 1)]
+    return costs
+
+
+def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
+    """Live runs on test prompts for every compression in live_controllers; empty when nothing is asked."""
+    import torch
+
+    from data.prompts import load_prompt_file
+    from pipeline.generate import eos_ids
+    from predictor.live import HF_SCHEDULES, run_live
+    from profiling.decode import DecodeConfig
+    from profiling.models import load_pair
+
+    if config.live_per_task == 0 or not config.live_controllers:
+        return pd.DataFrame()
+    torch.set_num_threads(config.threads)
+    prompts = load_prompt_file(Path(config.prompts), splits=["test"], per_task=config.live_per_task)
+    if not prompts:
+        raise SpeckvError(f"{config.prompts} holds no test prompts")
+    rows = []
+    for compression, specs in config.live_controllers.items():
+        pair = load_pair(config.target, config.draft, compression, config.device)
+        decode = DecodeConfig(
+            max_new_tokens=config.max_new_tokens,
+            gamma_max=config.gamma_max,
+            eos_token_ids=eos_ids(pair.tokenizer, pair.target),
+        )
+        roles: dict[str, Controller | str] = {}
+        for spec in specs:
+            if spec in HF_SCHEDULES:
+                roles[spec] = spec
+            else:
+                concrete = tuned.get(compression, {}).get(spec, spec) if spec in TUNED_ROLES else spec
+                if spec in TUNED_ROLES[:3] and compression not in tuned:
+                    raise SpeckvError(f"live {spec} on {compression} needs dev traces of {compression}")
+                roles[spec] = make(concrete, compression)
+        rows += run_live(pair, prompts, roles, decode, config.warmup_tokens)
+        del pair
+    return pd.DataFrame(rows)
+
+
+def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
+    """Tune on dev, replay dev and test, run live, compare, decide promotion; write out_dir; the summary."""
+    started = time.perf_counter()
+    out_dir = Path(config.out_dir)
+    traces = load_traces(config.traces_dir)
+    gamma_max = min(config.gamma_max, min(t.gamma_max for t in traces))
+    if gamma_max < config.gamma_max:
+        raise SpeckvError(
+            f"traces hold {gamma_max} draft tokens per position; evaluate.gamma_max is {config.gamma_max}"
+        )
+    compressions = sorted({t.compression for t in traces})
+    costs = load_costs(config.calibrate_dir, compressions, gamma_max)
+    has_mlp = Path(config.export_dir, "model.json").is_file()
+    if not has_mlp:
+        raise SpeckvError(f"no predictor export at {config.export_dir} (run `speckv train`)")
+    make = PolicyFactory(gamma_max, config.export_dir)
+
+    dev = [t for t in traces if t.split == "dev"]
+    test = [t for t in traces if t.split == "test"]
+    if not dev or not test:
+        raise SpeckvError(
+            f"{config.traces_dir} needs dev and test traces (found {sorted({t.split for t in traces})})"
+        )
+    tuned = tune_on_dev(dev, make, costs, config)
+    roles = replay_policies(gamma_max, has_mlp)
+    replay_frame = run_replay(dev + test, tuned, make, costs, roles)
+    log.info("replayed %d policies on %d traces", len(roles), len(traces))
+
+    summary: dict[str, Any] = {"config": asdict(config), "gamma_max": gamma_max, "tuned": tuned, "replay": {}}
+    for split in ("dev", "test"):
+        frame = replay_frame[replay_frame["split"] == split]
+        summary["replay"][split] = {
+            "vs_best_fixed": compare(frame, roles, "best-fixed", "model_ms", config, by=("compression",)),
+            "vs_none_by_task": compare(frame, roles, "none", "model_ms", config, by=("compression", "task")),
+        }
+    test_frame = replay_frame[replay_frame["split"] == "test"].assign(_s=lambda f: f["model_ms"] / 1000.0)
+    summary["replay"]["oracle_gap_share"] = gap_share(
+        test_frame,
+        "mlp",
+        "best-fixed",
+        "oracle",
+        time_col="_s",
+        n_boot=config.n_boot,
+        level=config.ci_level,
+        seed=config.seed,
+    )
+    summary["promotion"] = promotion(replay_frame[replay_frame["split"] == "dev"], config)
+    log.info("promotion: %s", summary["promotion"]["reason"])
+    summary["overhead"] = {"decision_ms": decision_overhead_ms(config.export_dir, config.overhead_calls)}
+
+    live_frame = run_live_all(config, tuned, make)
+    if not live_frame.empty:
+        live_roles = list(dict.fromkeys(live_frame["policy"]))
+        summary["live"] = {
+            "vs_none": compare(live_frame, live_roles, "none", "wall_s", config, by=("compression",)),
+            "vs_none_by_task": compare(
+                live_frame, live_roles, "none", "wall_s", config, by=("compression", "task")
+            ),
+            "ratios": {},
+            "lossless": bool(
+                live_frame.loc[~live_frame["policy"].str.startswith("hf-"), "matches_none"].all()
+            ),
+            "hf_matches_none": bool(
+                live_frame.loc[live_frame["policy"].str.startswith("hf-"), "matches_none"].all()
+            ),
+        }
+        for base in ("best-fixed", "fixed:4", "none", "hf-assisted"):
+            if "mlp" in live_roles and base in live_roles:
+                ci = paired_ratio(
+                    live_frame,
+                    "mlp",
+                    base,
+                    time_col="wall_s",
+                    n_boot=config.n_boot,
+                    level=config.ci_level,
+                    seed=config.seed,
+                )
+                summary["live"]["ratios"][f"mlp_vs_{base}"] = ci.as_dict()
+    summary["wall_s"] = time.perf_counter() - started
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_parquet(replay_frame, out_dir / "replay.parquet")
+    if not live_frame.empty:
+        _atomic_parquet(live_frame, out_dir / "live.parquet")
+    elif (out_dir / "live.parquet").exists():
+        (out_dir / "live.parquet").unlink()
+    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    return summary

@@ -1,0 +1,126 @@
+"""Live wall-clock runs: every controller in the real decode loop on the same prompts, interleaved.
+
+Controllers take turns on each prompt (the order rotates from prompt to prompt) so that noise from other
+jobs on the machine hits all of them alike. Greedy outputs are compared with `none` (the target alone):
+the loop is lossless only if every one is token-identical. transformers' own assisted generation
+(`generate(assistant_model=draft)`, default settings and its `heuristic` schedule) runs beside them as an
+outside reference, its output compared too.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+
+from profiling.controllers import Controller
+from profiling.decode import DecodeConfig, speculative_generate
+from profiling.models import ModelPair, synchronize
+
+log = logging.getLogger(__name__)
+
+# Live roles that are not our controllers: transformers' assisted generation, by its schedule.
+HF_SCHEDULES = {"hf-assisted": None, "hf-heuristic": "heuristic"}
+
+
+def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, schedule: str | None):
+    """Greedy `target.generate(assistant_model=draft)`; returns (new token ids, wall seconds).
+
+    The draft's generation_config is restored afterwards: the heuristic schedule writes its state back
+    into it, which would leak from one prompt into the next.
+    """
+    saved = copy.deepcopy(pair.draft.generation_config)
+    if schedule is not None:
+        pair.draft.generation_config.num_assistant_tokens_schedule = schedule
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=pair.device)
+    try:
+        synchronize(pair.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = pair.target.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                assistant_model=pair.draft,
+                do_sample=False,
+                max_new_tokens=config.max_new_tokens,
+                eos_token_id=list(config.eos_token_ids) or None,
+                pad_token_id=pair.tokenizer.pad_token_id or (config.eos_token_ids or (0,))[0],
+            )
+        synchronize(pair.device)
+        wall_s = time.perf_counter() - start
+    finally:
+        pair.draft.generation_config = saved
+    return out[0, len(prompt_ids) :].tolist(), wall_s
+
+
+def _trim_after_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if tok in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def run_prompt(
+    pair: ModelPair,
+    prompt_ids: list[int],
+    roles: dict[str, Controller | str],
+    config: DecodeConfig,
+    rotate: int,
+) -> dict[str, dict]:
+    """One prompt under every role, in an order rotated by `rotate`; per role its summary and token ids."""
+    names = list(roles)
+    order = names[rotate % len(names) :] + names[: rotate % len(names)]
+    out = {}
+    for name in order:
+        role = roles[name]
+        if isinstance(role, str):
+            tokens, wall_s = hf_assisted(pair, prompt_ids, config, HF_SCHEDULES[role])
+            tokens = _trim_after_eos(tokens, config.eos_token_ids)
+            out[name] = {"new_tokens": len(tokens), "wall_s": wall_s, "tokens_per_s": len(tokens) / wall_s}
+            out[name]["token_ids"] = tokens
+        else:
+            result = speculative_generate(pair.target, pair.draft, prompt_ids, role, config, pair.compression)
+            out[name] = {**result.summary(), "token_ids": result.token_ids}
+    return out
+
+
+def run_live(
+    pair: ModelPair,
+    prompts: list[dict],
+    roles: dict[str, Controller | str],
+    config: DecodeConfig,
+    warmup_tokens: int,
+) -> list[dict]:
+    """Per prompt × role rows (tokens/s, acceptance, matches_none) on `pair`; `roles` must include none."""
+    if "none" not in roles:
+        raise ValueError("live runs need the `none` role: it is the reference output and speedup base")
+    if warmup_tokens > 0 and prompts:
+        warm = DecodeConfig(**{**config.__dict__, "max_new_tokens": warmup_tokens})
+        run_prompt(pair, prompts[0]["input_ids"], roles, warm, 0)
+    rows = []
+    for n, prompt in enumerate(prompts):
+        results = run_prompt(pair, prompt["input_ids"], roles, config, n)
+        reference = results["none"]["token_ids"]
+        for name, summary in results.items():
+            tokens = summary.pop("token_ids")
+            spec = roles[name] if isinstance(roles[name], str) else roles[name].name
+            rows.append(
+                {
+                    "prompt_id": prompt["prompt_id"],
+                    "task": prompt["task"],
+                    "compression": pair.compression,
+                    "policy": name,
+                    "spec": spec,
+                    **summary,
+                    "matches_none": tokens == reference,
+                }
+            )
+        log.info(
+            "live %s %s: %s",
+            pair.compression,
+            prompt["prompt_id"],
+            ", ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in results.items()),
+        )
+    return rows

@@ -1,0 +1,184 @@
+"""Exact offline replay of any gamma controller on dense greedy traces, and the hindsight-optimal oracle.
+
+Greedy speculative output does not depend on the gamma policy, so a trace (the target's continuation and,
+at every position, the draft's greedy gamma_max tokens with their signals) fixes what every step of every
+controller would draft and accept. Time is modelled with the measured cost model: a step drafting g
+tokens costs `CostModel.step_ms(g)`. The oracle minimises that modelled time by dynamic programming over
+positions, T[i] = min_g step_ms(g) + T[i + min(match_len_i, g) + 1], so no controller can beat it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from profiling.controllers import Controller, StepContext
+from profiling.errors import SpeckvError
+from profiling.signals import SIGNALS, TokenSignals
+
+TRACE_KEYS = ("compression", "task", "split", "prompt_id")
+
+
+@dataclass
+class Trace:
+    """One prompt's dense greedy trace at one compression, as arrays indexed by new_index."""
+
+    prompt_id: str
+    task: str
+    split: str
+    compression: str
+    match_len: np.ndarray  # (n_new,) leading draft tokens equal to the target's continuation
+    position: np.ndarray  # (n_new,) context length at each position
+    signals: np.ndarray  # (n_new, gamma_max, len(SIGNALS)) the draft's signals per drafted token
+
+    @property
+    def n_new(self) -> int:
+        return len(self.match_len)
+
+    @property
+    def gamma_max(self) -> int:
+        return self.signals.shape[1]
+
+
+@dataclass
+class ReplayResult:
+    """What a controller would have done on a trace: per-step gamma and accepted, modelled time."""
+
+    new_tokens: int
+    gammas: list[int] = field(default_factory=list)
+    accepts: list[int] = field(default_factory=list)
+    model_ms: float = 0.0
+
+    @property
+    def goodput(self) -> float:
+        """Modelled tokens per second."""
+        return 1000.0 * self.new_tokens / self.model_ms if self.model_ms > 0 else 0.0
+
+
+def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
+    """Group TRACE_SCHEMA rows into one Trace per (compression, task, split, prompt), checking density."""
+    missing = [
+        c for c in (*TRACE_KEYS, "new_index", "position", "match_len", "n_new", *SIGNALS) if c not in frame
+    ]
+    if missing:
+        raise SpeckvError(f"trace table lacks columns {missing}")
+    traces = []
+    for key, rows in frame.groupby(list(TRACE_KEYS), sort=True, observed=True):
+        rows = rows.sort_values("new_index")
+        n_new = int(rows["n_new"].iloc[0])
+        if rows["new_index"].tolist() != list(range(n_new)):
+            raise SpeckvError(f"trace {'/'.join(map(str, key))} is not dense: positions missing or repeated")
+        width = max(len(v) for v in rows[SIGNALS[0]])
+        signals = np.full((n_new, width, len(SIGNALS)), np.nan)
+        for s, name in enumerate(SIGNALS):
+            for i, values in enumerate(rows[name]):
+                signals[i, : len(values), s] = values
+        traces.append(
+            Trace(
+                prompt_id=str(key[3]),
+                task=str(key[1]),
+                split=str(key[2]),
+                compression=str(key[0]),
+                match_len=rows["match_len"].to_numpy(np.int64),
+                position=rows["position"].to_numpy(np.int64),
+                signals=signals,
+            )
+        )
+    return traces
+
+
+def load_traces(path: str | Path) -> list[Trace]:
+    """Every trace under a hive-partitioned trace directory (compression=/task=)."""
+    from profiling.profile import read_table
+
+    frame = read_table(Path(path), "traces").to_pandas()
+    if frame.empty:
+        raise SpeckvError(f"trace table at {path} holds no rows (run `speckv profile`)")
+    for key in ("compression", "task"):
+        frame[key] = frame[key].astype(str)
+    return traces_from_frame(frame)
+
+
+def _step_costs(cost: Sequence[float], gamma_max: int) -> Sequence[float]:
+    if len(cost) - 1 < gamma_max:
+        raise SpeckvError(f"the cost model covers gamma 0..{len(cost) - 1}, the replay needs 0..{gamma_max}")
+    return cost
+
+
+def replay(
+    controller: Controller, trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = None
+) -> ReplayResult:
+    """Run `controller` on `trace` exactly as speculative_generate would, without the models.
+
+    `step_ms[g]` is the modelled time of a step drafting g tokens; `max_new_tokens` (default: the trace's
+    length) caps drafting as the live loop does, at max_new_tokens - new_tokens - 1.
+    """
+    gamma_max = trace.gamma_max
+    _step_costs(step_ms, gamma_max)
+    limit = trace.n_new if max_new_tokens is None else max_new_tokens
+    result = ReplayResult(new_tokens=trace.n_new)
+    controller.reset()
+    i = prev_gamma = prev_accepted = 0
+    while i < trace.n_new:
+        ctx = StepContext(
+            step=len(result.gammas),
+            position=int(trace.position[i]),
+            new_tokens=i,
+            prev_gamma=prev_gamma,
+            prev_accepted=prev_accepted,
+            compression=trace.compression,
+        )
+        budget = max(0, min(controller.start_step(ctx), gamma_max, limit - i - 1))
+        k = budget
+        if controller.needs_signals:
+            # as in the loop: after each drafted token but the budget's last, ask whether to go on
+            for j in range(budget - 1):
+                values = trace.signals[i, j]
+                signals = TokenSignals(
+                    *map(float, values), draft_index=j, position=int(trace.position[i]) + j
+                )
+                if not controller.keep_drafting(signals):
+                    k = j + 1
+                    break
+        accepted = min(int(trace.match_len[i]), k)
+        result.gammas.append(k)
+        result.accepts.append(accepted)
+        result.model_ms += step_ms[k]
+        controller.observe(k, accepted)
+        prev_gamma, prev_accepted = k, accepted
+        i += min(accepted + 1, trace.n_new - i)
+    return result
+
+
+def oracle(trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = None) -> ReplayResult:
+    """The hindsight-optimal gamma at every step: least modelled time to produce the whole continuation.
+
+    Every controller's run is a path i -> i + min(match_len_i, g) + 1 through the same positions, so the
+    shortest path over all g is a lower bound on any controller's modelled time on this trace.
+    """
+    n, gamma_max = trace.n_new, trace.gamma_max
+    _step_costs(step_ms, gamma_max)
+    limit = n if max_new_tokens is None else max_new_tokens
+    best_ms = np.zeros(n + 1)
+    best_gamma = np.zeros(n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        choices = [
+            step_ms[g] + best_ms[i + min(min(int(trace.match_len[i]), g) + 1, n - i)]
+            for g in range(max(0, min(gamma_max, limit - i - 1)) + 1)
+        ]
+        best_gamma[i] = int(np.argmin(choices))
+        best_ms[i] = choices[best_gamma[i]]
+    result = ReplayResult(new_tokens=n)
+    i = 0
+    while i < n:
+        g = int(best_gamma[i])
+        accepted = min(int(trace.match_len[i]), g)
+        result.gammas.append(g)
+        result.accepts.append(accepted)
+        result.model_ms += step_ms[g]
+        i += min(accepted + 1, n - i)
+    return result
