@@ -47,16 +47,34 @@ def main() -> None:
     config = DecodeConfig(max_new_tokens=args.max_new_tokens)
 
     def spec(name: str, record: bool = False) -> float:
-        recorder = TableRecorder({"prompt_id": "b", "task": "b", "split": "b", "compression": "fp32",
-                                  "controller": name, "mode": "greedy"}, len(prompt)) if record else None
+        recorder = (
+            TableRecorder(
+                {
+                    "prompt_id": "b",
+                    "task": "b",
+                    "split": "b",
+                    "compression": "fp32",
+                    "controller": name,
+                    "mode": "greedy",
+                },
+                len(prompt),
+            )
+            if record
+            else None
+        )
         r = speculative_generate(target, draft, prompt, parse_controller(name, 8), config, recorder=recorder)
         return r.new_tokens / r.wall_s
 
     def hf_generate() -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=args.max_new_tokens,
-                                  min_new_tokens=args.max_new_tokens, pad_token_id=0)
+            out = target.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=args.max_new_tokens,
+                min_new_tokens=args.max_new_tokens,
+                pad_token_id=0,
+            )
         return (out.shape[1] - len(prompt)) / (time.perf_counter() - t0)
 
     variants = {
@@ -74,17 +92,25 @@ def main() -> None:
         for name, fn in variants.items():
             samples[name].append(fn())
     med = {k: statistics.median(v) for k, v in samples.items()}
-    accept = speculative_generate(target, draft, prompt, parse_controller("fixed:4", 8), config).acceptance_rate
-    print(f"tiny pair: target 8x512, draft 1x512 (fixed:4 acceptance {accept:.2f}); "
-          f"{args.max_new_tokens} new tokens, median of {args.repeats} interleaved runs, {torch.get_num_threads()} threads")
+    accept = speculative_generate(
+        target, draft, prompt, parse_controller("fixed:4", 8), config
+    ).acceptance_rate
+    print(
+        f"tiny pair: target 8x512, draft 1x512 (fixed:4 acceptance {accept:.2f}); "
+        f"{args.max_new_tokens} new tokens, median of {args.repeats} interleaved runs, {torch.get_num_threads()} threads"
+    )
     for name, value in med.items():
         print(f"  {name:28s} {value:8.1f} tok/s")
-    print(f"  ratio none / hf_generate            {med['none'] / med['hf_generate (target alone)']:.3f}"
-          "  (decode-loop overhead vs transformers)")
+    print(
+        f"  ratio none / hf_generate            {med['none'] / med['hf_generate (target alone)']:.3f}"
+        "  (decode-loop overhead vs transformers)"
+    )
     print(f"  ratio fixed:4 / none                {med['fixed:4'] / med['none']:.3f}")
     print(f"  ratio heuristic / none              {med['heuristic'] / med['none']:.3f}")
-    print(f"  ratio recorder on / off (fixed:8)   {med['fixed:8 recorder on'] / med['fixed:8 recorder off']:.3f}"
-          "  (goal >= 0.95)")
+    print(
+        f"  ratio recorder on / off (fixed:8)   {med['fixed:8 recorder on'] / med['fixed:8 recorder off']:.3f}"
+        "  (goal >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from profiling.errors import SpeckvError
 STAGE_MODULES = (
     "pipeline.evaluate",
     "pipeline.generate",
+    "pipeline.profile",
     "pipeline.models",
     "pipeline.prompts",
     "pipeline.report",

@@ -9,14 +9,19 @@ from pathlib import Path
 from profiling.controllers import CONTROLLER_SPECS, parse_controller
 from profiling.decode import DecodeConfig, speculative_generate
 from profiling.errors import SpeckvError
-from profiling.models import COMPRESSIONS, load_pair
+from profiling.models import COMPRESSIONS, eos_ids, load_pair
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate from one prompt with speculative decoding",
-                       description="Generate from one prompt with speculative decoding and print statistics.")
+    p = sub.add_parser(
+        "generate",
+        help="generate from one prompt with speculative decoding",
+        description="Generate from one prompt with speculative decoding and print statistics.",
+    )
     p.add_argument("--target", required=True, help="target: HF id, local directory, .gguf file or 'default'")
-    p.add_argument("--draft", help="draft: HF id, local directory, .gguf file or 'default' (omit with 'none')")
+    p.add_argument(
+        "--draft", help="draft: HF id, local directory, .gguf file or 'default' (omit with 'none')"
+    )
     p.add_argument("--compression", default="fp32", choices=COMPRESSIONS, help="target compression")
     p.add_argument("--controller", default="fixed:4", help=f"gamma controller: {CONTROLLER_SPECS}")
     p.add_argument("--gamma-max", type=int, default=8, help="most tokens drafted per step")
@@ -47,16 +52,6 @@ def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-def eos_ids(tokenizer, model) -> tuple[int, ...]:
-    ids = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return tuple(sorted(ids))
-
-
 def run(args: argparse.Namespace) -> int:
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
@@ -78,15 +73,23 @@ def run(args: argparse.Namespace) -> int:
     controller = parse_controller(args.controller, args.gamma_max, args.compression)
     if controller.name != "none" and not args.draft:
         raise SpeckvError(f"controller {args.controller!r} needs --draft")
-    pair = load_pair(args.target, args.draft if controller.name != "none" else None, args.compression, args.device)
+    pair = load_pair(
+        args.target, args.draft if controller.name != "none" else None, args.compression, args.device
+    )
     prompt_ids = encode_prompt(pair.tokenizer, text, args.chat)
     config = DecodeConfig(**{**config.__dict__, "eos_token_ids": eos_ids(pair.tokenizer, pair.target)})
     result = speculative_generate(pair.target, pair.draft, prompt_ids, controller, config, args.compression)
     text_out = pair.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if args.json:
-        payload = {"text": text_out, "token_ids": result.token_ids, **result.summary(),
-                   "controller": controller.name, "compression": args.compression,
-                   "gamma_max": args.gamma_max, "temperature": args.temperature}
+        payload = {
+            "text": text_out,
+            "token_ids": result.token_ids,
+            **result.summary(),
+            "controller": controller.name,
+            "compression": args.compression,
+            "gamma_max": args.gamma_max,
+            "temperature": args.temperature,
+        }
         print(json.dumps(payload))
     else:
         s = result.summary()

@@ -142,7 +142,9 @@ class EntropyStop(_Stateless):
         return signals.entropy <= self.max_entropy
 
 
-CONTROLLER_SPECS = "none | fixed:K | heuristic[:K0] | threshold:P | entropy:H | mlp:PATH | mlp:models:/NAME@ALIAS"
+CONTROLLER_SPECS = (
+    "none | fixed:K | heuristic[:K0] | threshold:P | entropy:H | mlp:PATH | mlp:models:/NAME@ALIAS"
+)
 
 
 def _number(spec: str, text: str, kind: type) -> float | int:

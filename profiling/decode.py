@@ -143,7 +143,9 @@ def _sample(probs: torch.Tensor, generator: torch.Generator) -> int:
 def _forward(model, ids: list[int], cache: DynamicCache, device: torch.device, all_logits: bool):
     """Feed `ids` after what `cache` holds; logits of the last position (or of every position)."""
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
+    out = model(
+        input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+    )
     return out.logits[0] if all_logits else out.logits[0, -1]
 
 
@@ -235,7 +237,9 @@ def speculative_generate(
             compression=compression,
         )
         # a step always yields one target token, so drafting past max_new_tokens - 1 would be wasted
-        budget = min(controller.start_step(ctx), config.gamma_max, config.max_new_tokens - result.new_tokens - 1)
+        budget = min(
+            controller.start_step(ctx), config.gamma_max, config.max_new_tokens - result.new_tokens - 1
+        )
         if budget > 0 and draft is None:
             raise SpeckvError(f"controller {controller.name!r} drafts tokens but no draft model was given")
 
@@ -292,7 +296,9 @@ def speculative_generate(
             n_accepted, next_token = verify_greedy(drafted, target_logits)
         else:
             target_probs = logits_to_probs(target_logits, config)
-            n_accepted, next_token, accept_probs = verify_sampling(drafted, draft_probs, target_probs, generator)
+            n_accepted, next_token, accept_probs = verify_sampling(
+                drafted, draft_probs, target_probs, generator
+            )
         if recorder is not None:
             synchronize(device)
             verify_ms = (time.perf_counter() - t0) * 1e3

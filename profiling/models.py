@@ -81,8 +81,11 @@ def quantization_kwargs(compression: str, device: torch.device) -> dict:
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
         )
-    return {"quantization_config": config, "device_map": device.type if device.type == "cpu" else str(device),
-            "dtype": compute}
+    return {
+        "quantization_config": config,
+        "device_map": device.type if device.type == "cpu" else str(device),
+        "dtype": compute,
+    }
 
 
 def load_model(ref: str, role: str, device: torch.device, compression: str | None = None):
@@ -160,3 +163,29 @@ def load_pair(
                 f"draft {draft!r} has {dv}"
             )
     return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft)
+
+
+def eos_ids(tokenizer, model) -> tuple[int, ...]:
+    """Every token that ends generation: the tokenizer's EOS and the model's generation_config EOS ids."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return tuple(sorted(ids))
+
+
+def model_fingerprint(ref: str, role: str) -> dict[str, str]:
+    """Where a model came from and a sha256 over its weight files, for artifact metadata."""
+    import hashlib
+
+    source = resolve_source(ref, role)
+    path = Path(source.path)
+    digest = hashlib.sha256()
+    files = [path / source.gguf_file] if source.gguf_file else sorted(path.glob("*.safetensors"))
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    return {"ref": ref, "path": str(path), "sha256": digest.hexdigest() if files else "unavailable (hub id)"}

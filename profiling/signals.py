@@ -35,7 +35,9 @@ def distribution_signals(probs, tokens: list[int]) -> list[tuple[float, float, f
     chosen = probs[idx, torch.tensor(tokens, device=probs.device)]
     top2 = torch.topk(probs, 2, dim=-1).values
     entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1)
-    packed = torch.stack([chosen, top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=-1).float().cpu().tolist()
+    packed = (
+        torch.stack([chosen, top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=-1).float().cpu().tolist()
+    )
     return [tuple(row) for row in packed]
 
 

@@ -22,13 +22,38 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def test_generate_json(tiny_pair_dir, capsys):
     target, draft = tiny_pair_dir
     code, out, _ = run_cli(
-        capsys, "generate", "--target", str(target), "--draft", str(draft), "--prompt", "def f(x):",
-        "--controller", "fixed:4", "--max-new-tokens", "12", "--json", "--device", "cpu",
+        capsys,
+        "generate",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--prompt",
+        "def f(x):",
+        "--controller",
+        "fixed:4",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--device",
+        "cpu",
     )
     assert code == 0
     payload = json.loads(out)
-    for key in ["text", "token_ids", "new_tokens", "steps", "drafted", "accepted", "acceptance_rate",
-                "mean_accepted_per_step", "wall_s", "tokens_per_s", "controller", "compression"]:
+    for key in [
+        "text",
+        "token_ids",
+        "new_tokens",
+        "steps",
+        "drafted",
+        "accepted",
+        "acceptance_rate",
+        "mean_accepted_per_step",
+        "wall_s",
+        "tokens_per_s",
+        "controller",
+        "compression",
+    ]:
         assert key in payload
     assert payload["new_tokens"] == len(payload["token_ids"]) == 12
     assert payload["controller"] == "fixed:4"
@@ -39,8 +64,18 @@ def test_generate_chat_and_prompt_file(tiny_pair_dir, capsys, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("hello there")
     code, out, _ = run_cli(
-        capsys, "generate", "--target", str(target), "--draft", str(draft), "--prompt-file", str(prompt),
-        "--chat", "--max-new-tokens", "5", "--json",
+        capsys,
+        "generate",
+        "--target",
+        str(target),
+        "--draft",
+        str(draft),
+        "--prompt-file",
+        str(prompt),
+        "--chat",
+        "--max-new-tokens",
+        "5",
+        "--json",
     )
     assert code == 0 and json.loads(out)["new_tokens"] == 5
 
@@ -70,10 +105,16 @@ def test_missing_inputs_fail_clearly(tiny_pair_dir, capsys, tmp_path):
     target, draft = tiny_pair_dir
     cases = [
         (["--target", str(tmp_path / "nope"), "--draft", str(draft), "--prompt", "x"], "not found"),
-        (["--target", str(target), "--draft", str(draft), "--prompt-file", str(tmp_path / "no.txt")], "not found"),
+        (
+            ["--target", str(target), "--draft", str(draft), "--prompt-file", str(tmp_path / "no.txt")],
+            "not found",
+        ),
         (["--target", str(tmp_path), "--draft", str(draft), "--prompt", "x"], "no config.json"),
         (["--target", str(target), "--prompt", "x"], "needs --draft"),
-        (["--target", str(target), "--draft", str(draft), "--prompt", "x", "--compression", "int3"], "invalid choice"),
+        (
+            ["--target", str(target), "--draft", str(draft), "--prompt", "x", "--compression", "int3"],
+            "invalid choice",
+        ),
     ]
     for argv, message in cases:
         code, _, err = run_cli(capsys, "generate", *argv)
@@ -84,6 +125,8 @@ def test_missing_inputs_fail_clearly(tiny_pair_dir, capsys, tmp_path):
 def test_mismatched_vocabularies_are_refused(tiny_pair_dir, capsys, tmp_path):
     target, _ = tiny_pair_dir
     _, other_draft = save_pair(tmp_path, vocab_size=64)
-    code, _, err = run_cli(capsys, "generate", "--target", str(target), "--draft", str(other_draft), "--prompt", "x")
+    code, _, err = run_cli(
+        capsys, "generate", "--target", str(target), "--draft", str(other_draft), "--prompt", "x"
+    )
     assert code == 2
     assert "128" in err and "64" in err and "vocabulary" in err

@@ -38,7 +38,11 @@ def test_greedy_is_lossless_for_every_controller(tiny_pair_dir, tokenizer, compr
         expected = reference(pair.target, ids, 24)
         for spec in CONTROLLERS:
             result = speculative_generate(
-                pair.target, pair.draft, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=24),
+                pair.target,
+                pair.draft,
+                ids,
+                parse_controller(spec, 8),
+                DecodeConfig(max_new_tokens=24),
                 compression,
             )
             assert result.token_ids == expected, f"{compression} {spec} {prompt!r}"
@@ -54,7 +58,9 @@ def test_identical_draft_is_always_accepted():
     target = tiny_target()
     ids = list(range(5, 25))
     for spec in ["fixed:3", "fixed:8", "heuristic"]:
-        result = speculative_generate(target, target, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=40))
+        result = speculative_generate(
+            target, target, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=40)
+        )
         assert result.acceptance_rate == 1.0
         assert result.token_ids == reference(target, ids, 40)
 
@@ -63,7 +69,9 @@ def test_unrelated_draft_is_rejected_yet_lossless():
     target = tiny_target(seed=0)
     stranger = tiny_target(seed=123)
     ids = list(range(5, 25))
-    result = speculative_generate(target, stranger, ids, parse_controller("fixed:5", 8), DecodeConfig(max_new_tokens=30))
+    result = speculative_generate(
+        target, stranger, ids, parse_controller("fixed:5", 8), DecodeConfig(max_new_tokens=30)
+    )
     assert result.acceptance_rate < 0.2
     assert result.token_ids == reference(target, ids, 30)
 
@@ -74,7 +82,9 @@ def test_max_new_tokens_is_exact(max_new):
     draft = perturbed_draft(target, 0.04)
     ids = list(range(3, 15))
     for spec in ["none", "fixed:4", "fixed:8"]:
-        result = speculative_generate(target, draft, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=max_new))
+        result = speculative_generate(
+            target, draft, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=max_new)
+        )
         assert result.token_ids == reference(target, ids, max_new)
         assert result.new_tokens == max_new
 
@@ -171,8 +181,14 @@ def test_recorder_matches_the_loop(tiny_pair_dir):
     target = tiny_target()
     draft = perturbed_draft(target, 0.04)
     ids = list(range(3, 20))
-    run = {"prompt_id": "p0", "task": "code", "split": "train", "compression": "fp32", "controller": "fixed:8",
-           "mode": "greedy"}
+    run = {
+        "prompt_id": "p0",
+        "task": "code",
+        "split": "train",
+        "compression": "fp32",
+        "controller": "fixed:8",
+        "mode": "greedy",
+    }
     recorder = TableRecorder(run, prompt_len=len(ids))
     result = speculative_generate(
         target, draft, ids, parse_controller("fixed:8", 8), DecodeConfig(max_new_tokens=40), recorder=recorder

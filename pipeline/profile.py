@@ -1,0 +1,166 @@
+"""`speckv calibrate` and `speckv profile`: the measured cost model and the profiling tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_section
+from profiling.costmodel import CostModel
+from profiling.decode import DecodeConfig
+from profiling.errors import SpeckvError
+from profiling.models import COMPRESSIONS, eos_ids, load_pair, model_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrateConfig:
+    target: str = "default"  # target model reference
+    draft: str = "default"  # draft model reference
+    compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])
+    gamma_max: int = 8  # verify costs are measured for 1..gamma_max+1 tokens
+    prompts: str = "artifacts/prompts/prompts.jsonl"  # the context is the first dev prompt
+    repeats: int = 15  # timed repeats per measurement (median)
+    warmup: int = 3  # untimed repeats first
+    out_dir: str = "artifacts/calibrate"  # {compression}.json and cost_model.png
+    threads: int = 2  # torch CPU threads
+    device: str | None = None  # null: CUDA when present, else CPU
+
+
+@dataclass
+class ProfileConfig:
+    target: str = "default"
+    draft: str = "default"
+    compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])
+    prompts: str = "artifacts/prompts/prompts.jsonl"
+    per_task: dict = field(default_factory=lambda: {"train": 6, "dev": 2, "test": 3})
+    controllers: list[str] = field(default_factory=lambda: ["fixed:8"])
+    gamma_max: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    trace_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
+    out_dir: str = "artifacts/profile"
+    threads: int = 2
+    device: str | None = None
+
+
+def _check_compressions(compressions: list[str]) -> None:
+    bad = [c for c in compressions if c not in COMPRESSIONS]
+    if bad:
+        raise SpeckvError(f"unknown compression(s) {bad}; expected some of {', '.join(COMPRESSIONS)}")
+
+
+def _select(cfg_compressions: list[str], requested: str | None) -> list[str]:
+    chosen = [requested] if requested else cfg_compressions
+    _check_compressions(chosen)
+    return chosen
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure draft and verify costs per compression (cost model)")
+    p.add_argument("--params", default="params.yaml", help="params file (section `calibrate`)")
+    p.add_argument("--compression", help="only this compression (default: all in params)")
+    p.set_defaults(func=run_calibrate)
+    p = sub.add_parser("profile", help="run prompts x controllers with the recorder on; write Parquet tables")
+    p.add_argument("--params", default="params.yaml", help="params file (section `profile`)")
+    p.add_argument("--compression", help="only this compression (default: all in params)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_profile_cmd)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from data.prompts import load_prompt_file
+    from profiling.calibrate import calibrate, plot_cost_models
+
+    cfg = load_section(CalibrateConfig, "calibrate", args.params)
+    compressions = _select(cfg.compressions, args.compression)
+    torch.set_num_threads(cfg.threads)
+    rows = load_prompt_file(cfg.prompts, splits=["dev"], per_task=1)
+    if not rows:
+        raise SpeckvError(f"{cfg.prompts} holds no dev prompt to calibrate with")
+    context = rows[0]["input_ids"]
+    out = Path(cfg.out_dir)
+    for compression in compressions:
+        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device)
+        model = calibrate(
+            pair.target, pair.draft, compression, context, cfg.gamma_max, cfg.repeats, cfg.warmup
+        )
+        model.meta["config"] = asdict(cfg)
+        model.save(out / f"{compression}.json")
+        log.info(
+            "%s: draft %.2f ms/token, verify %s ms, overhead %.2f ms/step",
+            compression,
+            model.draft_ms,
+            [round(v, 1) for v in model.verify_ms],
+            model.overhead_ms,
+        )
+        del pair
+    models = [CostModel.load(p) for p in sorted(out.glob("*.json"))]
+    plot_cost_models(models, out / "cost_model.png")
+    return 0
+
+
+def run_profile_cmd(args: argparse.Namespace) -> int:
+    import transformers
+
+    from data.prompts import load_prompt_file
+    from profiling.profile import run_profile
+
+    cfg = load_section(ProfileConfig, "profile", args.params)
+    compressions = _select(cfg.compressions, args.compression)
+    if not set(cfg.per_task) <= {"train", "dev", "test"}:
+        raise SpeckvError(f"profile.per_task keys must be train/dev/test, got {sorted(cfg.per_task)}")
+    decode = DecodeConfig(
+        max_new_tokens=cfg.max_new_tokens,
+        gamma_max=cfg.gamma_max,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+    )
+    decode.validate()
+    prompts = []
+    for split, n in cfg.per_task.items():
+        prompts += load_prompt_file(cfg.prompts, splits=[split], per_task=int(n))
+    if not prompts:
+        raise SpeckvError("no prompts selected: check profile.per_task and the prompt file")
+    torch.set_num_threads(cfg.threads)
+    for compression in compressions:
+        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device)
+        decode_c = replace(decode, eos_token_ids=eos_ids(pair.tokenizer, pair.target))
+        meta = {
+            "target": model_fingerprint(cfg.target, "target"),
+            "draft": model_fingerprint(cfg.draft, "draft"),
+            "compression": compression,
+            "device": str(pair.device),
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
+            "prompts": cfg.prompts,
+            "seed": cfg.seed,
+        }
+        counts = run_profile(
+            pair,
+            prompts,
+            cfg.controllers,
+            decode_c,
+            Path(cfg.out_dir),
+            cfg.trace_splits,
+            meta,
+            progress=not args.no_progress,
+        )
+        log.info("%s: %s", compression, json.dumps(counts))
+        del pair
+    return 0

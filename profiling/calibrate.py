@@ -1,0 +1,128 @@
+"""Measure the cost model on this device and compression: draft ms per token, target verify ms for k tokens.
+
+Medians over repeats after a warm-up, at a realistic context length, synchronised on CUDA. A short real
+decode with the recorder on gives the per-step loop overhead that the model forwards do not explain.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from profiling.controllers import FixedGamma
+from profiling.costmodel import CostModel
+from profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from profiling.models import synchronize
+from profiling.recorder import TableRecorder
+
+
+def _median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def forward_ms(model, context: list[int], n_tokens: int, repeats: int, warmup: int) -> float:
+    """Median ms of one forward over `n_tokens` new tokens after a cached `context`, logits of all of them."""
+    device = model.device
+    cache = DynamicCache(config=model.config)
+    _forward(model, context, cache, device, all_logits=False)
+    new = context[-n_tokens:] if n_tokens <= len(context) else (context * n_tokens)[:n_tokens]
+
+    def once() -> None:
+        _forward(model, new, cache, device, all_logits=n_tokens > 1)
+        _truncate(cache, len(context))
+
+    return _median_ms(once, repeats, warmup, device)
+
+
+@torch.inference_mode()
+def calibrate(
+    target,
+    draft,
+    compression: str,
+    context: list[int],
+    gamma_max: int,
+    repeats: int = 15,
+    warmup: int = 3,
+    loop_tokens: int = 48,
+) -> CostModel:
+    """A CostModel measured with `context` (prompt token ids) as the cached prefix."""
+    draft_ms = forward_ms(draft, context, 1, repeats, warmup)
+    verify_ms = [forward_ms(target, context, k + 1, repeats, warmup) for k in range(gamma_max + 1)]
+    run = {
+        "prompt_id": "calibration",
+        "task": "-",
+        "split": "-",
+        "compression": compression,
+        "controller": "fixed:4",
+        "mode": "greedy",
+    }
+    recorder = TableRecorder(run, len(context))
+    gamma = min(4, gamma_max)
+    config = DecodeConfig(max_new_tokens=loop_tokens, gamma_max=gamma_max)
+    result = speculative_generate(target, draft, context, FixedGamma(gamma), config, compression, recorder)
+    steps = recorder.step_table().to_pandas()
+    prefill_ms = (
+        _median_ms(
+            lambda: _forward(target, context[:-1], DynamicCache(config=target.config), target.device, False),
+            3,
+            1,
+            target.device,
+        )
+        if len(context) > 1
+        else 0.0
+    )
+    modelled = steps["draft_ms"].sum() + steps["verify_ms"].sum() + prefill_ms
+    overhead_ms = max(0.0, (result.wall_s * 1e3 - modelled) / max(1, result.steps))
+    return CostModel(
+        compression=compression,
+        device=str(target.device),
+        draft_ms=draft_ms,
+        verify_ms=verify_ms,
+        overhead_ms=float(overhead_ms),
+        meta={
+            "context_tokens": len(context),
+            "repeats": repeats,
+            "warmup": warmup,
+            "loop_tokens": loop_tokens,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+    )
+
+
+def plot_cost_models(models: list[CostModel], path) -> None:
+    """Verify ms against tokens verified, one line per compression, with the draft's per-token cost."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in models:
+        ks = list(range(1, len(model.verify_ms) + 1))
+        line = ax.plot(ks, model.verify_ms, marker="o", label=f"target verify, {model.compression}")[0]
+        ax.axhline(model.draft_ms, ls="--", color=line.get_color(), alpha=0.6)
+    ax.set_xlabel("tokens in the verify forward (drafted + 1)")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("Measured cost model (dashed: draft ms per token)")
+    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,208 @@
+"""Profiling runs: prompts × controllers through the decode loop with the recorder on, plus dense traces,
+written as hive-partitioned Parquet part files (compression=/task=) that a killed run resumes from.
+
+Each unit of work (one prompt under one controller, or one prompt's trace) is one part file per table,
+written to a temporary name and renamed, so a part either exists whole or not at all. Part names carry a
+fingerprint of everything that shapes the rows; parts of another fingerprint are stale and removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from profiling.controllers import parse_controller
+from profiling.decode import DecodeConfig, speculative_generate
+from profiling.errors import SpeckvError
+from profiling.recorder import TableRecorder
+from profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
+from profiling.traces import dense_trace
+
+log = logging.getLogger(__name__)
+
+PARTITION_KEYS = ("compression", "task")
+TABLES = {"tokens": TOKEN_SCHEMA, "steps": STEP_SCHEMA, "traces": TRACE_SCHEMA}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One part file's worth of work."""
+
+    prompt: dict  # a row of the prompt file: prompt_id, task, split, input_ids
+    controller: str | None  # None: the prompt's dense trace
+
+    @property
+    def key(self) -> str:
+        what = "trace" if self.controller is None else self.controller
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.prompt['prompt_id']}--{what}")
+
+
+def fingerprint(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def part_path(out_dir: Path, table: str, compression: str, task: str, fp: str, key: str) -> Path:
+    return out_dir / table / f"compression={compression}" / f"task={task}" / f"part-{fp}-{key}.parquet"
+
+
+def check_writable(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise SpeckvError(f"output directory {out_dir} is not writable: {exc}") from exc
+
+
+def write_part(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
+    """Write atomically: a temporary file in the same directory, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # compression and task live in the hive directory names; storing them twice confuses dataset readers
+    table = table.drop_columns([c for c in PARTITION_KEYS if c in table.column_names])
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_part(path: Path, schema: pa.Schema) -> None:
+    """A part file that exists must be readable Parquet with the expected columns."""
+    try:
+        found = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SpeckvError(f"corrupt part file {path}: {exc}; delete it and rerun") from exc
+    expected = [(f.name, f.type) for f in schema if f.name not in ("compression", "task")]
+    got = [(f.name, f.type) for f in found if f.name not in ("compression", "task")]
+    if got != expected:
+        raise SpeckvError(
+            f"part file {path} does not match the {schema.names[:3]}... schema; delete it and rerun"
+        )
+
+
+def remove_stale(out_dir: Path, compression: str, fp: str) -> int:
+    """Delete part files of this compression written under another fingerprint, and leftover temp files."""
+    removed = 0
+    for table in TABLES:
+        root = out_dir / table / f"compression={compression}"
+        if not root.is_dir():
+            continue
+        for path in root.rglob("*.parquet"):
+            if path.name.startswith(".tmp-") or not path.name.startswith(f"part-{fp}-"):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def plan_units(prompts: list[dict], controllers: list[str], trace_splits: list[str]) -> Iterator[Unit]:
+    for prompt in prompts:
+        for spec in controllers:
+            yield Unit(prompt, spec)
+        if prompt["split"] in trace_splits:
+            yield Unit(prompt, None)
+
+
+def run_profile(
+    pair,
+    prompts: list[dict],
+    controllers: list[str],
+    decode: DecodeConfig,
+    out_dir: Path,
+    trace_splits: list[str],
+    run_meta: dict,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Profile every prompt under every controller (plus dense traces of `trace_splits` prompts, greedy only).
+
+    Returns counts of rows written, units done and units skipped because a previous run finished them.
+    """
+    from tqdm import tqdm
+
+    compression = pair.compression
+    mode = "greedy" if decode.greedy else "sampling"
+    for spec in controllers:  # fail before any model work on a bad spec
+        parse_controller(spec, decode.gamma_max, compression)
+    check_writable(out_dir)
+    fp = fingerprint(
+        {**run_meta, "decode": asdict(decode), "controllers": controllers, "traces": trace_splits}
+    )
+    removed = remove_stale(out_dir, compression, fp)
+    if removed:
+        log.info("removed %d part files from an earlier run with other settings", removed)
+    metadata = {"speckv": json.dumps({**run_meta, "fingerprint": fp, "decode": asdict(decode)})}
+    units = list(plan_units(prompts, controllers, trace_splits if decode.greedy else []))
+    counts = {"tokens": 0, "steps": 0, "traces": 0, "units_done": 0, "units_skipped": 0}
+    continuations: dict[str, list[int]] = {}  # greedy output is the same under every controller
+    bar = tqdm(units, desc=f"profile {compression}", unit="run", disable=not progress)
+    for unit in bar:
+        p = unit.prompt
+        tables = ("traces",) if unit.controller is None else ("tokens", "steps")
+        paths = {t: part_path(out_dir, t, compression, p["task"], fp, unit.key) for t in tables}
+        if all(path.exists() for path in paths.values()):
+            for t, path in paths.items():
+                check_part(path, TABLES[t])
+            counts["units_skipped"] += 1
+            continue
+        run = {
+            "prompt_id": p["prompt_id"],
+            "task": p["task"],
+            "split": p["split"],
+            "compression": compression,
+        }
+        if unit.controller is None:
+            table = dense_trace(
+                pair.target,
+                pair.draft,
+                p["input_ids"],
+                decode.gamma_max,
+                decode.max_new_tokens,
+                decode.eos_token_ids,
+                run,
+                continuation=continuations.get(p["prompt_id"]),
+            )
+            write_part(table, paths["traces"], metadata)
+            counts["traces"] += table.num_rows
+        else:
+            controller = parse_controller(unit.controller, decode.gamma_max, compression)
+            recorder = TableRecorder(
+                {**run, "controller": unit.controller, "mode": mode}, len(p["input_ids"])
+            )
+            result = speculative_generate(
+                pair.target, pair.draft, p["input_ids"], controller, decode, compression, recorder
+            )
+            if decode.greedy:
+                continuations[p["prompt_id"]] = result.token_ids
+            # steps first: a unit counts as done only when its tokens part exists too
+            write_part(recorder.step_table(), paths["steps"], metadata)
+            write_part(recorder.token_table(), paths["tokens"], metadata)
+            counts["tokens"] += recorder.token_table().num_rows
+            counts["steps"] += recorder.step_table().num_rows
+        counts["units_done"] += 1
+    return counts
+
+
+def read_table(path: Path, table: str) -> pa.Table:
+    """Read a profiling table directory (hive-partitioned) with its declared schema."""
+    import pyarrow.dataset as ds
+
+    if not path.is_dir():
+        raise SpeckvError(f"{table} table not found: {path}")
+    try:
+        partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in PARTITION_KEYS]), flavor="hive")
+        return ds.dataset(path, format="parquet", partitioning=partitioning).to_table()
+    except (OSError, pa.ArrowException) as exc:
+        raise SpeckvError(f"cannot read the {table} table at {path}: {exc}") from exc
