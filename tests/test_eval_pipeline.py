@@ -1,0 +1,160 @@
+import json
+
+import pandas as pd
+import pytest
+import yaml
+from eval_synthetic import write_costs, write_mlp_export, write_traces
+from tiny import char_tokenizer
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, from_dict
+from predictor.evaluate import EvaluateConfig, alias_version, promotion
+from predictor.registry import MODEL_NAME, log_training_run, promote
+from predictor.report import ReportConfig, build_report
+from profiling.errors import SpeckvError
+
+
+def write_prompts(path, tasks=("code", "chat"), per_split=2):
+    tok = char_tokenizer()
+    with path.open("w") as f:
+        for task in tasks:
+            for split in ("dev", "test"):
+                for j in range(per_split):
+                    text = f"{task} prompt {j}:"
+                    ids = tok(text, add_special_tokens=False)["input_ids"]
+                    row = {
+                        "prompt_id": f"{task}/{split}{j}",
+                        "task": task,
+                        "split": split,
+                        "text": text,
+                        "input_ids": ids,
+                        "n_tokens": len(ids),
+                        "orig_tokens": len(ids),
+                        "truncated": False,
+                    }
+                    f.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target_dir, draft_dir = tiny_pair_dir
+    write_traces(tmp_path / "traces")
+    write_costs(tmp_path / "calibrate")
+    write_mlp_export(tmp_path / "export")
+    params = {
+        "evaluate": {
+            "traces_dir": "traces",
+            "calibrate_dir": "calibrate",
+            "export_dir": "export",
+            "prompts": str(write_prompts(tmp_path / "prompts.jsonl")),
+            "out_dir": "eval",
+            "target": str(target_dir),
+            "draft": str(draft_dir),
+            "device": "cpu",
+            "gamma_max": 6,
+            "threshold_grid": [0.3, 0.6],
+            "entropy_grid": [0.5, 1.5],
+            "live_controllers": {"fp32": ["none", "fixed:4", "best-fixed", "mlp", "hf-assisted"]},
+            "live_per_task": 1,
+            "max_new_tokens": 12,
+            "warmup_tokens": 2,
+            "n_boot": 200,
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "overhead_calls": 500,
+        },
+        "report": {
+            "eval_dir": "eval",
+            "predictor_dir": "predictor",
+            "calibrate_dir": "calibrate",
+            "out_dir": "report",
+        },
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["evaluate"]) == 0
+    live = pd.read_parquet(tmp_path / "eval" / "live.parquet")
+    assert set(live["policy"]) == {"none", "fixed:4", "best-fixed", "mlp", "hf-assisted"}
+    assert live.loc[live["policy"] != "hf-assisted", "matches_none"].all()
+    replay = pd.read_parquet(tmp_path / "eval" / "replay.parquet")
+    assert {"oracle", "mlp", "best-fixed", "threshold:tuned", "entropy:tuned"} <= set(replay["policy"])
+
+    assert main(["report"]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for key in (
+        "speedup_mlp_vs_best_fixed",
+        "speedup_mlp_vs_fixed4",
+        "speedup_mlp_vs_none",
+        "speedup_mlp_vs_hf_assisted",
+    ):
+        assert metrics["live"][key] > 0
+    assert metrics["live"]["lossless"] is True
+    assert "oracle_gap_share" in metrics["replay"] and metrics["overhead"]["decision_ms"] > 0
+    report = (tmp_path / "report" / "report.md").read_text().splitlines()
+    assert "predictor" in report[0] and "pays" in report[2]
+    assert "MLP vs best-fixed" in "\n".join(report[:12])
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4
+
+
+def dev_frame(mlp_ms: float) -> pd.DataFrame:
+    rows = []
+    for i in range(12):
+        jitter = 1.0 + 0.01 * (i % 3)
+        rows.append(
+            {
+                "compression": "fp32",
+                "prompt_id": f"p{i}",
+                "policy": "best-fixed",
+                "new_tokens": 50,
+                "model_ms": 1000.0 * jitter,
+            }
+        )
+        rows.append(
+            {
+                "compression": "fp32",
+                "prompt_id": f"p{i}",
+                "policy": "mlp",
+                "new_tokens": 50,
+                "model_ms": mlp_ms * jitter,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_promotion_gate(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    export = write_mlp_export(tmp_path / "export")
+    log_training_run({}, {"x": 1.0}, [], export, uri=uri, artifact_location=str(tmp_path / "mlartifacts"))
+    log_training_run({}, {"x": 2.0}, [], export, uri=uri, artifact_location=str(tmp_path / "mlartifacts"))
+    promote("1", uri=uri)  # the previous champion
+    config = EvaluateConfig(tracking_uri=uri, n_boot=300)
+
+    worse = promotion(dev_frame(1100.0), config)
+    assert not worse["promoted"] and "previous champion stays" in worse["reason"]
+    assert alias_version("champion", uri) == "1"
+
+    better = promotion(dev_frame(800.0), config)
+    assert better["promoted"] and better["version"] == "2"
+    assert alias_version("champion", uri) == "2"
+    assert alias_version("nope", uri) is None
+    assert MODEL_NAME in alias_version.__doc__
+
+
+def test_bad_inputs_fail_clearly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(EvaluateConfig, {"gamma": 3}, "evaluate")
+    with pytest.raises(SpeckvError, match="including none"):
+        EvaluateConfig(live_controllers={"fp32": ["mlp"]})
+    with pytest.raises(SpeckvError, match="threshold_grid"):
+        EvaluateConfig(threshold_grid=[1.5])
+    with pytest.raises(SpeckvError, match="no evaluation summary"):
+        build_report(ReportConfig(eval_dir="missing"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"traces_dir": "nowhere"}}))
+    assert main(["evaluate", "--no-live"]) == 2
+    write_traces(tmp_path / "traces", compressions=("fp32",))
+    params = {"evaluate": {"traces_dir": "traces", "calibrate_dir": "calibrate", "gamma_max": 6}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["evaluate", "--no-live"]) == 2  # no cost models
+    write_costs(tmp_path / "calibrate", compressions=("fp32",))
+    assert main(["evaluate", "--no-live"]) == 2  # no predictor export

@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+import torch
+from eval_synthetic import GAMMA_MAX, write_traces
+from tiny import char_tokenizer
+
+from predictor.live import run_live
+from predictor.replay import Trace, load_traces, oracle, replay, traces_from_frame
+from profiling.controllers import parse_controller
+from profiling.decode import DecodeConfig, speculative_generate
+from profiling.errors import SpeckvError
+from profiling.models import ModelPair, load_model
+from profiling.signals import SIGNALS
+
+POLICIES = [
+    "none",
+    *(f"fixed:{k}" for k in range(1, 5)),
+    "heuristic",
+    "heuristic:2",
+    "threshold:0.4",
+    "threshold:0.8",
+    "entropy:0.5",
+    "entropy:1.5",
+]
+
+
+def random_trace(rng: np.random.Generator, n_new: int, gamma_max: int = 4) -> Trace:
+    match = np.minimum(rng.geometric(1 - rng.uniform(0.1, 0.9), n_new) - 1, gamma_max)
+    p = rng.uniform(0, 1, (n_new, gamma_max))
+    signals = np.stack([p, p, p / 2, 3 * (1 - p)], axis=-1)
+    return Trace(
+        "p", "t", "test", "fp32", np.minimum(match, n_new - np.arange(n_new)), 10 + np.arange(n_new), signals
+    )
+
+
+def random_costs(rng: np.random.Generator, gamma_max: int = 4) -> list[float]:
+    return list(np.cumsum(rng.uniform(0.5, 10, gamma_max + 1)) + rng.uniform(5, 60))
+
+
+def brute_force_ms(trace: Trace, cost: list[float], i: int = 0) -> float:
+    if i >= trace.n_new:
+        return 0.0
+    return min(
+        cost[g] + brute_force_ms(trace, cost, i + min(min(int(trace.match_len[i]), g) + 1, trace.n_new - i))
+        for g in range(min(trace.gamma_max, trace.n_new - i - 1) + 1)
+    )
+
+
+def test_oracle_is_the_shortest_path():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        trace, cost = random_trace(rng, int(rng.integers(1, 9))), random_costs(rng)
+        assert oracle(trace, cost).model_ms == pytest.approx(brute_force_ms(trace, cost))
+
+
+def test_oracle_never_worse_than_any_policy():
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        trace, cost = random_trace(rng, int(rng.integers(1, 60))), random_costs(rng)
+        best = oracle(trace, cost)
+        assert sum(a + 1 for a in best.accepts) >= trace.n_new
+        for spec in POLICIES:
+            result = replay(parse_controller(spec, 4), trace, cost)
+            assert best.model_ms <= result.model_ms + 1e-9, spec
+            assert best.goodput >= result.goodput - 1e-9
+
+
+def test_replay_fixed_accepts_min_of_match_and_gamma():
+    trace = random_trace(np.random.default_rng(2), 40)
+    cost = [10.0, 11, 12, 13, 14]
+    for k in range(1, 5):
+        result = replay(parse_controller(f"fixed:{k}", 4), trace, cost)
+        i = 0
+        for gamma, accepted in zip(result.gammas, result.accepts, strict=True):
+            assert gamma == min(k, trace.n_new - i - 1)
+            assert accepted == min(int(trace.match_len[i]), gamma)
+            i += accepted + 1
+        assert i >= trace.n_new
+        assert result.model_ms == pytest.approx(sum(cost[g] for g in result.gammas))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_pair_dir):
+    torch.set_num_threads(1)
+    target_dir, draft_dir = tiny_pair_dir
+    device = torch.device("cpu")
+    return load_model(str(target_dir), "target", device, "fp32"), load_model(str(draft_dir), "draft", device)
+
+
+def test_replay_equals_live_loop(tiny_models):
+    from profiling.traces import dense_trace
+
+    target, draft = tiny_models
+    tok = char_tokenizer()
+    prompt = tok("def f(x): return", add_special_tokens=False)["input_ids"]
+    run = {"prompt_id": "p0", "task": "code", "split": "test", "compression": "fp32"}
+    config = DecodeConfig(max_new_tokens=40, gamma_max=4)
+    trace = traces_from_frame(dense_trace(target, draft, prompt, 4, 40, (), run).to_pandas())[0]
+    assert trace.match_len.sum() > 0  # the pair agrees sometimes, or the test proves little
+    cost = [10.0 + k for k in range(5)]
+    for spec in ["none", "fixed:1", "fixed:2", "fixed:4", "heuristic", "threshold:0.4", "entropy:2"]:
+        live = speculative_generate(target, draft, prompt, parse_controller(spec, 4), config)
+        replayed = replay(parse_controller(spec, 4), trace, cost, max_new_tokens=40)
+        assert (replayed.gammas, replayed.accepts) == (live.gammas, live.accepts), spec
+        assert replayed.new_tokens == live.new_tokens
+
+
+def test_live_runs_are_lossless_and_interleaved(tiny_models):
+    target, draft = tiny_models
+    pair = ModelPair(target, draft, char_tokenizer(), "fp32", torch.device("cpu"), "t", "d")
+    tok = char_tokenizer()
+    prompts = [
+        {"prompt_id": f"p{i}", "task": "code", "input_ids": tok(text, add_special_tokens=False)["input_ids"]}
+        for i, text in enumerate(["import os", "x = 1 +"])
+    ]
+    roles = {
+        "none": parse_controller("none", 4),
+        "fixed:3": parse_controller("fixed:3", 4),
+        "hf-assisted": "hf-assisted",
+    }
+    rows = run_live(pair, prompts, roles, DecodeConfig(max_new_tokens=16, gamma_max=4), warmup_tokens=4)
+    assert len(rows) == 6
+    assert all(r["matches_none"] for r in rows if r["policy"] != "hf-assisted")
+    assert all(r["new_tokens"] > 0 and r["wall_s"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="none"):
+        run_live(pair, prompts, {"fixed:3": roles["fixed:3"]}, DecodeConfig(max_new_tokens=4), 0)
+
+
+def test_bad_traces_fail_clearly(tmp_path):
+    with pytest.raises(SpeckvError, match="not found"):
+        load_traces(tmp_path / "missing")
+    frame = load_traces_frame(write_traces(tmp_path / "traces", per_split=1, compressions=("fp32",)))
+    with pytest.raises(SpeckvError, match="not dense"):
+        traces_from_frame(frame.drop(index=frame.index[3]))
+    with pytest.raises(SpeckvError, match="lacks columns"):
+        traces_from_frame(frame.drop(columns=["match_len"]))
+    trace = traces_from_frame(frame)[0]
+    with pytest.raises(SpeckvError, match="cost model covers"):
+        oracle(trace, [1.0, 2.0])
+    assert trace.gamma_max == GAMMA_MAX and trace.signals.shape[-1] == len(SIGNALS)
+
+
+def load_traces_frame(path):
+    import pyarrow.dataset as ds
+
+    frame = ds.dataset(path, format="parquet", partitioning="hive").to_table().to_pandas()
+    return frame.astype({"compression": str, "task": str})
+
+
+def test_exhaustive_tiny_case():
+    # gamma_max 1: drafting pays where the draft matches, unless a drafted token costs more than a step
+    trace = Trace("p", "t", "test", "fp32", np.array([1, 0, 1, 0]), np.arange(4), np.zeros((4, 1, 4)))
+    assert oracle(trace, [10.0, 11.0]).gammas == [1, 1]
+    assert oracle(trace, [10.0, 30.0]).gammas == [0, 0, 0, 0]
