@@ -42,6 +42,7 @@ class EvaluateConfig:
     draft: str = "default"
     device: str | None = None
     gamma_max: int = 8
+    trace_max_new_tokens: int | None = 64  # the profile's max_new_tokens: caps drafting as the live loop did
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     entropy_grid: list[float] = field(default_factory=lambda: [0.25 * i for i in range(1, 21)])
     live_controllers: dict[str, list[str]] = field(
@@ -112,16 +113,21 @@ class PolicyFactory:
 
 
 def replay_rows(
-    traces: list[Trace], spec: str, policy: str, make, costs: dict[str, list[float]]
+    traces: list[Trace],
+    spec: str,
+    policy: str,
+    make,
+    costs: dict[str, list[float]],
+    max_new: int | None = None,
 ) -> list[dict]:
     """One row per trace: `policy` (a role name) replayed with controller `spec` (or the oracle)."""
     rows = []
     for trace in traces:
         cost = costs[trace.compression]
         if spec == "oracle":
-            result = oracle(trace, cost)
+            result = oracle(trace, cost, max_new)
         else:
-            result = replay(make(spec, trace.compression), trace, cost)
+            result = replay(make(spec, trace.compression), trace, cost, max_new)
         rows.append(_row(trace, policy, spec, result))
     return rows
 
@@ -165,7 +171,10 @@ def tune_on_dev(
         }
         tuned[compression] = {"dev_goodput": {}}
         for role, specs in candidates.items():
-            scores = {s: _goodput(replay_rows(traces, s, role, make, costs)) for s in specs}
+            scores = {
+                s: _goodput(replay_rows(traces, s, role, make, costs, config.trace_max_new_tokens))
+                for s in specs
+            }
             best = max(specs, key=lambda s: scores[s])  # ties: the first, i.e. the cheapest setting
             tuned[compression][role] = best
             tuned[compression]["dev_goodput"].update(scores)
@@ -186,7 +195,12 @@ def replay_policies(gamma_max: int, has_mlp: bool) -> list[str]:
 
 
 def run_replay(
-    traces: list[Trace], tuned: dict, make, costs: dict[str, list[float]], roles: list[str]
+    traces: list[Trace],
+    tuned: dict,
+    make,
+    costs: dict[str, list[float]],
+    roles: list[str],
+    max_new: int | None = None,
 ) -> pd.DataFrame:
     rows = []
     for compression in sorted({t.compression for t in traces}):
@@ -197,7 +211,7 @@ def run_replay(
         subset = [t for t in traces if t.compression == compression]
         for role in roles:
             spec = tuned[compression].get(role, role)
-            rows += replay_rows(subset, spec, role, make, costs)
+            rows += replay_rows(subset, spec, role, make, costs, max_new)
     return pd.DataFrame(rows)
 
 
@@ -391,7 +405,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         )
     tuned = tune_on_dev(dev, make, costs, config)
     roles = replay_policies(gamma_max, has_mlp)
-    replay_frame = run_replay(dev + test, tuned, make, costs, roles)
+    replay_frame = run_replay(dev + test, tuned, make, costs, roles, config.trace_max_new_tokens)
     log.info("replayed %d policies on %d traces", len(roles), len(traces))
 
     summary: dict[str, Any] = {"config": asdict(config), "gamma_max": gamma_max, "tuned": tuned, "replay": {}}
@@ -448,9 +462,6 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_parquet(replay_frame, out_dir / "replay.parquet")
-    if not live_frame.empty:
-        _atomic_parquet(live_frame, out_dir / "live.parquet")
-    elif (out_dir / "live.parquet").exists():
-        (out_dir / "live.parquet").unlink()
+    _atomic_parquet(live_frame, out_dir / "live.parquet")  # empty without live runs: DVC expects the file
     _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary

@@ -109,6 +109,17 @@ def _step_costs(cost: Sequence[float], gamma_max: int) -> Sequence[float]:
     return cost
 
 
+def _limit(trace: Trace, max_new_tokens: int | None) -> int:
+    if max_new_tokens is None:
+        return trace.n_new
+    if max_new_tokens < trace.n_new:
+        raise SpeckvError(
+            f"trace {trace.prompt_id} ({trace.compression}) holds {trace.n_new} tokens, more than the "
+            f"max_new_tokens {max_new_tokens} it is said to be generated with"
+        )
+    return max_new_tokens
+
+
 def replay(
     controller: Controller, trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = None
 ) -> ReplayResult:
@@ -119,7 +130,7 @@ def replay(
     """
     gamma_max = trace.gamma_max
     _step_costs(step_ms, gamma_max)
-    limit = trace.n_new if max_new_tokens is None else max_new_tokens
+    limit = _limit(trace, max_new_tokens)
     result = ReplayResult(new_tokens=trace.n_new)
     controller.reset()
     i = prev_gamma = prev_accepted = 0
@@ -162,7 +173,7 @@ def oracle(trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = 
     """
     n, gamma_max = trace.n_new, trace.gamma_max
     _step_costs(step_ms, gamma_max)
-    limit = n if max_new_tokens is None else max_new_tokens
+    limit = _limit(trace, max_new_tokens)
     best_ms = np.zeros(n + 1)
     best_gamma = np.zeros(n, dtype=np.int64)
     for i in range(n - 1, -1, -1):
