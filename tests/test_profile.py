@@ -1,0 +1,177 @@
+"""Profiling tables: schema and partitioning, labels that match the loop, exact trace replay, resume."""
+
+from __future__ import annotations
+
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from pipeline.cli import main
+from profiling import profile as prof
+from profiling.controllers import parse_controller
+from profiling.decode import DecodeConfig, speculative_generate
+from profiling.errors import SpeckvError
+from profiling.models import load_pair
+from profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
+
+PROMPTS = [
+    {"prompt_id": "code/a", "task": "code", "split": "train", "input_ids": list(range(10, 30))},
+    {"prompt_id": "math/b", "task": "math", "split": "dev", "input_ids": list(range(40, 52))},
+    {"prompt_id": "chat/c", "task": "chat", "split": "test", "input_ids": list(range(60, 85))},
+]
+DECODE = DecodeConfig(max_new_tokens=20, gamma_max=6)
+META = {"target": "tiny", "draft": "tiny"}
+TIMING = {"draft_ms", "verify_ms"}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_pair_dir):
+    target, draft = tiny_pair_dir
+    return load_pair(str(target), str(draft), "fp32", "cpu")
+
+
+def profile(pair, out, controllers=("fixed:6",)):
+    return prof.run_profile(
+        pair, PROMPTS, list(controllers), DECODE, out, ["dev", "test"], META, progress=False
+    )
+
+
+def read(out, table):
+    return prof.read_table(out / table, table).to_pandas()
+
+
+def test_schema_and_partitioning(pair, tmp_path):
+    counts = profile(pair, tmp_path)
+    assert counts["units_done"] == 5  # 3 runs + 2 traces
+    for table, schema in [("tokens", TOKEN_SCHEMA), ("steps", STEP_SCHEMA), ("traces", TRACE_SCHEMA)]:
+        dataset = ds.dataset(tmp_path / table, format="parquet", partitioning="hive")
+        assert set(dataset.schema.names) == set(schema.names)
+        df = dataset.to_table().to_pandas()
+        assert df["prompt_id"].notna().all()
+        assert set(df["compression"].astype(str)) == {"fp32"}
+    dirs = sorted(p.relative_to(tmp_path / "tokens").as_posix() for p in (tmp_path / "tokens").glob("*/*"))
+    assert dirs == ["compression=fp32/task=chat", "compression=fp32/task=code", "compression=fp32/task=math"]
+    traces = read(tmp_path, "traces")
+    assert set(traces["split"]) == {"dev", "test"}  # train prompts get no trace
+    meta = ds.dataset(tmp_path / "tokens", format="parquet").files[0]
+    import pyarrow.parquet as pq
+
+    assert b"speckv" in pq.read_schema(meta).metadata
+
+
+def test_labels_match_the_decode_loop(pair, tmp_path):
+    profile(pair, tmp_path)
+    tokens, steps = read(tmp_path, "tokens"), read(tmp_path, "steps")
+    for p in PROMPTS:
+        live = speculative_generate(
+            pair.target, pair.draft, p["input_ids"], parse_controller("fixed:6", 6), DECODE
+        )
+        s = steps[steps.prompt_id == p["prompt_id"]].sort_values("step")
+        assert s["accepted"].tolist() == live.accepts
+        assert s["gamma"].tolist() == live.gammas
+        t = tokens[tokens.prompt_id == p["prompt_id"]]
+        assert t.groupby("step")["accepted"].sum().tolist() == [
+            a for a, g in zip(live.accepts, live.gammas) if g
+        ]
+        assert (t[t.labelled].groupby("step")["accepted"].apply(lambda x: (~x).sum())).le(1).all()
+
+
+def replay_fixed(trace, k: int) -> list[int]:
+    rows = trace.sort_values("new_index")
+    match = rows["match_len"].tolist()
+    n = int(rows["n_new"].iloc[0])
+    accepts, i = [], 0
+    while i < n:
+        g = min(k, n - i - 1)
+        a = min(match[i], g)
+        accepts.append(a)
+        i += a + 1
+    return accepts
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_trace_replay_equals_live_fixed_gamma(pair, tmp_path_factory, k):
+    out = tmp_path_factory.mktemp(f"trace{k}")
+    profile(pair, out)
+    traces = read(out, "traces")
+    for p in PROMPTS[1:]:
+        live = speculative_generate(
+            pair.target, pair.draft, p["input_ids"], parse_controller(f"fixed:{k}", 6), DECODE
+        )
+        trace = traces[traces.prompt_id == p["prompt_id"]]
+        assert replay_fixed(trace, k) == live.accepts
+        assert trace.sort_values("new_index")["target_token"].tolist() == live.token_ids
+
+
+def test_kill_and_resume_gives_the_same_rows(pair, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    profile(pair, whole, controllers=("fixed:6", "fixed:2"))
+    resumed = tmp_path / "resumed"
+    real_write = prof.write_part
+    calls = {"n": 0}
+
+    def dying_write(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # dies between the steps and tokens parts of the second unit
+            raise KeyboardInterrupt
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(prof, "write_part", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        profile(pair, resumed, controllers=("fixed:6", "fixed:2"))
+    monkeypatch.setattr(prof, "write_part", real_write)
+    counts = profile(pair, resumed, controllers=("fixed:6", "fixed:2"))
+    assert counts["units_skipped"] == 1
+    for table in ("tokens", "steps", "traces"):
+        a, b = read(whole, table), read(resumed, table)
+        cols = [c for c in a.columns if c not in TIMING]
+        keys = [c for c in ("prompt_id", "controller", "step", "draft_index", "new_index") if c in cols]
+        a = a[cols].sort_values(keys).reset_index(drop=True)
+        b = b[cols].sort_values(keys).reset_index(drop=True)
+        assert a.astype(str).equals(b.astype(str)), table
+
+
+def test_changed_settings_replace_stale_parts(pair, tmp_path):
+    profile(pair, tmp_path, controllers=("fixed:6",))
+    profile(pair, tmp_path, controllers=("fixed:2",))
+    assert set(read(tmp_path, "tokens")["controller"]) == {"fixed:2"}
+
+
+def test_corrupt_part_is_named(pair, tmp_path):
+    profile(pair, tmp_path)
+    victim = sorted((tmp_path / "tokens").rglob("*.parquet"))[0]
+    victim.write_bytes(b"not parquet")
+    with pytest.raises(SpeckvError, match=victim.name):
+        profile(pair, tmp_path)
+
+
+def test_unwritable_out_dir_and_bad_controller(pair, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SpeckvError, match="not writable"):
+        profile(pair, blocker / "out")
+    with pytest.raises(SpeckvError, match="unknown controller"):
+        profile(pair, tmp_path / "o", controllers=("sometimes",))
+
+
+def test_cli_bad_inputs(tiny_pair_dir, tmp_path, capsys):
+    target, draft = tiny_pair_dir
+    params = {
+        "profile": {
+            "target": str(target),
+            "draft": str(draft),
+            "prompts": str(tmp_path / "missing.jsonl"),
+            "out_dir": str(tmp_path / "out"),
+            "threads": 1,
+        }
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["profile", "--params", str(path), "--no-progress"]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["profile", "--params", str(path), "--compression", "int3"]) == 2
+    assert "unknown compression" in capsys.readouterr().err
+    params["profile"]["gamma_max"] = "eight"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["profile", "--params", str(path)]) == 2
+    assert "gamma_max" in capsys.readouterr().err
