@@ -94,15 +94,16 @@ def check_part(path: Path, schema: pa.Schema) -> None:
         )
 
 
-def remove_stale(out_dir: Path, compression: str, fp: str) -> int:
-    """Delete part files of this compression written under another fingerprint, and leftover temp files."""
+def remove_stale(out_dir: Path, compression: str, fp: str, keys: set[str]) -> int:
+    """Delete this compression's part files from other settings or other prompts, and leftover temp files."""
     removed = 0
+    wanted = {f"part-{fp}-{key}.parquet" for key in keys}
     for table in TABLES:
         root = out_dir / table / f"compression={compression}"
         if not root.is_dir():
             continue
         for path in root.rglob("*.parquet"):
-            if path.name.startswith(".tmp-") or not path.name.startswith(f"part-{fp}-"):
+            if path.name not in wanted:
                 path.unlink()
                 removed += 1
     return removed
@@ -140,11 +141,11 @@ def run_profile(
     fp = fingerprint(
         {**run_meta, "decode": asdict(decode), "controllers": controllers, "traces": trace_splits}
     )
-    removed = remove_stale(out_dir, compression, fp)
-    if removed:
-        log.info("removed %d part files from an earlier run with other settings", removed)
-    metadata = {"speckv": json.dumps({**run_meta, "fingerprint": fp, "decode": asdict(decode)})}
     units = list(plan_units(prompts, controllers, trace_splits if decode.greedy else []))
+    removed = remove_stale(out_dir, compression, fp, {u.key for u in units})
+    if removed:
+        log.info("removed %d part files of other settings or prompts", removed)
+    metadata = {"speckv": json.dumps({**run_meta, "fingerprint": fp, "decode": asdict(decode)})}
     counts = {"tokens": 0, "steps": 0, "traces": 0, "units_done": 0, "units_skipped": 0}
     continuations: dict[str, list[int]] = {}  # greedy output is the same under every controller
     bar = tqdm(units, desc=f"profile {compression}", unit="run", disable=not progress)
