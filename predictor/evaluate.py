@@ -415,6 +415,14 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             "vs_best_fixed": compare(frame, roles, "best-fixed", "model_ms", config, by=("compression",)),
             "vs_none_by_task": compare(frame, roles, "none", "model_ms", config, by=("compression", "task")),
         }
+    summary["replay"]["test"]["by_task"] = compare(
+        replay_frame[replay_frame["split"] == "test"],
+        ["best-fixed", "mlp", "threshold:tuned", "oracle"],
+        "best-fixed",
+        "model_ms",
+        config,
+        by=("compression", "task"),
+    )
     test_frame = replay_frame[replay_frame["split"] == "test"].assign(_s=lambda f: f["model_ms"] / 1000.0)
     summary["replay"]["oracle_gap_share"] = gap_share(
         test_frame,

@@ -130,11 +130,13 @@ def headline(summary: dict) -> list[str]:
             f"**No evidence that the predictor pays**: vs the best fixed gamma the CI spans 1 ({where})."
         )
     lines = [verdict, ""]
-    n_live = live.get("vs_none", {}).get("all", {}).get("none") and summary["config"]["live_per_task"]
+    config = summary["config"]
+    best = ", ".join(f"{c}: `{t['best-fixed']}`" for c, t in summary["tuned"].items())
     if ratios:
         lines.append(
-            f"- Live, test prompts ({n_live} per task, {summary['config']['max_new_tokens']} new tokens), "
-            "tokens/s ratio, 95% paired bootstrap CI:"
+            f"- Live on {', '.join(config['live_controllers'])}, test prompts ({config['live_per_task']} per "
+            f"task, {config['max_new_tokens']} new tokens), wall-clock tokens/s ratio, "
+            f"{100 * config['ci_level']:g}% paired bootstrap CI over prompts (best fixed, chosen on dev: {best}):"
         )
         for base in LIVE_BASES:
             if f"mlp_vs_{base}" in ratios:
@@ -255,6 +257,18 @@ def policy_table(summary: dict, split: str = "test") -> list[str]:
     return lines
 
 
+def group_table(table: dict, roles: list[str], base: str) -> list[str]:
+    """Rows: `all` and each compression/task group; cells: each role's tokens/s ratio to `base` with its CI."""
+    roles = [r for r in roles if any(r in entry for entry in table.values())]
+    lines = [f"| group | {base} tok/s | " + " | ".join(f"{r} ÷ {base}" for r in roles) + " |"]
+    lines.append("|---" * (2 + len(roles)) + "|")
+    for group, entry in table.items():
+        rate = entry.get(base, {}).get("tokens_per_s")
+        cells = [_ci(entry.get(r, {}).get(f"vs_{base}")) for r in roles]
+        lines.append(f"| {group} | {rate:.1f} | " + " | ".join(cells) + " |" if rate else f"| {group} | | |")
+    return lines
+
+
 def live_table(live: pd.DataFrame) -> list[str]:
     grouped = live.groupby(["compression", "policy"], sort=False)
     lines = [
@@ -310,8 +324,18 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
         )
     )
     md.append("")
+    md += ["### Per compression and task (test replay)", ""]
+    md += [
+        *group_table(
+            summary["replay"]["test"]["by_task"], ["mlp", "threshold:tuned", "oracle"], "best-fixed"
+        ),
+        "",
+    ]
     if not live.empty:
         md += ["## Live wall-clock runs (test prompts)", "", *live_table(live), ""]
+        roles = [r for r in dict.fromkeys(live["policy"]) if r != "none"]
+        md += ["### Tokens/s ratio to `none`, per compression and task (live)", ""]
+        md += [*group_table(summary["live"]["vs_none_by_task"], roles, "none"), ""]
     md += ["## Predictor", ""]
     metrics_path = predictor_dir / "metrics.json"
     if metrics_path.is_file():
