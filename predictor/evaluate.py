@@ -385,11 +385,14 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
     traces = load_traces(config.traces_dir)
-    gamma_max = min(config.gamma_max, min(t.gamma_max for t in traces))
-    if gamma_max < config.gamma_max:
+    gamma_max = config.gamma_max
+    shortest = min(t.gamma_max for t in traces)
+    if shortest < gamma_max:
         raise SpeckvError(
-            f"traces hold {gamma_max} draft tokens per position; evaluate.gamma_max is {config.gamma_max}"
+            f"traces hold {shortest} draft tokens per position; evaluate.gamma_max is {gamma_max}"
         )
+    for trace in traces:  # longer traces are cut, so the oracle too drafts at most gamma_max
+        trace.signals = trace.signals[:, :gamma_max]
     compressions = sorted({t.compression for t in traces})
     costs = load_costs(config.calibrate_dir, compressions, gamma_max)
     has_mlp = Path(config.export_dir, "model.json").is_file()

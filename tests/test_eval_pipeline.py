@@ -158,3 +158,29 @@ def test_bad_inputs_fail_clearly(tmp_path, monkeypatch):
     assert main(["evaluate", "--no-live"]) == 2  # no cost models
     write_costs(tmp_path / "calibrate", compressions=("fp32",))
     assert main(["evaluate", "--no-live"]) == 2  # no predictor export
+
+
+def test_replay_only_with_a_smaller_gamma_max(tmp_path):
+    from predictor.evaluate import run_evaluation
+
+    write_traces(tmp_path / "traces", per_split=2, compressions=("fp32",))
+    write_costs(tmp_path / "calibrate", compressions=("fp32",))
+    write_mlp_export(tmp_path / "export", compressions=("fp32",))
+    config = EvaluateConfig(
+        traces_dir=str(tmp_path / "traces"),
+        calibrate_dir=str(tmp_path / "calibrate"),
+        export_dir=str(tmp_path / "export"),
+        out_dir=str(tmp_path / "eval"),
+        gamma_max=4,
+        threshold_grid=[0.5],
+        entropy_grid=[1.0],
+        live_controllers={},
+        n_boot=100,
+        promote=False,
+        overhead_calls=200,
+    )
+    summary = run_evaluation(config)
+    replay = pd.read_parquet(tmp_path / "eval" / "replay.parquet")
+    assert max(max(g) for g in replay["gammas"]) == 4
+    assert "live" not in summary and pd.read_parquet(tmp_path / "eval" / "live.parquet").empty
+    assert not summary["promotion"]["promoted"]
