@@ -41,6 +41,10 @@ class EvaluateConfig:
     target: str = "default"
     draft: str = "default"
     device: str | None = None
+    tokens_dir: str | None = (
+        "artifacts/profile/tokens"  # train-prompt token table for the paper's regressor; null skips it
+    )
+    paper_controller: str = "fixed:8"  # the profiled full-draft runs the paper's regressor is fitted on
     gamma_max: int = 8
     trace_max_new_tokens: int | None = 64  # the profile's max_new_tokens: caps drafting as the live loop did
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
@@ -97,9 +101,13 @@ def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
 class PolicyFactory:
     """Builds fresh controllers from specs; the MLP export is loaded once and shared."""
 
-    def __init__(self, gamma_max: int, export_dir: str | None) -> None:
+    def __init__(
+        self, gamma_max: int, export_dir: str | None, costs: dict[str, list[float]], paper=None
+    ) -> None:
         self.gamma_max = gamma_max
         self.export_dir = export_dir
+        self.costs = costs
+        self.paper = paper  # (regressor, default aggregates) of the paper's formulation, or None
         self._predictor = None
 
     def __call__(self, spec: str, compression: str) -> Controller:
@@ -109,6 +117,14 @@ class PolicyFactory:
             if self._predictor is None:
                 self._predictor = load_export(self.export_dir)
             return MLPController(self._predictor, self.gamma_max, compression, name="mlp")
+        if spec == "paper":
+            from predictor.paper import PaperController
+
+            if self.paper is None:
+                raise SpeckvError(
+                    "the paper controller needs evaluate.tokens_dir (its regressor's training data)"
+                )
+            return PaperController(*self.paper, self.costs[compression], self.gamma_max, compression)
         return parse_controller(spec, self.gamma_max, compression)
 
 
@@ -187,11 +203,11 @@ def tune_on_dev(
     return tuned
 
 
-def replay_policies(gamma_max: int, has_mlp: bool) -> list[str]:
+def replay_policies(gamma_max: int, has_paper: bool) -> list[str]:
     """Role names of every policy replayed, in report order."""
     roles = ["none", *(f"fixed:{k}" for k in range(1, gamma_max + 1)), "best-fixed", "heuristic"]
     roles += ["threshold:0.4", "threshold:tuned", "entropy:tuned"]
-    return roles + (["mlp"] if has_mlp else []) + ["oracle"]
+    return roles + (["paper"] if has_paper else []) + ["mlp", "oracle"]
 
 
 def run_replay(
@@ -398,7 +414,12 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     has_mlp = Path(config.export_dir, "model.json").is_file()
     if not has_mlp:
         raise SpeckvError(f"no predictor export at {config.export_dir} (run `speckv train`)")
-    make = PolicyFactory(gamma_max, config.export_dir)
+    paper = None
+    if config.tokens_dir is not None:
+        from predictor.paper import fit_paper_regressor
+
+        paper = fit_paper_regressor(config.tokens_dir, config.paper_controller, config.seed)
+    make = PolicyFactory(gamma_max, config.export_dir, costs, paper)
 
     dev = [t for t in traces if t.split == "dev"]
     test = [t for t in traces if t.split == "test"]
@@ -407,7 +428,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             f"{config.traces_dir} needs dev and test traces (found {sorted({t.split for t in traces})})"
         )
     tuned = tune_on_dev(dev, make, costs, config)
-    roles = replay_policies(gamma_max, has_mlp)
+    roles = replay_policies(gamma_max, paper is not None)
     replay_frame = run_replay(dev + test, tuned, make, costs, roles, config.trace_max_new_tokens)
     log.info("replayed %d policies on %d traces", len(roles), len(traces))
 
@@ -420,7 +441,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         }
     summary["replay"]["test"]["by_task"] = compare(
         replay_frame[replay_frame["split"] == "test"],
-        ["best-fixed", "mlp", "threshold:tuned", "oracle"],
+        ["best-fixed", "mlp", "paper", "threshold:tuned", "oracle"],
         "best-fixed",
         "model_ms",
         config,

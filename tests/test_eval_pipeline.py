@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 import yaml
 from eval_synthetic import write_costs, write_mlp_export, write_traces
+from predictor_synthetic import token_frame, write_tokens
 from tiny import char_tokenizer
 
 from pipeline.cli import main
@@ -42,11 +43,13 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
     write_traces(tmp_path / "traces")
     write_costs(tmp_path / "calibrate")
     write_mlp_export(tmp_path / "export")
+    write_tokens(token_frame(seed=1, steps=4), tmp_path / "tokens")
     params = {
         "evaluate": {
             "traces_dir": "traces",
             "calibrate_dir": "calibrate",
             "export_dir": "export",
+            "tokens_dir": "tokens",
             "prompts": str(write_prompts(tmp_path / "prompts.jsonl")),
             "out_dir": "eval",
             "target": str(target_dir),
@@ -55,7 +58,7 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
             "gamma_max": 6,
             "threshold_grid": [0.3, 0.6],
             "entropy_grid": [0.5, 1.5],
-            "live_controllers": {"fp32": ["none", "fixed:4", "best-fixed", "mlp", "hf-assisted"]},
+            "live_controllers": {"fp32": ["none", "fixed:4", "best-fixed", "paper", "mlp", "hf-assisted"]},
             "live_per_task": 1,
             "max_new_tokens": 12,
             "warmup_tokens": 2,
@@ -73,10 +76,12 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert main(["evaluate"]) == 0
     live = pd.read_parquet(tmp_path / "eval" / "live.parquet")
-    assert set(live["policy"]) == {"none", "fixed:4", "best-fixed", "mlp", "hf-assisted"}
+    assert set(live["policy"]) == {"none", "fixed:4", "best-fixed", "paper", "mlp", "hf-assisted"}
     assert live.loc[live["policy"] != "hf-assisted", "matches_none"].all()
     replay = pd.read_parquet(tmp_path / "eval" / "replay.parquet")
-    assert {"oracle", "mlp", "best-fixed", "threshold:tuned", "entropy:tuned"} <= set(replay["policy"])
+    assert {"oracle", "mlp", "paper", "best-fixed", "threshold:tuned", "entropy:tuned"} <= set(
+        replay["policy"]
+    )
 
     assert main(["report"]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
@@ -90,7 +95,7 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
     assert metrics["live"]["lossless"] is True
     assert "oracle_gap_share" in metrics["replay"] and metrics["overhead"]["decision_ms"] > 0
     report = (tmp_path / "report" / "report.md").read_text().splitlines()
-    assert "predictor" in report[0] and "pays" in report[2]
+    assert "predictor" in report[0] and "pay" in report[2]
     assert "MLP vs best-fixed" in "\n".join(report[:12])
     page = (tmp_path / "report" / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 4
@@ -170,6 +175,7 @@ def test_replay_only_with_a_smaller_gamma_max(tmp_path):
         traces_dir=str(tmp_path / "traces"),
         calibrate_dir=str(tmp_path / "calibrate"),
         export_dir=str(tmp_path / "export"),
+        tokens_dir=None,
         out_dir=str(tmp_path / "eval"),
         gamma_max=4,
         threshold_grid=[0.5],

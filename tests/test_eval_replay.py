@@ -4,7 +4,9 @@ import torch
 from eval_synthetic import GAMMA_MAX, write_traces
 from tiny import char_tokenizer
 
+from predictor.features import RUNNING
 from predictor.live import run_live
+from predictor.paper import PaperController
 from predictor.replay import Trace, load_traces, oracle, replay, traces_from_frame
 from profiling.controllers import parse_controller
 from profiling.decode import DecodeConfig, speculative_generate
@@ -37,6 +39,17 @@ def random_costs(rng: np.random.Generator, gamma_max: int = 4) -> list[float]:
     return list(np.cumsum(rng.uniform(0.5, 10, gamma_max + 1)) + rng.uniform(5, 60))
 
 
+class RateStub:
+    """Stands in for the paper's regressor: the rate follows the previous draft's mean draft_prob."""
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return X[:, RUNNING.index("draft_prob_mean")] * (1 - 0.05 * X[:, -1])
+
+
+def paper_stub(cost: list[float]) -> PaperController:
+    return PaperController(RateStub(), np.full(len(RUNNING), 0.5), cost, 4, "fp32")
+
+
 def brute_force_ms(trace: Trace, cost: list[float], i: int = 0) -> float:
     if i >= trace.n_new:
         return 0.0
@@ -59,9 +72,10 @@ def test_oracle_never_worse_than_any_policy():
         trace, cost = random_trace(rng, int(rng.integers(1, 60))), random_costs(rng)
         best = oracle(trace, cost)
         assert sum(a + 1 for a in best.accepts) >= trace.n_new
-        for spec in POLICIES:
-            result = replay(parse_controller(spec, 4), trace, cost)
-            assert best.model_ms <= result.model_ms + 1e-9, spec
+        controllers = [parse_controller(spec, 4) for spec in POLICIES] + [paper_stub(cost)]
+        for controller in controllers:
+            result = replay(controller, trace, cost)
+            assert best.model_ms <= result.model_ms + 1e-9, controller.name
             assert best.goodput >= result.goodput - 1e-9
 
 
@@ -152,3 +166,9 @@ def test_exhaustive_tiny_case():
     trace = Trace("p", "t", "test", "fp32", np.array([1, 0, 1, 0]), np.arange(4), np.zeros((4, 1, 4)))
     assert oracle(trace, [10.0, 11.0]).gammas == [1, 1]
     assert oracle(trace, [10.0, 30.0]).gammas == [0, 0, 0, 0]
+
+
+def test_paper_controller_follows_the_previous_draft():
+    trace = random_trace(np.random.default_rng(3), 60)
+    result = replay(paper_stub([40.0, 45, 50, 55, 60]), trace, [40.0, 45, 50, 55, 60])
+    assert len(set(result.gammas)) > 1  # gamma moves with the previous step's draft confidence
