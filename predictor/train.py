@@ -42,7 +42,9 @@ class TrainConfig:
     controller: str = "fixed:8"  # the full-draft profiling runs: every position up to a rejection labelled
     seed: int = 0
     hidden_units: int = 16
-    alpha: float = 1e-4  # L2 penalty of the MLP
+    alpha_grid: list[float] = field(
+        default_factory=lambda: [1e-4, 1e-2, 0.1, 1.0, 3.0]
+    )  # L2 penalties; dev picks
     max_iter: int = 500  # L-BFGS iterations
     calibrations: list[str] = field(default_factory=lambda: ["none", "platt", "isotonic"])
     discount_grid: list[float] = field(default_factory=lambda: [round(0.5 + 0.05 * i, 2) for i in range(15)])
@@ -64,6 +66,8 @@ class TrainConfig:
             problems.append(f"importance_scoring must be one of {importance.SCORINGS}")
         if not self.discount_grid or min(self.discount_grid) <= 0:
             problems.append("discount_grid must hold positive numbers")
+        if not self.alpha_grid or min(self.alpha_grid) < 0:
+            problems.append("alpha_grid must hold non-negative numbers")
         if self.hidden_units < 1 or self.max_iter < 1 or self.importance_repeats < 1:
             problems.append("hidden_units, max_iter and importance_repeats must be >= 1")
         if problems:
@@ -169,16 +173,21 @@ def fit_baselines(splits: dict[str, Split], seed: int) -> dict[str, Any]:
 
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Train, tune, score, explain and export; returns the metrics written to metrics.json."""
-    out_dir, spec = (
-        Path(config.out_dir),
-        model.MLPSpec(config.hidden_units, config.alpha, config.max_iter, config.seed),
-    )
+    out_dir = Path(config.out_dir)
     tokens = select_runs(load_tokens(config.tokens_dir), config.mode, config.controller)
     splits = build_splits(tokens)
     log.info("rows: %s", {k: len(s.y) for k, s in splits.items()})
 
-    # Step 1: the MLP and the baselines, on train prompts.
-    mlp = model.fit_mlp(splits["train"].X, splits["train"].y, spec)
+    # Step 1: the MLP (its L2 penalty chosen by dev log loss: small tables overfit) and the baselines.
+    fits = {}
+    for alpha in config.alpha_grid:
+        spec = model.MLPSpec(config.hidden_units, alpha, config.max_iter, config.seed)
+        candidate = model.fit_mlp(splits["train"].X, splits["train"].y, spec)
+        loss = model.scores(splits["dev"].y, model.positive_proba(candidate, splits["dev"].X))["log_loss"]
+        fits[alpha] = (loss, candidate, spec)
+    alpha = min(fits, key=lambda a: fits[a][0])
+    _, mlp, spec = fits[alpha]
+    log.info("MLP alpha %g (dev log loss %s)", alpha, {f"{a:g}": round(f[0], 4) for a, f in fits.items()})
     baselines = fit_baselines(splits, config.seed)
 
     # Step 2: calibration, only if it lowers cross-fitted dev log loss.
@@ -224,6 +233,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         **{f"fixed:{g}": policy.fixed_goodput(first_rejection, costs, g) for g in range(1, gamma_max + 1)},
     }
     metrics["calibration"] = {"chosen": kind, "dev_log_loss": dev_losses}
+    metrics["alpha"] = {"chosen": alpha, "dev_log_loss": {f"{a:g}": f[0] for a, f in fits.items()}}
     metrics["stop_rule"] = {
         "discount": discount,
         "gamma_max": gamma_max,

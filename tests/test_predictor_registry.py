@@ -18,7 +18,7 @@ def test_register_alias_and_load(tmp_path, monkeypatch):
         calibrate_dir="calibrate",
         out_dir="out",
         export_dir="out/export",
-        alpha=1.0,
+        alpha_grid=[1.0],
         max_iter=100,
         discount_grid=[1.0],
         importance_repeats=1,

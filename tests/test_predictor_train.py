@@ -22,7 +22,7 @@ def config_for(root: Path, name: str, inputs: Path) -> TrainConfig:
         calibrate_dir=str(inputs / "calibrate"),
         out_dir=str(root / name),
         export_dir=str(root / name / "export"),
-        alpha=1.0,
+        alpha_grid=[1.0],
         max_iter=200,
         importance_repeats=2,
         discount_grid=[0.7, 0.9, 1.1],
@@ -71,7 +71,7 @@ def test_export_matches_sklearn_pipeline(trained):
     splits = build_splits(load_tokens(config.tokens_dir))
     test = splits["test"]
     # Retraining with the same seed reproduces the exported MLP exactly (determinism above).
-    spec = model.MLPSpec(config.hidden_units, config.alpha, config.max_iter, config.seed)
+    spec = model.MLPSpec(config.hidden_units, config.alpha_grid[0], config.max_iter, config.seed)
     fitted = model.fit_mlp(splits["train"].X, splits["train"].y, spec)
     expected = model.positive_proba(fitted, test.X)
     np.testing.assert_allclose(predictor.predict_raw(test.X), expected, rtol=1e-12)
