@@ -211,3 +211,28 @@ def test_teacher_cache_generates_only_new_prompts(tmp_path: Path, monkeypatch: p
     changed = [{**rows[0], "input_ids": [1, 7, 7]}]
     distill_mod.load_or_generate_teacher(path, target, changed, config, 2, 2)
     assert generated[-1] == "math/0"
+
+
+def test_distill_loss_head_terms_see_only_response_positions() -> None:
+    """KL and CE skip prompt positions (cosine only there); CE pulls the draft towards the greedy token."""
+    torch.manual_seed(0)
+    head_rows = torch.randn(8, 4)
+    target_hidden, draft_hidden = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    weight = torch.tensor([[0.5, 1.0, 1.0]])  # position 0 is a prompt position
+    labels = torch.tensor([[-1, 2, 5]])
+    config = DistillConfig(cosine_weight=0.0, ce_weight=1.0)
+    loss = distill_mod.distill_loss(draft_hidden, target_hidden, labels, weight, head_rows, config)
+    moved = draft_hidden.clone()
+    moved[0, 0] += 10.0
+    assert torch.isclose(
+        loss, distill_mod.distill_loss(moved, target_hidden, labels, weight, head_rows, config)
+    )
+
+    def ce_term(hidden: torch.Tensor) -> torch.Tensor:
+        no_ce = DistillConfig(cosine_weight=0.0, ce_weight=0.0)
+        with_ce = distill_mod.distill_loss(hidden, target_hidden, labels, weight, head_rows, config)
+        return with_ce - distill_mod.distill_loss(hidden, target_hidden, labels, weight, head_rows, no_ce)
+
+    towards_labels = draft_hidden.clone()
+    towards_labels[0, 1:] = 5.0 * head_rows[[2, 5]]
+    assert ce_term(towards_labels) < ce_term(draft_hidden)
