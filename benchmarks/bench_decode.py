@@ -3,6 +3,7 @@ for loop overhead, and the recorder-on / recorder-off ratio. Runs are interleave
 printed ratios come from the same run, so machine noise hits every variant alike.
 
     python benchmarks/bench_decode.py [--repeats 7] [--max-new-tokens 96]
+    python benchmarks/bench_decode.py --target default --draft default --prompts artifacts/prompts/prompts.jsonl
 """
 
 from __future__ import annotations
@@ -45,10 +46,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--target", help="a real target instead of the tiny pair (with --draft, --prompts)")
+    parser.add_argument("--draft")
+    parser.add_argument("--prompts", help="prompt file; the first dev prompt is used")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    target, draft = build_pair()
-    prompt = list(range(10, 74))
+    torch.set_num_threads(args.threads)
+    if args.target:
+        from data.prompts import load_prompt_file
+        from profiling.models import load_pair
+
+        pair = load_pair(args.target, args.draft, "fp32")
+        target, draft = pair.target, pair.draft
+        prompt = load_prompt_file(args.prompts, splits=["dev"], per_task=1)[0]["input_ids"]
+    else:
+        target, draft = build_pair()
+        prompt = list(range(10, 74))
     config = DecodeConfig(max_new_tokens=args.max_new_tokens)
 
     def spec(name: str, record: bool = False) -> float:
@@ -100,8 +113,9 @@ def main() -> None:
     accept = speculative_generate(
         target, draft, prompt, parse_controller("fixed:4", 8), config
     ).acceptance_rate
+    pair_name = f"{args.target} / {args.draft}" if args.target else "tiny pair: target 8x512, draft 1x512"
     print(
-        f"tiny pair: target 8x512, draft 1x512 (fixed:4 acceptance {accept:.2f}); "
+        f"{pair_name} (fixed:4 acceptance {accept:.2f}); "
         f"{args.max_new_tokens} new tokens, median of {args.repeats} interleaved runs, {torch.get_num_threads()} threads"
     )
     for name, value in med.items():
