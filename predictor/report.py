@@ -54,6 +54,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from other users of the machine
     os.replace(tmp, path)
 
 
@@ -153,7 +154,14 @@ def headline(summary: dict) -> list[str]:
     lines.append(
         f"- Oracle (hindsight-optimal gamma) vs best fixed: {_ci(oracle)}; the MLP closes "
         f"{100 * share['share']:.0f}% [{100 * share['low']:.0f}%, {100 * share['high']:.0f}%] of that gap"
+        + (" (negative: it is slower than best fixed)" if share["share"] < 0 else "")
     )
+    no_draft = [c for c, t in summary["tuned"].items() if t["best-fixed"] == "none"]
+    if no_draft:
+        lines.append(
+            f"- On {', '.join(no_draft)} the best fixed policy is `none` (no fixed gamma beats the target alone); "
+            "the MLP's stop rule decides only after a first drafted token, so it always drafts at least one"
+        )
     lines.append(f"- MLP decision overhead: {summary['overhead']['decision_ms']:.4f} ms per drafted token")
     lines.append(f"- Promotion: {summary['promotion']['reason']}")
     return lines
@@ -270,6 +278,10 @@ def group_table(table: dict, roles: list[str], base: str) -> list[str]:
     return lines
 
 
+def _num(value: float) -> str:
+    return "–" if not np.isfinite(value) else f"{value:.2f}"
+
+
 def live_table(live: pd.DataFrame) -> list[str]:
     grouped = live.groupby(["compression", "policy"], sort=False)
     lines = [
@@ -289,7 +301,7 @@ def live_table(live: pd.DataFrame) -> list[str]:
             else np.nan
         )
         lines.append(
-            f"| {compression} | {policy} | {rows['spec'].iloc[0]} | {tps:.1f} | {acc:.2f} | {per_step:.2f} | "
+            f"| {compression} | {policy} | {rows['spec'].iloc[0]} | {tps:.1f} | {_num(acc)} | {_num(per_step)} | "
             f"{'yes' if rows['matches_none'].all() else 'NO'} |"
         )
     return lines
