@@ -128,6 +128,11 @@ def load_export(path: str | Path) -> AcceptancePredictor:
         raise SpeckvError(f"predictor export {path}: {META_FILE} lacks {exc}") from exc
 
 
+# weight of the newest step in the running first-token acceptance (about the last 5 drafting steps)
+FIRST_ACCEPT_EMA = 0.2
+PROBE_EVERY = 8
+
+
 class MLPController:
     """Draft while the stop rule, fed by the MLP's per-token acceptance, expects more tokens per second."""
 
@@ -162,11 +167,16 @@ class MLPController:
         self._features = live_features
         self._stats = RunningStats()
         self._x = np.zeros(len(predictor.features))
+        prior = rule.get("first_accept", {}).get(compression)
+        # nan (no train rows for this compression) or an old export: always draft, as before
+        self._first_prior = None if prior is None or prior != prior else float(prior)
         self.reset()
 
     def reset(self) -> None:
         self._ctx: StepContext | None = None
         self._k, self._survival, self._expected = 0, 1.0, 1.0
+        self._first_accept = self._first_prior
+        self._idle = 0  # steps in a row without drafting
 
     def start_step(self, ctx: StepContext) -> int:
         if ctx.compression != self.compression:
@@ -174,6 +184,17 @@ class MLPController:
         self._ctx = ctx
         self._stats.reset()
         self._k, self._survival, self._expected = 0, 1.0, 1.0
+        # Draft at all? Nothing is drafted yet, so the stop rule runs on the running first-token acceptance:
+        # when even that cannot beat a plain target step in expected tokens per ms, the target goes alone.
+        # Every PROBE_EVERY idle steps it drafts anyway, so the estimate can recover when the text gets easier.
+        if (
+            self._first_accept is not None
+            and self._idle < PROBE_EVERY
+            and not keep_drafting(0, 1.0, 1.0, self._first_accept, self.step_ms, 1.0)
+        ):
+            self._idle += 1
+            return 0
+        self._idle = 0
         return self.gamma_max
 
     def keep_drafting(self, signals: TokenSignals) -> bool:
@@ -185,7 +206,9 @@ class MLPController:
         return keep_drafting(self._k, self._survival, self._expected, p, self.step_ms, self.discount)
 
     def observe(self, drafted: int, accepted: int) -> None:
-        """Nothing to learn online: the next StepContext carries prev_gamma / prev_accepted."""
+        """Track the first drafted token's acceptance (an EMA) for the next step's draft-or-not decision."""
+        if drafted and self._first_accept is not None:
+            self._first_accept += FIRST_ACCEPT_EMA * (float(accepted > 0) - self._first_accept)
 
 
 def resolve_export_dir(ref: str) -> Path:

@@ -204,9 +204,16 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     step_costs = load_step_costs(config.calibrate_dir, compressions)
     gamma_max = min(int(tokens["draft_index"].max()) + 1, *(len(c) - 1 for c in step_costs.values()))
     step_costs = {c: cost[: gamma_max + 1] for c, cost in step_costs.items()}
+    # Before anything is drafted there are no draft signals: the controller's draft-or-not decision at step
+    # start uses the first drafted token's acceptance rate on train prompts as its prior.
+    train_rows = tokens[(tokens["split"] == "train") & (tokens["draft_index"] == 0)]
+    first_accept = {
+        c: float(train_rows.loc[train_rows["compression"].astype(str) == c, "accepted"].mean())
+        for c in compressions
+    }
     meta = build_meta(
         calibration,
-        {"gamma_max": gamma_max, "discount": 1.0, "step_ms": step_costs},
+        {"gamma_max": gamma_max, "discount": 1.0, "step_ms": step_costs, "first_accept": first_accept},
         config.mode,
         asdict(config),
     )

@@ -88,3 +88,23 @@ def test_controller_rejects_bad_settings():
         MLPController(toy_predictor(), gamma_max=8, compression="q4", name="mlp:toy")
     with pytest.raises(SpeckvError, match="no cost model"):
         MLPController(toy_predictor(), gamma_max=8, compression="int8", name="mlp:toy")
+
+
+def test_mlp_controller_skips_drafting_when_first_tokens_rarely_pass():
+    """With a first-token acceptance prior too low to pay for a draft, the target goes alone, the controller
+    probes now and then, and drafting resumes once drafts are accepted again."""
+    from predictor.runtime import PROBE_EVERY
+
+    predictor = toy_predictor()
+    predictor.stop_rule["step_ms"]["fp32"] = [60.0] + [60.0 + 10.0 * m for m in range(1, 9)]
+    predictor.stop_rule["first_accept"] = {"fp32": 0.05}
+    controller = MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy")
+    controller.reset()
+    ctx = StepContext(step=0, position=10, new_tokens=0, prev_gamma=0, prev_accepted=0, compression="fp32")
+    budgets = [controller.start_step(ctx) for _ in range(PROBE_EVERY + 1)]
+    assert budgets[:PROBE_EVERY] == [0] * PROBE_EVERY and budgets[-1] == 8
+    for _ in range(12):
+        controller.observe(4, 4)
+    assert controller.start_step(ctx) == 8
+    predictor.stop_rule["first_accept"] = {"fp32": 0.9}  # a good prior drafts from the first step
+    assert MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy").start_step(ctx) == 8
