@@ -33,6 +33,21 @@ def _median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
     return statistics.median(samples)
 
 
+def monotone(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence (pool adjacent violators, least squares).
+
+    Verifying more tokens never costs less; medians that say otherwise are timing noise, and a replay or a
+    stop rule fed with them would prefer a longer draft for no reason.
+    """
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return [m for m, w in blocks for _ in range(int(w))]
+
+
 @torch.inference_mode()
 def forward_ms(model, context: list[int], n_tokens: int, repeats: int, warmup: int) -> float:
     """Median ms of one forward over `n_tokens` new tokens after a cached `context`, logits of all of them."""
@@ -61,7 +76,8 @@ def calibrate(
 ) -> CostModel:
     """A CostModel measured with `context` (prompt token ids) as the cached prefix."""
     draft_ms = forward_ms(draft, context, 1, repeats, warmup)
-    verify_ms = [forward_ms(target, context, k + 1, repeats, warmup) for k in range(gamma_max + 1)]
+    raw_verify_ms = [forward_ms(target, context, k + 1, repeats, warmup) for k in range(gamma_max + 1)]
+    verify_ms = monotone(raw_verify_ms)
     run = {
         "prompt_id": "calibration",
         "task": "-",
@@ -94,6 +110,7 @@ def calibrate(
         verify_ms=verify_ms,
         overhead_ms=float(overhead_ms),
         meta={
+            "verify_ms_raw": raw_verify_ms,
             "context_tokens": len(context),
             "repeats": repeats,
             "warmup": warmup,

@@ -71,7 +71,7 @@ def test_labels_match_the_decode_loop(pair, tmp_path):
         assert s["gamma"].tolist() == live.gammas
         t = tokens[tokens.prompt_id == p["prompt_id"]]
         assert t.groupby("step")["accepted"].sum().tolist() == [
-            a for a, g in zip(live.accepts, live.gammas) if g
+            a for a, g in zip(live.accepts, live.gammas, strict=True) if g
         ]
         assert (t[t.labelled].groupby("step")["accepted"].apply(lambda x: (~x).sum())).le(1).all()
 
@@ -175,3 +175,24 @@ def test_cli_bad_inputs(tiny_pair_dir, tmp_path, capsys):
     path.write_text(yaml.safe_dump(params))
     assert main(["profile", "--params", str(path)]) == 2
     assert "gamma_max" in capsys.readouterr().err
+
+
+def test_cost_model_is_monotone_in_verified_tokens():
+    from profiling.calibrate import monotone
+
+    assert monotone([60.0, 66.0, 70.0]) == [60.0, 66.0, 70.0]
+    assert monotone([60.0, 80.0, 70.0, 90.0]) == [60.0, 75.0, 75.0, 90.0]
+    smoothed = monotone([61.7, 105.4, 116.4, 95.3, 121.1, 109.4, 129.3, 99.5, 111.8])
+    assert all(a <= b for a, b in zip(smoothed, smoothed[1:], strict=False))
+    assert sum(smoothed) == pytest.approx(61.7 + 105.4 + 116.4 + 95.3 + 121.1 + 109.4 + 129.3 + 99.5 + 111.8)
+
+
+def test_calibrate_on_a_tiny_pair(pair):
+    from profiling.calibrate import calibrate
+
+    model = calibrate(
+        pair.target, pair.draft, "fp32", list(range(10, 40)), gamma_max=4, repeats=3, warmup=1, loop_tokens=8
+    )
+    assert len(model.verify_ms) == 5 and model.draft_ms > 0 and model.overhead_ms >= 0
+    assert all(a <= b for a, b in zip(model.verify_ms, model.verify_ms[1:], strict=False))
+    assert model.step_ms(4) == pytest.approx(4 * model.draft_ms + model.verify_ms[4] + model.overhead_ms)
