@@ -160,7 +160,8 @@ def headline(summary: dict) -> list[str]:
     if no_draft:
         lines.append(
             f"- On {', '.join(no_draft)} the best fixed policy is `none` (no fixed gamma beats the target alone); "
-            "the MLP's stop rule decides only after a first drafted token, so it always drafts at least one"
+            "the MLP drafts there only when its running first-token acceptance says a draft pays, and probes "
+            "once every few idle steps"
         )
     lines.append(f"- MLP decision overhead: {summary['overhead']['decision_ms']:.4f} ms per drafted token")
     lines.append(f"- Promotion: {summary['promotion']['reason']}")
