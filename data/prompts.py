@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from profiling.atomic import write_text
 from profiling.errors import SpeckvError
 
 __all__ = [
@@ -120,21 +119,9 @@ def make_splits(prompts: Sequence[Prompt]) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_splits(path: Path = SPLITS_PATH, prompts: Sequence[Prompt] | None = None) -> dict[str, Any]:
     splits = make_splits(load_prompts() if prompts is None else prompts)
-    _write_atomic(Path(path), json.dumps(splits, indent=1, sort_keys=True) + "\n")
+    write_text(Path(path), json.dumps(splits, indent=1, sort_keys=True) + "\n")
     return splits
 
 
@@ -228,7 +215,7 @@ def build_prompt_file(
     for prompt in sorted(prompts, key=lambda p: (TASKS.index(p.task), _order_key(p.prompt_id))):
         row = tokenize_prompt(tokenizer, prompt, chat, max_prompt_tokens)
         rows.append({**row, "split": splits[prompt.prompt_id]})
-    _write_atomic(Path(out_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text(Path(out_path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ import pandas as pd
 
 from predictor.replay import ReplayResult, Trace, load_traces, oracle, replay
 from predictor.stats import gap_share, paired_ratio, pooled_rate
+from profiling.atomic import atomic_path, write_text
 from profiling.controllers import Controller, parse_controller
 from profiling.costmodel import CostModel
 from profiling.errors import SpeckvError
@@ -82,22 +81,9 @@ class EvaluateConfig:
             raise SpeckvError("[evaluate] " + "; ".join(problems))
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-
-
 def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    frame.to_parquet(tmp, index=False)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 class PolicyFactory:
@@ -497,5 +483,5 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_parquet(replay_frame, out_dir / "replay.parquet")
     _atomic_parquet(live_frame, out_dir / "live.parquet")  # empty without live runs: DVC expects the file
-    _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary

@@ -10,8 +10,6 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from profiling.atomic import write_bytes
 from profiling.costmodel import CostModel
 from profiling.errors import SpeckvError
 
@@ -47,15 +46,6 @@ class ReportConfig:
     predictor_dir: str = "artifacts/predictor"  # metrics.json, importance.md, reliability.png, importance.png
     calibrate_dir: str = "artifacts/calibrate"  # cost models, plotted
     out_dir: str = "artifacts/report"  # report.md, report.html, metrics.json, *.png
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from other users of the machine
-    os.replace(tmp, path)
 
 
 def _png(fig: plt.Figure) -> bytes:
@@ -377,12 +367,12 @@ def build_report(config: ReportConfig) -> dict[str, Any]:
     md += ["## Plots", ""] + [f"![{title}]({name})" for name, (title, _) in figures.items()]
 
     for name, (_, data) in figures.items():
-        _atomic_write(out / name, data)
+        write_bytes(out / name, data)
     markdown = "\n".join(md) + "\n"
-    _atomic_write(out / "report.md", markdown.encode())
-    _atomic_write(out / "report.html", render_html(markdown, figures).encode())
+    write_bytes(out / "report.md", markdown.encode())
+    write_bytes(out / "report.html", render_html(markdown, figures).encode())
     metrics = dvc_metrics(summary)
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics
 
 

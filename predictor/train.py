@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from predictor import importance, model, policy
 from predictor.dataset import Split, build_splits, load_tokens, select_runs, split_drafts
 from predictor.export import build_meta, build_predictor, write_export
 from predictor.features import COMPRESSIONS, FEATURES, RUNNING, STEP_KEYS
+from profiling.atomic import atomic_path, write_text
 from profiling.costmodel import CostModel
 from profiling.errors import SpeckvError
 
@@ -74,19 +73,10 @@ class TrainConfig:
             raise SpeckvError("[train] " + "; ".join(problems))
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _atomic_figure(fig: plt.Figure, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def load_step_costs(calibrate_dir: str | Path, compressions: list[str]) -> dict[str, list[float]]:
@@ -261,9 +251,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
     # Step 6: write everything, each file atomically, then the export directory.
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
-    _atomic_text(out_dir / "importance.json", json.dumps(importances, indent=2))
-    _atomic_text(out_dir / "importance.md", importance.comparison_markdown(comparison))
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(out_dir / "importance.json", json.dumps(importances, indent=2))
+    write_text(out_dir / "importance.md", importance.comparison_markdown(comparison))
     _atomic_figure(
         reliability_figure(test.y, {k: v for k, v in predictions.items() if k != "mlp_uncalibrated"}),
         out_dir / "reliability.png",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from profiling.atomic import atomic_path
 from profiling.controllers import parse_controller
 from profiling.decode import DecodeConfig, speculative_generate
 from profiling.errors import SpeckvError
@@ -66,18 +66,11 @@ def check_writable(out_dir: Path) -> None:
 
 def write_part(table: pa.Table, path: Path, metadata: dict[str, str]) -> None:
     """Write atomically: a temporary file in the same directory, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     # compression and task live in the hive directory names; storing them twice confuses dataset readers
     table = table.drop_columns([c for c in PARTITION_KEYS if c in table.column_names])
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_part(path: Path, schema: pa.Schema) -> None:
