@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from profiling.controllers import CONTROLLER_SPECS, parse_controller
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         args.target, args.draft if controller.name != "none" else None, args.compression, args.device
     )
     prompt_ids = encode_prompt(pair.tokenizer, text, args.chat)
-    config = DecodeConfig(**{**config.__dict__, "eos_token_ids": eos_ids(pair.tokenizer, pair.target)})
+    config = replace(config, eos_token_ids=eos_ids(pair.tokenizer, pair.target))
     result = speculative_generate(pair.target, pair.draft, prompt_ids, controller, config, args.compression)
     text_out = pair.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if args.json:

@@ -212,7 +212,6 @@ def speculative_generate(
     device = target.device
     greedy = config.greedy
     eos = frozenset(config.eos_token_ids)
-    want_signals = recorder is not None or controller.needs_signals
     generator = torch.Generator(device=device).manual_seed(config.seed)
     controller.reset()
 
@@ -254,9 +253,12 @@ def speculative_generate(
             t0 = time.perf_counter() if recorder is not None else 0.0
             logits = _forward(draft, pending, draft_cache, device, all_logits=False)
             draft_len += len(pending)
+            last = i + 1 >= budget
             if greedy:
                 token = int(logits.argmax())
-                probs = torch.softmax(logits.float(), dim=-1) if want_signals else None
+                # the controller is never asked about the last token, so only a recorder needs its signals
+                needs_probs = recorder is not None or (controller.needs_signals and not last)
+                probs = torch.softmax(logits.float(), dim=-1) if needs_probs else None
             else:
                 probs = logits_to_probs(logits, config)
                 token = _sample(probs, generator)
@@ -266,7 +268,7 @@ def speculative_generate(
             if recorder is not None:
                 synchronize(device)
                 draft_ms.append((time.perf_counter() - t0) * 1e3)
-            if i + 1 >= budget:
+            if last:
                 if recorder is not None:
                     draft_rows.append(probs)
                 break
@@ -275,7 +277,7 @@ def speculative_generate(
                 signals.append(TokenSignals(*values, draft_index=i, position=len(tokens) + i))
                 if not controller.keep_drafting(signals[-1]):
                     break
-            elif want_signals:
+            elif recorder is not None:
                 draft_rows.append(probs)
         if draft_rows:
             # a recorder alone wants signals: compute them for the whole draft at once, off the token path
