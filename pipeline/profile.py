@@ -36,22 +36,24 @@ class CalibrateConfig:
 
 @dataclass
 class ProfileConfig:
-    target: str = "default"
-    draft: str = "default"
-    compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])
-    prompts: str = "artifacts/prompts/prompts.jsonl"
-    per_task: dict = field(default_factory=lambda: {"train": 6, "dev": 2, "test": 3})
-    controllers: list[str] = field(default_factory=lambda: ["fixed:8"])
-    gamma_max: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    trace_splits: list[str] = field(default_factory=lambda: ["dev", "test"])
-    out_dir: str = "artifacts/profile"
-    threads: int = 2
-    device: str | None = None
+    target: str = "default"  # target model reference
+    draft: str = "default"  # draft model reference
+    compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])  # one run each
+    prompts: str = "artifacts/prompts/prompts.jsonl"  # tokenized prompt file with splits
+    per_task: dict = field(
+        default_factory=lambda: {"train": 4, "dev": 2, "test": 2}
+    )  # prompts per task, split
+    controllers: list[str] = field(default_factory=lambda: ["fixed:8"])  # full drafts label every position
+    gamma_max: int = 8  # most tokens drafted per step
+    max_new_tokens: int = 48  # generated tokens per prompt
+    temperature: float = 0.0  # 0 is greedy; > 0 records sampling runs with acceptance probabilities
+    top_k: int = 0  # sampling only; 0 keeps all tokens
+    top_p: float = 1.0  # sampling only
+    seed: int = 0  # sampling generator seed
+    trace_splits: list[str] = field(default_factory=lambda: ["dev", "test"])  # prompts with dense traces
+    out_dir: str = "artifacts/profile"  # tokens/, steps/, traces/ (hive: compression=/task=)
+    threads: int = 2  # torch CPU threads
+    device: str | None = None  # null: CUDA when present, else CPU
 
 
 def _check_compressions(compressions: list[str]) -> None:
