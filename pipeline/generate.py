@@ -36,6 +36,11 @@ def register(sub) -> None:
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
+    p.add_argument(
+        "--no-cpu-kernels",
+        action="store_true",
+        help="keep torch's default fp32 linear kernels on CPU (default: few-row kernels, profiling/kernels.py)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
 
@@ -75,7 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if controller.name != "none" and not args.draft:
         raise SpeckvError(f"controller {args.controller!r} needs --draft")
     pair = load_pair(
-        args.target, args.draft if controller.name != "none" else None, args.compression, args.device
+        args.target,
+        args.draft if controller.name != "none" else None,
+        args.compression,
+        args.device,
+        cpu_kernels=not args.no_cpu_kernels,
     )
     prompt_ids = encode_prompt(pair.tokenizer, text, args.chat)
     config = replace(config, eos_token_ids=eos_ids(pair.tokenizer, pair.target))

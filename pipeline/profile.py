@@ -31,6 +31,7 @@ class CalibrateConfig:
     warmup: int = 3  # untimed repeats first
     out_dir: str = "artifacts/calibrate"  # {compression}.json and cost_model.png
     threads: int = 2  # torch CPU threads
+    cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
     device: str | None = None  # null: CUDA when present, else CPU
 
 
@@ -53,6 +54,7 @@ class ProfileConfig:
     trace_splits: list[str] = field(default_factory=lambda: ["dev", "test"])  # prompts with dense traces
     out_dir: str = "artifacts/profile"  # tokens/, steps/, traces/ (hive: compression=/task=)
     threads: int = 2  # torch CPU threads
+    cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
     device: str | None = None  # null: CUDA when present, else CPU
 
 
@@ -93,7 +95,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     context = rows[0]["input_ids"]
     out = Path(cfg.out_dir)
     for compression in compressions:
-        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device)
+        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels)
         model = calibrate(
             pair.target, pair.draft, compression, context, cfg.gamma_max, cfg.repeats, cfg.warmup
         )
@@ -138,7 +140,7 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
         raise SpeckvError("no prompts selected: check profile.per_task and the prompt file")
     torch.set_num_threads(cfg.threads)
     for compression in compressions:
-        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device)
+        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels)
         decode_c = replace(decode, eos_token_ids=eos_ids(pair.tokenizer, pair.target))
         meta = {
             "target": model_fingerprint(cfg.target, "target"),

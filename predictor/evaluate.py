@@ -55,6 +55,7 @@ class EvaluateConfig:
     max_new_tokens: int = 48
     warmup_tokens: int = 8
     threads: int = 1
+    cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
     n_boot: int = 2000
     ci_level: float = 0.95
     seed: int = 0
@@ -364,7 +365,7 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
         raise SpeckvError(f"{config.prompts} holds no test prompts")
     rows = []
     for compression, specs in config.live_controllers.items():
-        pair = load_pair(config.target, config.draft, compression, config.device)
+        pair = load_pair(config.target, config.draft, compression, config.device, config.cpu_kernels)
         decode = DecodeConfig(
             max_new_tokens=config.max_new_tokens,
             gamma_max=config.gamma_max,

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from profiling.errors import SpeckvError
+from profiling.invariant import install as install_rowwise
+from profiling.invariant import needs_rowwise
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,8 @@ def quantization_kwargs(compression: str, device: torch.device) -> dict:
         # LLM.int8's outlier decomposition picks fp16 columns from the whole input batch, so a row's logits
         # depend on the other rows: a (k+1)-token verify then differs from one-token decoding (measured:
         # 0.06 logit max difference on a tiny Llama) and greedy speculative output stops matching the
-        # target's own. Threshold 0 keeps plain row-wise int8, which is batch-invariant (1e-6).
+        # target's own. Threshold 0 keeps plain row-wise int8, whose layers are batch-invariant; attention is
+        # made so too by row-wise attention (profiling/invariant.py), installed in load_pair.
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0)
     else:
         config = BitsAndBytesConfig(
@@ -143,9 +146,16 @@ class ModelPair:
 
 
 def load_pair(
-    target: str, draft: str | None, compression: str = "fp32", device: str | None = None
+    target: str,
+    draft: str | None,
+    compression: str = "fp32",
+    device: str | None = None,
+    cpu_kernels: bool = True,
 ) -> ModelPair:
-    """Target at `compression`, draft (optional) at its own dtype, refusing pairs with different vocabularies."""
+    """Target at `compression`, draft (optional) at its own dtype, refusing pairs with different vocabularies.
+
+    `cpu_kernels` routes fp32 linear layers on CPU through few-row kernels (profiling/kernels.py) in both
+    models; every policy, the target-alone baseline and transformers' generate share them."""
     if compression not in COMPRESSIONS:
         raise SpeckvError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
     dev = pick_device(device)
@@ -162,6 +172,14 @@ def load_pair(
                 f"draft and target do not share a vocabulary: target {target!r} has {tv} tokens, "
                 f"draft {draft!r} has {dv}"
             )
+    if needs_rowwise(compression, dev):
+        install_rowwise(target_model)
+        log.info("%s target on %s: row-wise attention, so verifying equals decoding", compression, dev.type)
+    if cpu_kernels and dev.type == "cpu":
+        from profiling import kernels
+
+        patched = sum(kernels.install(m) for m in (target_model, draft_model) if m is not None)
+        log.info("few-row CPU kernels on %d fp32 linear layers", patched)
     return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft)
 
 

@@ -115,7 +115,9 @@ def tiny_target(path: Path) -> Path:
 
 def tiny_prompt_file(path: Path) -> Path:
     rows = []
-    for i, (task, split) in enumerate([(t, s) for t in ("code", "math") for s in ("train", "train", "dev")]):
+    for i, (task, split) in enumerate(
+        [(t, s) for t in ("code", "math") for s in ("distill", "distill", "dev", "test")]
+    ):
         ids = [1] + [3 + (i * 7 + j) % 60 for j in range(4 + i)]
         rows.append(
             {
@@ -137,8 +139,10 @@ def test_distill_tiny_target_writes_a_loadable_draft(tmp_path: Path, monkeypatch
     target_dir = tiny_target(tmp_path / "target")
     prompts = tiny_prompt_file(tmp_path / "prompts.jsonl")
     config = DistillConfig(
-        train_per_task=2,
+        distill_per_task=2,
+        prompt_head_weight=0.5,
         dev_per_task=1,
+        test_per_task=1,
         max_new_tokens=5,
         gen_batch_size=2,
         restricted_vocab=16,
@@ -185,7 +189,7 @@ def test_teacher_hidden_states_line_up_with_tokens(tmp_path: Path) -> None:
 def test_distill_rejects_an_empty_split(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("")
-    with pytest.raises(SpeckvError, match="no train or no dev"):
+    with pytest.raises(SpeckvError, match="lacks distill, dev or test"):
         distill(
             tiny_target(tmp_path / "target"), prompts, tmp_path / "out", tmp_path / "t.pt", DistillConfig()
         )

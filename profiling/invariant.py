@@ -1,0 +1,73 @@
+"""Row-wise attention: a verify pass computes every position exactly as one-token decoding would.
+
+Speculative decoding is lossless only if the target's logits for a position do not depend on how many
+positions are computed together. In fp32 and NF4 the batched verify differs from one-token decoding by
+float rounding (~1e-6), which can only flip an exact near-tie. Activation-quantized targets amplify it:
+bitsandbytes' LLM.int8 (threshold 0) rounds every activation row to int8 before each linear layer, so a
+1e-7 difference coming out of attention moves a value across a rounding boundary, and the change grows
+through 30 layers (measured on SmolLM2-135M on CPU: top-2 logit gaps of 0.8 flipped; 3 of 24 greedy live
+runs diverged from the target alone).
+
+The int8 layers themselves are batch-invariant on CPU (row-wise absmax quantization, `torch._int_mm` exact
+int32 products, element-wise dequantization); RMSNorm, RoPE and the MLP's activation work row by row. The
+one operation that mixes positions differently is attention: SDPA runs a one-query kernel when decoding and
+a masked multi-query kernel when verifying. `speckv_rowwise` attention gives every query row of a short
+(<= MAX_ROWS) batch-1 pass its own one-query SDPA call over exactly the keys it may see (the causal prefix),
+so a verify pass repeats decoding's arithmetic row by row. Longer passes (the prompt prefill, identical in
+every run) and batched inputs take the normal SDPA path. Cost: one SDPA call per verified token per layer
+(~20 us each here), paid only by targets that need it (`needs_rowwise`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "speckv_rowwise"
+MAX_ROWS = 16  # verify passes are at most gamma_max + 1 rows; longer passes are prefills
+
+
+def rowwise_attention(module, query, key, value, attention_mask, **kwargs):
+    """`AttentionInterface` function: per-row one-query SDPA for short batch-1 passes, SDPA otherwise.
+
+    Shapes as in transformers: query [B, H, Q, D], key/value [B, KV, K, D] with the cache already
+    appended, so query row i is position K - Q + i and may attend to keys 0..K - Q + i.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len, k_len = query.shape[2], key.shape[2]
+    if query.shape[0] != 1 or q_len > MAX_ROWS:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs.pop("is_causal", None)
+    rows = []
+    for i in range(q_len):
+        visible = k_len - q_len + 1 + i
+        out, _ = sdpa_attention_forward(
+            module,
+            query[:, :, i : i + 1],
+            key[:, :, :visible],
+            value[:, :, :visible],
+            None,
+            is_causal=False,
+            **kwargs,
+        )
+        rows.append(out)
+    return (rows[0] if q_len == 1 else torch.cat(rows, dim=1)), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, rowwise_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+def needs_rowwise(compression: str, device: torch.device) -> bool:
+    """Targets whose logits are not batch-invariant enough for greedy losslessness without it."""
+    return compression == "int8" and device.type == "cpu"
+
+
+def install(model) -> None:
+    """Switch `model` to row-wise attention (batch-1 decode and verify only; see the module docstring)."""
+    register()
+    model.set_attn_implementation(NAME)
