@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 
 # The whole pipeline on the embedded default pair: fetch, distil, prompts, calibrate, profile, train,
 # evaluate, report. DVC skips every stage whose inputs did not change.
+# dvc runs the stage commands (`speckv ...`) through the shell: the venv's bin goes first on PATH.
 repro: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 test: setup
