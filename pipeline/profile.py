@@ -147,6 +147,9 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
             "draft": model_fingerprint(cfg.draft, "draft"),
             "compression": compression,
             "device": str(pair.device),
+            # what shapes the rows beyond the models: a change here makes earlier part files stale
+            "attention": pair.target.config._attn_implementation,
+            "cpu_kernels": cfg.cpu_kernels,
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

@@ -1,17 +1,19 @@
 """Row-wise attention: a verify pass computes every position exactly as one-token decoding would.
 
 Speculative decoding is lossless only if the target's logits for a position do not depend on how many
-positions are computed together. In fp32 and NF4 the batched verify differs from one-token decoding by
-float rounding (~1e-6), which can only flip an exact near-tie. Activation-quantized targets amplify it:
-bitsandbytes' LLM.int8 (threshold 0) rounds every activation row to int8 before each linear layer, so a
-1e-7 difference coming out of attention moves a value across a rounding boundary, and the change grows
-through 30 layers (measured on SmolLM2-135M on CPU: top-2 logit gaps of 0.8 flipped; 3 of 24 greedy live
-runs diverged from the target alone).
+positions are computed together. In fp32 the batched verify differs from one-token decoding by float
+rounding (~7e-5 in the logits of SmolLM2-135M), which can only flip an exact near-tie. bitsandbytes'
+quantized targets on CPU amplify it: LLM.int8 (threshold 0) rounds every activation row to int8 before each
+linear layer, so a 1e-7 difference coming out of attention moves a value across a rounding boundary and the
+change grows through 30 layers. Measured on SmolLM2-135M, largest verify-vs-decode logit difference over 6
+greedy tokens on 4 test prompts: int8 up to 2.86, NF4 0.14-0.34; greedy live runs diverged from the target
+alone (int8 3 of 24 in the first evaluation, NF4 4 of 24 in the second).
 
-The int8 layers themselves are batch-invariant on CPU (row-wise absmax quantization, `torch._int_mm` exact
-int32 products, element-wise dequantization); RMSNorm, RoPE and the MLP's activation work row by row. The
-one operation that mixes positions differently is attention: SDPA runs a one-query kernel when decoding and
-a masked multi-query kernel when verifying. `speckv_rowwise` attention gives every query row of a short
+The quantized layers themselves are batch-invariant on CPU (int8: row-wise absmax quantization, exact
+`torch._int_mm` int32 products, element-wise dequantization); RMSNorm, RoPE and the MLP's activation work
+row by row. The operation that mixes positions differently is attention: SDPA runs a one-query kernel when
+decoding and a masked multi-query kernel when verifying. With row-wise attention the same measurement gives
+2e-5 for both (what remains comes from the fp32 head). `speckv_rowwise` attention gives every query row of a short
 (<= MAX_ROWS) batch-1 pass its own one-query SDPA call over exactly the keys it may see (the causal prefix),
 so a verify pass repeats decoding's arithmetic row by row. Longer passes (the prompt prefill, identical in
 every run) and batched inputs take the normal SDPA path. Cost: one SDPA call per verified token per layer
@@ -63,8 +65,9 @@ def register() -> None:
 
 
 def needs_rowwise(compression: str, device: torch.device) -> bool:
-    """Targets whose logits are not batch-invariant enough for greedy losslessness without it."""
-    return compression == "int8" and device.type == "cpu"
+    """Targets whose logits are not batch-invariant enough for greedy losslessness without it (measured on
+    CPU; on CUDA other kernels differ by batch shape too, and this was not measured)."""
+    return compression in ("int8", "nf4") and device.type == "cpu"
 
 
 def install(model) -> None:

@@ -66,11 +66,13 @@ def test_short_batch_one_passes_go_row_by_row_others_take_one_sdpa_call(shape, p
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("compression", ["fp32", "int8"])
-def test_int8_target_gets_rowwise_attention_and_verify_matches_decoding(tiny_pair_dir, compression) -> None:
+@pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
+def test_quantized_targets_get_rowwise_attention_and_verify_matches_decoding(
+    tiny_pair_dir, compression
+) -> None:
     target_dir, _ = tiny_pair_dir
     pair = load_pair(str(target_dir), None, compression, "cpu")
-    expected = invariant.NAME if compression == "int8" else "sdpa"
+    expected = invariant.NAME if compression in ("int8", "nf4") else "sdpa"
     assert pair.target.config._attn_implementation == expected
     one_by_one, batched = decode_then_verify(pair.target, list(range(5, 40)), 8)
     torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-4)
