@@ -2,17 +2,20 @@
 
 Decoding multiplies one row by every weight; verifying a draft multiplies 2..gamma_max+1 rows. On the
 2-core AVX-512 machine this project runs on, torch's default `F.linear` (MKL sgemm on the transposed
-weight) is slow for exactly those shapes (SmolLM2-135M, 2 threads, whole-model forward with a 200-token
-cache, ms): 1 token 67, 2 tokens 114, 3 tokens 146, 9 tokens 117 -- a 2-token verify cost 1.7x a 1-token
-forward although both are bound by reading the same weights once. Routed through
+weight) is slow for exactly those shapes, worst on SmolLM2's 49152x576 head (ms, 2 threads: 1 row 10.5,
+2 rows 24.5, 3 rows 34.5, against 4.1 for 2 rows as `W @ x^T` and 8.4 for 9 rows in oneDNN). Routed as
 
 * one row: `x @ Wt` on a contiguous transposed copy of the weight (a plain GEMV),
-* two or more rows: oneDNN's linear on a weight packed once (`torch._C._nn.mkldnn_linear`),
+* 2..SKINNY_ROWS rows: `W @ x^T` (a tall-skinny GEMM),
+* up to MAX_ROWS rows: oneDNN's linear on a weight packed once (`torch._C._nn.mkldnn_linear`),
+* more rows (prefill, batched generation): `F.linear`, unchanged,
 
-the same forwards took 52, 60, 69 and 96 ms (interleaved medians, same run). Both kernels compute the
-same products as `F.linear` in another summation order (max logit difference ~1e-4 on the real model),
-so greedy outputs may differ from an unpatched model's only at near-ties; target-alone and speculative
-runs in one process always share the patched model, so losslessness is checked like for like.
+the whole-model forward of SmolLM2-135M after a cached prompt took (benchmarks/bench_kernels.py, medians of
+5 interleaved rounds, ms, off -> on): 1 token 79.6 -> 63.5, 2 tokens 135.3 -> 74.3, 3 tokens 172.1 -> 94.0,
+9 tokens 136.2 -> 117.5; greedy decoding 1.16x faster, and `fixed:1` went from 0.76x to 0.98x of `none`.
+The kernels compute the same products as `F.linear` in another summation order (max logit difference
+1.2e-4), so greedy outputs may differ from an unpatched model's only at near-ties; target-alone and
+speculative runs in one process always share the patched model, so losslessness is checked like for like.
 
 Costs and limits: two extra copies of every patched weight in memory (inference only: the copies are
 taken once and go stale if the weights change afterwards), fp32 `nn.Linear` on CPU only -- half-precision
