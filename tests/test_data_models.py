@@ -218,13 +218,14 @@ def test_teacher_cache_generates_only_new_prompts(tmp_path: Path, monkeypatch: p
 
 
 def test_distill_loss_head_terms_see_only_response_positions() -> None:
-    """KL and CE skip prompt positions (cosine only there); CE pulls the draft towards the greedy token."""
+    """With prompt_head_weight 0, KL and CE skip prompt positions (cosine only there); CE pulls the draft
+    towards the greedy token."""
     torch.manual_seed(0)
     head_rows = torch.randn(8, 4)
     target_hidden, draft_hidden = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     weight = torch.tensor([[0.5, 1.0, 1.0]])  # position 0 is a prompt position
     labels = torch.tensor([[-1, 2, 5]])
-    config = DistillConfig(cosine_weight=0.0, ce_weight=1.0)
+    config = DistillConfig(cosine_weight=0.0, ce_weight=1.0, prompt_head_weight=0.0)
     loss = distill_mod.distill_loss(draft_hidden, target_hidden, labels, weight, head_rows, config)
     moved = draft_hidden.clone()
     moved[0, 0] += 10.0
@@ -233,10 +234,28 @@ def test_distill_loss_head_terms_see_only_response_positions() -> None:
     )
 
     def ce_term(hidden: torch.Tensor) -> torch.Tensor:
-        no_ce = DistillConfig(cosine_weight=0.0, ce_weight=0.0)
+        no_ce = DistillConfig(cosine_weight=0.0, ce_weight=0.0, prompt_head_weight=0.0)
         with_ce = distill_mod.distill_loss(hidden, target_hidden, labels, weight, head_rows, config)
         return with_ce - distill_mod.distill_loss(hidden, target_hidden, labels, weight, head_rows, no_ce)
 
     towards_labels = draft_hidden.clone()
     towards_labels[0, 1:] = 5.0 * head_rows[[2, 5]]
     assert ce_term(towards_labels) < ce_term(draft_hidden)
+
+
+def test_distill_loss_prompt_head_weight_labels_prompt_positions_with_the_targets_argmax() -> None:
+    torch.manual_seed(0)
+    head_rows = torch.randn(8, 4)
+    target_hidden, draft_hidden = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    weight = torch.tensor([[0.5, 1.0, 1.0]])
+    labels = torch.tensor([[-1, 2, 5]])
+    config = DistillConfig(cosine_weight=0.0, ce_weight=1.0, prompt_head_weight=0.5)
+    base = distill_mod.distill_loss(draft_hidden, target_hidden, labels, weight, head_rows, config)
+    target_choice = int((target_hidden[0, 0] @ head_rows.T).argmax())
+    agree, disagree = draft_hidden.clone(), draft_hidden.clone()
+    agree[0, 0] = 5.0 * head_rows[target_choice]
+    disagree[0, 0] = 5.0 * head_rows[(target_choice + 1) % 8]
+    with_agree = distill_mod.distill_loss(agree, target_hidden, labels, weight, head_rows, config)
+    with_disagree = distill_mod.distill_loss(disagree, target_hidden, labels, weight, head_rows, config)
+    assert not torch.isclose(base, with_agree)  # the prompt position now counts
+    assert with_agree < with_disagree
