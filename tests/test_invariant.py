@@ -8,6 +8,7 @@ from tiny import tiny_target
 from transformers import DynamicCache
 
 from profiling import invariant
+from profiling.decode import _truncate
 from profiling.models import load_pair
 
 
@@ -22,7 +23,7 @@ def decode_then_verify(model, prompt: list[int], k: int) -> tuple[torch.Tensor, 
             logits = model(torch.tensor([[seq[-1]]]), past_key_values=cache).logits[0, -1]
             one_by_one.append(logits)
             seq.append(int(logits.argmax()))
-        cache.crop(start - cache.get_seq_length())
+        _truncate(cache, start)
         batched = model(torch.tensor([seq[:-1]]), past_key_values=cache).logits[0]
     return torch.stack(one_by_one), batched
 

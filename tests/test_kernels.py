@@ -20,7 +20,7 @@ def test_kernel_matches_f_linear(rows: int, bias: bool) -> None:
         got, ref = kernel(x), F.linear(x, layer.weight, layer.bias)
     assert got.shape == ref.shape == (1, rows, 320)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    flat = torch.randn(rows, 192)[:, ::1]
+    flat = torch.randn(rows, 192)
     torch.testing.assert_close(kernel(flat), F.linear(flat, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
 
 
