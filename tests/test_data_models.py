@@ -139,7 +139,7 @@ def test_distill_tiny_target_writes_a_loadable_draft(tmp_path: Path, monkeypatch
     target_dir = tiny_target(tmp_path / "target")
     prompts = tiny_prompt_file(tmp_path / "prompts.jsonl")
     config = DistillConfig(
-        distill_per_task=2,
+        sequences_per_task=3,
         prompt_head_weight=0.5,
         dev_per_task=1,
         test_per_task=1,
@@ -160,7 +160,10 @@ def test_distill_tiny_target_writes_a_loadable_draft(tmp_path: Path, monkeypatch
     assert draft(input_ids=torch.tensor([[1, 5, 6]])).logits.shape == (1, 3, 64)
     assert 0.0 <= metrics["agreement"]["overall"] <= 1.0
     assert set(metrics["agreement"]["per_task"]) == {"code", "math"}
-    assert json.loads((out_dir / "agreement.json").read_text())["n_train_prompts"] == 4
+    card = json.loads((out_dir / "agreement.json").read_text())
+    # 2 distill prompts per task: a greedy response each, then one sampled repeat to reach 3 per task.
+    assert card["n_train_prompts"] == 4 and card["n_train_sampled"] == 2
+    assert card["train_sequences_per_task"] == {"code": 3, "math": 3}
     assert "agreement" in (out_dir / "README.md").read_text()
 
     # A second run reuses the cached teacher data instead of generating again.
@@ -219,28 +222,27 @@ def test_teacher_cache_generates_only_new_prompts(tmp_path: Path, monkeypatch: p
 
 def test_distill_loss_head_terms_see_only_response_positions() -> None:
     """With prompt_head_weight 0, KL and CE skip prompt positions (cosine only there); CE pulls the draft
-    towards the greedy token."""
+    towards the target's own top token."""
     torch.manual_seed(0)
     head_rows = torch.randn(8, 4)
     target_hidden, draft_hidden = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     weight = torch.tensor([[0.5, 1.0, 1.0]])  # position 0 is a prompt position
-    labels = torch.tensor([[-1, 2, 5]])
     config = DistillConfig(cosine_weight=0.0, ce_weight=1.0, prompt_head_weight=0.0)
-    loss = distill_mod.distill_loss(draft_hidden, target_hidden, labels, weight, head_rows, config)
+    loss = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
     moved = draft_hidden.clone()
     moved[0, 0] += 10.0
-    assert torch.isclose(
-        loss, distill_mod.distill_loss(moved, target_hidden, labels, weight, head_rows, config)
-    )
+    assert torch.isclose(loss, distill_mod.distill_loss(moved, target_hidden, weight, head_rows, config))
 
     def ce_term(hidden: torch.Tensor) -> torch.Tensor:
         no_ce = DistillConfig(cosine_weight=0.0, ce_weight=0.0, prompt_head_weight=0.0)
-        with_ce = distill_mod.distill_loss(hidden, target_hidden, labels, weight, head_rows, config)
-        return with_ce - distill_mod.distill_loss(hidden, target_hidden, labels, weight, head_rows, no_ce)
+        with_ce = distill_mod.distill_loss(hidden, target_hidden, weight, head_rows, config)
+        return with_ce - distill_mod.distill_loss(hidden, target_hidden, weight, head_rows, no_ce)
 
-    towards_labels = draft_hidden.clone()
-    towards_labels[0, 1:] = 5.0 * head_rows[[2, 5]]
-    assert ce_term(towards_labels) < ce_term(draft_hidden)
+    top = (target_hidden[0, 1:] @ head_rows.T).argmax(-1)
+    towards_top, away = draft_hidden.clone(), draft_hidden.clone()
+    towards_top[0, 1:] = 5.0 * head_rows[top]
+    away[0, 1:] = 5.0 * head_rows[(top + 1) % 8]
+    assert ce_term(towards_top) < ce_term(away)
 
 
 def test_distill_loss_prompt_head_weight_labels_prompt_positions_with_the_targets_argmax() -> None:
@@ -248,14 +250,101 @@ def test_distill_loss_prompt_head_weight_labels_prompt_positions_with_the_target
     head_rows = torch.randn(8, 4)
     target_hidden, draft_hidden = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     weight = torch.tensor([[0.5, 1.0, 1.0]])
-    labels = torch.tensor([[-1, 2, 5]])
     config = DistillConfig(cosine_weight=0.0, ce_weight=1.0, prompt_head_weight=0.5)
-    base = distill_mod.distill_loss(draft_hidden, target_hidden, labels, weight, head_rows, config)
+    base = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
     target_choice = int((target_hidden[0, 0] @ head_rows.T).argmax())
     agree, disagree = draft_hidden.clone(), draft_hidden.clone()
     agree[0, 0] = 5.0 * head_rows[target_choice]
     disagree[0, 0] = 5.0 * head_rows[(target_choice + 1) % 8]
-    with_agree = distill_mod.distill_loss(agree, target_hidden, labels, weight, head_rows, config)
-    with_disagree = distill_mod.distill_loss(disagree, target_hidden, labels, weight, head_rows, config)
+    with_agree = distill_mod.distill_loss(agree, target_hidden, weight, head_rows, config)
+    with_disagree = distill_mod.distill_loss(disagree, target_hidden, weight, head_rows, config)
     assert not torch.isclose(base, with_agree)  # the prompt position now counts
     assert with_agree < with_disagree
+
+
+def test_distill_loss_under_bf16_autocast_keeps_the_teacher_in_float32() -> None:
+    """Autocast may round the draft's logits, not the teacher's: the loss stays close to the fp32 one."""
+    torch.manual_seed(0)
+    head_rows = torch.randn(64, 16)
+    target_hidden, draft_hidden = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    weight = torch.tensor([[0.5, 1.0, 1.0, 1.0, 0.0], [0.0, 0.5, 1.0, 1.0, 1.0]])
+    config = DistillConfig()
+    exact = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
+    assert mixed.dtype == torch.float32 and torch.isclose(mixed, exact, rtol=2e-2)
+    # Precomputed float32 labels give the same loss as labels computed inside.
+    flat = [target_hidden[i].to(torch.float16) for i in range(2)]
+    labels = torch.stack(distill_mod.teacher_labels([{"hidden": h} for h in flat], head_rows))
+    hidden16 = torch.stack(flat).float()
+    assert torch.isclose(
+        distill_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config, labels),
+        distill_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config),
+    )
+
+
+def test_plan_teacher_rows_fills_small_tasks_with_sampled_repeats() -> None:
+    rows = [{"prompt_id": f"chat/{i}", "task": "chat", "input_ids": [1]} for i in range(2)]
+    rows += [{"prompt_id": f"math/{i}", "task": "math", "input_ids": [1]} for i in range(5)]
+    plan = distill_mod.plan_teacher_rows(rows, 3)
+    assert [(r["key"], r["sample"]) for r in plan] == [
+        ("chat/0", 0),
+        ("chat/1", 0),
+        ("chat/0#s1", 1),
+        ("math/0", 0),
+        ("math/1", 0),
+        ("math/2", 0),
+    ]
+
+
+def test_collate_drops_the_duplicate_prompt_of_a_sampled_repeat() -> None:
+    seq = {
+        "tokens": torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32),
+        "hidden": torch.zeros(4, 2),
+        "n_prompt": 3,
+    }
+    seqs = [{**seq, "sample": 0}, {**seq, "sample": 1}]
+    _, _, weight, top = distill_mod.collate(seqs, [0, 1], prompt_weight=0.5)
+    assert top is None
+    assert weight.tolist() == [[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
+
+
+def test_sampled_teacher_data_is_seeded_and_cached_apart_from_greedy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
+    rows = [{"prompt_id": f"math/{i}", "task": "math", "input_ids": [1, 4 + i, 9]} for i in range(2)]
+    config = DistillConfig(max_new_tokens=6, gen_batch_size=4, sequences_per_task=4, sample_temperature=1.5)
+    plan = distill_mod.plan_teacher_rows(rows, config.sequences_per_task)
+    first = distill_mod.load_or_generate_teacher(tmp_path / "a.pt", target, plan, config, 2, 2)
+    second = distill_mod.load_or_generate_teacher(tmp_path / "b.pt", target, plan, config, 2, 2)
+    assert [s["sample"] for s in first] == [0, 0, 1, 1]
+    assert [s["temperature"] for s in first] == [0.0, 0.0, 1.5, 1.5]
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a["tokens"], b["tokens"])  # seeded: two from-scratch runs agree
+    # A new temperature regenerates the sampled repeats only; a new target dtype regenerates everything.
+    generated: list[str] = []
+    real = distill_mod.generate_teacher_data
+
+    def counting(target: object, rows: list[dict], *args: object) -> list[dict]:
+        generated.extend(r["key"] for r in rows)
+        return real(target, rows, *args)
+
+    monkeypatch.setattr(distill_mod, "generate_teacher_data", counting)
+    hotter = DistillConfig(max_new_tokens=6, gen_batch_size=4, sequences_per_task=4, sample_temperature=2.0)
+    distill_mod.load_or_generate_teacher(tmp_path / "a.pt", target, plan, hotter, 2, 2)
+    assert sorted(generated) == ["math/0#s1", "math/1#s1"]
+    generated.clear()
+    distill_mod.load_or_generate_teacher(tmp_path / "a.pt", target.to(torch.bfloat16), plan, hotter, 2, 2)
+    assert len(generated) == 4
+
+
+def test_distill_rejects_a_bad_dtype_before_loading_anything(tmp_path: Path) -> None:
+    with pytest.raises(SpeckvError, match="teacher_dtype"):
+        distill(
+            tmp_path / "absent",
+            tmp_path / "p.jsonl",
+            tmp_path / "o",
+            tmp_path / "t.pt",
+            DistillConfig(teacher_dtype="int8"),
+        )
