@@ -198,18 +198,24 @@ def test_distill_rejects_an_empty_split(tmp_path: Path) -> None:
         )
 
 
-def test_teacher_cache_generates_only_new_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
-    rows = [{"prompt_id": f"math/{i}", "task": "math", "input_ids": [1, 4 + i, 9]} for i in range(3)]
-    config = DistillConfig(max_new_tokens=3, gen_batch_size=2)
+def record_generation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Patch teacher generation to log the key of every row it generates; returns that (live) log."""
     generated: list[str] = []
     real = distill_mod.generate_teacher_data
 
     def counting(target: object, rows: list[dict], *args: object) -> list[dict]:
-        generated.extend(r["prompt_id"] for r in rows)
+        generated.extend(r.get("key", r["prompt_id"]) for r in rows)
         return real(target, rows, *args)
 
     monkeypatch.setattr(distill_mod, "generate_teacher_data", counting)
+    return generated
+
+
+def test_teacher_cache_generates_only_new_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
+    rows = [{"prompt_id": f"math/{i}", "task": "math", "input_ids": [1, 4 + i, 9]} for i in range(3)]
+    config = DistillConfig(max_new_tokens=3, gen_batch_size=2)
+    generated = record_generation(monkeypatch)
     path = tmp_path / "teacher.pt"
     first = distill_mod.load_or_generate_teacher(path, target, rows[:2], config, 2, 2)
     both = distill_mod.load_or_generate_teacher(path, target, rows, config, 2, 2)
@@ -323,14 +329,7 @@ def test_sampled_teacher_data_is_seeded_and_cached_apart_from_greedy(
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a["tokens"], b["tokens"])  # seeded: two from-scratch runs agree
     # A new temperature regenerates the sampled repeats only; a new target dtype regenerates everything.
-    generated: list[str] = []
-    real = distill_mod.generate_teacher_data
-
-    def counting(target: object, rows: list[dict], *args: object) -> list[dict]:
-        generated.extend(r["key"] for r in rows)
-        return real(target, rows, *args)
-
-    monkeypatch.setattr(distill_mod, "generate_teacher_data", counting)
+    generated = record_generation(monkeypatch)
     hotter = DistillConfig(max_new_tokens=6, gen_batch_size=4, sequences_per_task=4, sample_temperature=2.0)
     distill_mod.load_or_generate_teacher(tmp_path / "a.pt", target, plan, hotter, 2, 2)
     assert sorted(generated) == ["math/0#s1", "math/1#s1"]
