@@ -3,7 +3,8 @@
 Every prompt runs every controller (plus `none`) in the real decode loop, in an order that rotates from
 prompt to prompt, `--repeats` times over; greedy outputs must match `none`. Prints, per task and overall,
 the ratio of pooled tokens/s to `none` with a paired bootstrap 95% CI over prompts, and the acceptance
-rate (accepted / drafted tokens, pooled). This is the check behind "`fixed:1` is at least as fast as `none`" for the default pair:
+rate (accepted / drafted tokens, pooled). This is the check behind "`fixed:1` is at least as fast as
+`none`" for the default pair:
 
     python benchmarks/bench_heldout.py --per-task 5 --max-new-tokens 48 --controllers fixed:1
 """
@@ -11,20 +12,18 @@ rate (accepted / drafted tokens, pooled). This is the check behind "`fixed:1` is
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.prompts import load_prompt_file  # noqa: E402
-from pipeline.generate import eos_ids  # noqa: E402
-from predictor.live import run_live  # noqa: E402
-from predictor.stats import paired_ratio  # noqa: E402
-from profiling.controllers import parse_controller  # noqa: E402
-from profiling.decode import DecodeConfig  # noqa: E402
-from profiling.models import load_pair  # noqa: E402
+from data.prompts import load_prompt_file
+from predictor.live import run_live
+from predictor.stats import paired_ratio
+from profiling.controllers import parse_controller
+from profiling.decode import DecodeConfig
+from profiling.models import eos_ids, load_pair
 
 
 def main() -> int:
@@ -40,6 +39,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    # run_live logs one line per prompt: the progress of a run that takes minutes.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
 
     pair = load_pair(args.target, args.draft, args.compression)
@@ -47,8 +48,10 @@ def main() -> int:
     config = DecodeConfig(
         max_new_tokens=args.max_new_tokens, eos_token_ids=eos_ids(pair.tokenizer, pair.target)
     )
-    roles = {"none": parse_controller("none", 8, args.compression)}
-    roles.update({spec: parse_controller(spec, 8, args.compression) for spec in args.controllers})
+    roles = {
+        spec: parse_controller(spec, config.gamma_max, args.compression)
+        for spec in ["none", *args.controllers]
+    }
     frames = []
     for repeat in range(args.repeats):
         # Shift the rotation between repeats so every controller also runs first on every prompt.

@@ -1,4 +1,4 @@
-"""Distil the default draft from the default target's own behaviour on the train prompts.
+"""Distil the default draft from the default target's own behaviour on the distill-split prompts.
 
 Recipe ("shallow copy", chosen because it reuses the target's output space exactly):
 1. Teacher data: the target's greedy responses to the distill prompts (batched, left padded); tasks with fewer
@@ -28,8 +28,8 @@ also takes longer responses (128 tokens) as data. On that data (250 steps): unty
 and training it (head kept) .297 against .294, for 20% more time per step: not taken.
 Session 3 (data per minute): bf16 autocast against float32 training, 250 steps on the same data, dev .2996
 vs .2999 at ~1.5x the steps/s; bf16 teacher generation plus sampled repeats gave 72k response tokens in
-9.6 min (float32 greedy, session 2: 38.6k in ~7.5-8.5 min), and 1000 steps on them test .355 / dev .345 (seed 0), test .356
-/ dev .354 (seed 1, same data) against .326 / .336 before.
+9.6 min (float32 greedy, session 2: 38.6k in ~7.5-8.5 min), and 1000 steps on them test .355 / dev .345
+(seed 0), test .356 / dev .354 (seed 1, same data) against .326 / .336 before.
 """
 
 from __future__ import annotations
@@ -117,6 +117,11 @@ def set_seed(seed: int) -> None:
 
 
 # ---- teacher data ----------------------------------------------------------------------------------------
+
+
+def row_key(row: dict) -> str:
+    """A teacher row's cache key: its `key` from `plan_teacher_rows`, else (dev/test rows) its prompt id."""
+    return row.get("key", row["prompt_id"])
 
 
 def plan_teacher_rows(rows: list[dict], sequences_per_task: int) -> list[dict]:
@@ -214,8 +219,7 @@ def generate_teacher_data(
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         if temperature > 0:
-            first = rows[idx[0]].get("key", rows[idx[0]]["prompt_id"])
-            torch.manual_seed(seed * 1_000_003 + zlib.crc32(first.encode("utf-8")))
+            torch.manual_seed(seed * 1_000_003 + zlib.crc32(row_key(rows[idx[0]]).encode("utf-8")))
         batch = generate_batch(target, [rows[i] for i in idx], max_new_tokens, pad_id, eos_id, temperature)
         for i, seq in zip(idx, batch, strict=True):
             seqs[i] = {
@@ -266,7 +270,7 @@ def load_or_generate_teacher(
         return config.sample_temperature if row.get("sample", 0) > 0 else 0.0
 
     def fresh(row: dict) -> bool:
-        seq = cached.get(row.get("key", row["prompt_id"]))
+        seq = cached.get(row_key(row))
         return (
             seq is not None
             and seq["tokens"][: len(row["input_ids"])].tolist() == row["input_ids"]
@@ -281,12 +285,12 @@ def load_or_generate_teacher(
             made = generate_teacher_data(
                 target, group, config.max_new_tokens, config.gen_batch_size, pad_id, eos_id, t, config.seed
             )
-            cached.update({r.get("key", r["prompt_id"]): s for r, s in zip(group, made, strict=True)})
+            cached.update({row_key(r): s for r, s in zip(group, made, strict=True)})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save({"max_new_tokens": config.max_new_tokens, "dtype": dtype, "seqs": cached}, tmp)
         tmp.replace(path)
-    return [cached[r.get("key", r["prompt_id"])] for r in rows]
+    return [cached[row_key(r)] for r in rows]
 
 
 # ---- draft model -----------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def record_generation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real = distill_mod.generate_teacher_data
 
     def counting(target: object, rows: list[dict], *args: object) -> list[dict]:
-        generated.extend(r.get("key", r["prompt_id"]) for r in rows)
+        generated.extend(distill_mod.row_key(r) for r in rows)
         return real(target, rows, *args)
 
     monkeypatch.setattr(distill_mod, "generate_teacher_data", counting)
