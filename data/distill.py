@@ -41,7 +41,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from data.models import DRAFT_DIRNAME, fetch_target, publish_dir, write_marker
 from data.prompts import PromptsConfig, build_prompt_file, load_prompt_file
+from profiling.cpu import cpu_info, resolve_auto_dtype
 from profiling.errors import SpeckvError
 
 __all__ = [
@@ -75,7 +76,7 @@ class DistillConfig:
     draft_layers: int = 2  # decoder layers, copied from the target's first layers
     sequences_per_task: int = 150  # teacher sequences per task: greedy per prompt, then sampled repeats
     sample_temperature: float = 0.8  # temperature of the sampled repeats for tasks with few prompts
-    teacher_dtype: str = "bfloat16"  # target dtype for generating teacher data (dev/test: always float32)
+    teacher_dtype: str = "auto"  # teacher-data target dtype; auto: bfloat16 on native-bf16 CPUs (dev/test: float32)
     dev_per_task: int = 10  # dev prompts per task for held-out agreement (recipe choices were made on it)
     test_per_task: int = 10  # test prompts per task for the reported agreement (never used for a choice)
     max_new_tokens: int = 128  # target response length cap for teacher data
@@ -89,7 +90,7 @@ class DistillConfig:
     ce_weight: float = 1.0  # weight of cross-entropy on the target's greedy token (agreement is top-1)
     prompt_weight: float = 0.5  # cosine-loss weight of prompt positions
     prompt_head_weight: float = 0.5  # KL + CE weight of prompt positions (0: responses only)
-    train_autocast: str = "bfloat16"  # autocast dtype for training matmuls; "float32" turns it off
+    train_autocast: str = "auto"  # training matmul autocast; auto: bfloat16 on native-bf16 CPUs; "float32": off
     save_dtype: str = "float16"  # halves the head's memory traffic: 1-token forward ~15 -> ~9 ms on this CPU
     threads: int = 2  # torch CPU threads; use 1 when other jobs share the cores (2 then ran 10x slower)
 
@@ -100,8 +101,18 @@ def save_dtype(name: str, what: str = "save_dtype") -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_config(config: DistillConfig) -> DistillConfig:
+    """`auto` dtypes resolved for this CPU (profiling.cpu), so the cache key and model card say what ran."""
+    return replace(
+        config,
+        teacher_dtype=resolve_auto_dtype(config.teacher_dtype),
+        train_autocast=resolve_auto_dtype(config.train_autocast),
+    )
+
+
 def check_config(config: DistillConfig) -> None:
     """Reject settings that would only fail (or silently misbehave) minutes into the run."""
+    config = resolve_config(config)
     save_dtype(config.save_dtype)
     save_dtype(config.teacher_dtype, "teacher_dtype")
     if config.train_autocast not in ("float32", "bfloat16"):
@@ -443,7 +454,7 @@ def train_draft(
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     head_rows = draft.model.embed_tokens.weight.detach()[vocab_ids]
-    autocast = config.train_autocast == "bfloat16"
+    autocast = resolve_auto_dtype(config.train_autocast) == "bfloat16"
     labels = teacher_labels(seqs, head_rows)
     generator = torch.Generator().manual_seed(config.seed)
     batches: list[list[int]] = []
@@ -532,7 +543,7 @@ target (same tokenizer and chat template). Built by `speckv models distill` (`da
 - {config.steps} AdamW steps ({config.train_autocast} autocast) of about {config.batch_tokens} positions, lr {config.lr} (warmup
   {config.warmup_steps}, cosine), seed {config.seed}.
 
-## Measured (this 2-core CPU, shared; timings are noisy)
+## Measured (CPU: {metrics["cpu"]["model"]}, {metrics["cpu"]["capability"]}, native bf16 {metrics["cpu"]["native_bf16"]}; timings are noisy)
 Held-out top-1 agreement with the target's greedy tokens: **{metrics["agreement_test"]["overall"]:.3f}** on
 {metrics["n_test_prompts"]} test-split prompts, {metrics["agreement"]["overall"]:.3f} on {metrics["n_dev_prompts"]} dev-split prompts.
 
@@ -559,6 +570,7 @@ def distill(
     from profiling.calibrate import forward_ms
 
     check_config(config)
+    config = resolve_config(config)
     torch.set_num_threads(config.threads)
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
@@ -625,6 +637,7 @@ def distill(
             **train_stats,
             "draft_forward_ms": draft_ms,
             "target_forward_ms": target_ms,
+            "cpu": cpu_info(),
             "config": asdict(config),
         }
         (build_dir / "README.md").write_text(model_card(config, metrics))
