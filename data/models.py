@@ -160,7 +160,11 @@ def fetch_target(
 
 
 def resolve_model(ref: str, role: str) -> str:
-    """`"default"` → the embedded target or distilled draft directory (built on first use), else `ref`."""
+    """`"default"` → the embedded target (fetched on first use) or the distilled draft, else `ref` unchanged.
+
+    The draft is never trained here: distilling takes ~25 minutes and must use params.yaml's `distill:`
+    section, so only the distill stage does it. A missing draft is an error that says how to build it.
+    """
     if ref != "default":
         return ref
     root = models_dir()
@@ -169,11 +173,10 @@ def resolve_model(ref: str, role: str) -> str:
     if role == "draft":
         draft_dir = root / DRAFT_DIRNAME
         if not is_complete(draft_dir):
-            log.info(
-                "no distilled draft at %s yet: distilling it from the default target (≈25 min)", draft_dir
+            raise SpeckvError(
+                f"no distilled default draft at {draft_dir}: build it with `dvc repro distill` "
+                "(or `speckv models distill`, which reads params.yaml's `distill:` section), "
+                "or name another draft (a model directory, .gguf file or hub id)"
             )
-            from data.distill import DistillConfig, distill_default
-
-            distill_default(DistillConfig(), root)
         return str(draft_dir)
     raise SpeckvError(f"unknown model role {role!r}; expected 'target' or 'draft'")

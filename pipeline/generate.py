@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from data.models import resolve_model
 from profiling.controllers import CONTROLLER_SPECS, parse_controller
 from profiling.decode import DecodeConfig, speculative_generate
 from profiling.errors import SpeckvError
@@ -79,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     controller = parse_controller(args.controller, args.gamma_max, args.compression)
     if controller.name != "none" and not args.draft:
         raise SpeckvError(f"controller {args.controller!r} needs --draft")
+    draft = args.draft if controller.name != "none" else None
+    if draft is not None:  # a missing default draft fails here, before anything loads or downloads
+        resolve_model(draft, "draft")
     pair = load_pair(
         args.target,
-        args.draft if controller.name != "none" else None,
+        draft,
         args.compression,
         args.device,
         cpu_kernels=not args.no_cpu_kernels,

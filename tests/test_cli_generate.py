@@ -130,3 +130,17 @@ def test_mismatched_vocabularies_are_refused(tiny_pair_dir, capsys, tmp_path):
     )
     assert code == 2
     assert "128" in err and "64" in err and "vocabulary" in err
+
+
+def test_default_draft_missing_fails_fast_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("SPECKV_MODELS_DIR", str(models))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(
+        capsys, "generate", "--target", "default", "--draft", "default", "--prompt", "hi"
+    )
+    assert code == 2 and out == ""
+    assert "speckv models distill" in err and "dvc repro distill" in err
+    # the draft is checked before the target would be fetched: nothing downloaded, nothing trained
+    assert list(tmp_path.rglob("*")) == [models]

@@ -75,6 +75,23 @@ def test_fetch_is_cached_and_resolve_uses_the_models_dir(
     assert resolve_model("default", "draft") == str(tmp_path / DRAFT_DIRNAME)
 
 
+def test_a_missing_default_draft_is_an_error_not_a_distillation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPECKV_MODELS_DIR", str(tmp_path))
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("resolve_model started a distillation")
+
+    monkeypatch.setattr(distill_mod, "distill", no_training)
+    (tmp_path / DRAFT_DIRNAME).mkdir()  # an interrupted run: files but no completion marker
+    with pytest.raises(SpeckvError) as err:
+        resolve_model("default", "draft")
+    assert "dvc repro distill" in str(err.value) and "speckv models distill" in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == [DRAFT_DIRNAME]
+    assert list((tmp_path / DRAFT_DIRNAME).iterdir()) == []
+
+
 def test_checksum_mismatch_fails_clearly_and_deletes_nothing(tmp_path: Path) -> None:
     fake = FakeFetch()
     partial = tmp_path / TARGET_DIRNAME
