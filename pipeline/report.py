@@ -1,11 +1,13 @@
-"""`speckv report`: the evaluation as Markdown, a self-contained HTML page and DVC metrics."""
+"""`speckv report`: the evaluation as an HTML page and Markdown, DVC metrics and plot data, and provenance."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from pipeline.config import load_section
+from predictor.provenance import collect
 from predictor.report import ReportConfig, build_report
 
 log = logging.getLogger(__name__)
@@ -13,14 +15,16 @@ log = logging.getLogger(__name__)
 
 def run(args: argparse.Namespace) -> int:
     config = load_section(ReportConfig, "report", args.params)
-    metrics = build_report(config)
+    # The checkout holding the params file: the commit, dirty files and params hash the report records.
+    provenance = collect(Path(args.params).resolve().parent, args.params)
+    metrics = build_report(config, provenance)
     log.info("report written to %s; metrics %s", config.out_dir, metrics)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "report", help="write the evaluation report (Markdown, HTML, metrics.json)"
+        "report", help="write the evaluation report (HTML, Markdown, metrics.json, provenance.json)"
     )
     parser.add_argument("--params", default="params.yaml", help="params file (section `report:`)")
     parser.set_defaults(func=run)

@@ -1,0 +1,248 @@
+"""dvc.yaml cannot drift from the code: each stage's `deps` hold every repo module its command imports (and
+no code it never imports), and its `params` every key of the config it loads.
+
+A stage's imports are walked with `ast`, never by importing: from the handler its `speckv ...` command
+dispatches to (only the code that handler reaches in its CLI module, since several stages share one), then
+through every repo module it imports, lazy imports inside functions included. `if TYPE_CHECKING:` blocks
+are skipped: they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pipeline", "profiling", "predictor", "data")
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+# Modules a stage imports but leaves out of its deps on purpose (their own imports are not walked either).
+LEFT_OUT = {
+    # Only times the model card's 1-token forwards; a change to the decode loop must not retrain the draft.
+    "distill": {"profiling/calibrate.py"},
+    # Calibration builds FixedGamma itself and never parses a controller spec, so parse_controller's lazy
+    # import of the MLP runtime cannot run here (profile, whose controllers come from params, lists it).
+    "calibrate": {"predictor/runtime.py"},
+}
+# Files other than Python that a module reads at run time.
+RESOURCES = {"predictor/report.py": ("predictor/templates/report.html.j2",)}
+
+
+def module_file(name: str) -> Path | None:
+    """The repo file that `import name` executes, or None when `name` is not a module of the repo."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _imports(node: ast.AST, package: str) -> Iterator[str]:
+    """Module names an Import / ImportFrom node loads (`from a import b` yields a.b when b is a module)."""
+    if isinstance(node, ast.Import):
+        yield from (alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+            parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join(p for p in [*parent, base] if p)
+        yield base
+        yield from (f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _walk(node: ast.AST) -> Iterator[ast.AST]:
+    """ast.walk without `if TYPE_CHECKING:` bodies."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(c for c in ast.iter_child_nodes(current) if not _is_type_checking(c))
+
+
+def _files(names: set[str]) -> set[str]:
+    """Repo files of these module names plus the package __init__ files importing them executes."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            path = module_file(".".join(parts[:i]))
+            if path is None:
+                continue
+            # An __init__ that is only a docstring (or empty) changes nothing when it runs.
+            body = ast.parse(path.read_text()).body
+            if path.name != "__init__.py" or any(not isinstance(n, ast.Expr) for n in body):
+                out.add(_rel(path))
+    return out
+
+
+def handler_imports(module_name: str, func_name: str) -> set[str]:
+    """Modules the handler reaches in its CLI module: top-level imports it uses, and its lazy imports."""
+    path = module_file(module_name)
+    tree = ast.parse(path.read_text())
+    package = module_name.rpartition(".")[0]
+    defined: dict[str, ast.AST] = {}
+    imported: dict[str, set[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            defined[node.name] = node
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        defined[name.id] = node
+        elif isinstance(node, ast.Import | ast.ImportFrom) and not _is_type_checking(node):
+            for alias in node.names:
+                bound = alias.asname or alias.name.split(".")[0]
+                imported.setdefault(bound, set()).update(_imports(node, package))
+    modules: set[str] = set()
+    seen: set[str] = set()
+    queue = [func_name]
+    while queue:
+        name = queue.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in _walk(defined[name]):
+            if isinstance(node, ast.Name):
+                if node.id in defined:
+                    queue.append(node.id)
+                modules |= imported.get(node.id, set())
+            elif isinstance(node, ast.Import | ast.ImportFrom):
+                modules |= set(_imports(node, package))
+    return modules
+
+
+def stage_handler(cmd: str) -> tuple[str, str]:
+    """(module, function) that `speckv ...` dispatches to, found with the real argument parser."""
+    argv = shlex.split(cmd)
+    assert argv[0] == "speckv", f"stage command {cmd!r} is not a speckv subcommand"
+    func = build_parser().parse_args(argv[1:]).func
+    return func.__module__, func.__name__
+
+
+def stage_imports(stage: str) -> set[str]:
+    """Repo files (and resources) the stage's command executes, except those LEFT_OUT of it on purpose."""
+    module, func = stage_handler(STAGES[stage]["cmd"])
+    left_out = LEFT_OUT.get(stage, set())
+    files = {_rel(module_file(module))}
+    queue = sorted(handler_imports(module, func))
+    seen = set()
+    while queue:
+        name = queue.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        new = _files({name}) - left_out
+        files |= new
+        for rel in new:
+            tree = ast.parse((ROOT / rel).read_text())
+            package = rel.rpartition("/")[0].replace("/", ".")
+            queue += [m for node in _walk(tree) for m in _imports(node, package) if module_file(m)]
+    for rel in list(files):
+        files.update(RESOURCES.get(rel, ()))
+    return files
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == d.rstrip("/") or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_deps_hold_every_module_the_stage_imports(stage):
+    deps = STAGES[stage].get("deps", [])
+    missing = sorted(f for f in stage_imports(stage) if not covered(f, deps))
+    assert not missing, (
+        f"dvc.yaml stage {stage!r} (`{STAGES[stage]['cmd']}`) runs code missing from its deps, so editing it "
+        f"would not rerun the stage: add {missing} to stages.{stage}.deps "
+        f"(or, if deliberate, to LEFT_OUT in {Path(__file__).name} with the reason)"
+    )
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_deps_hold_no_code_the_stage_never_imports(stage):
+    imports = stage_imports(stage) | LEFT_OUT.get(stage, set())
+    code = [d for d in STAGES[stage].get("deps", []) if d.split("/")[0] in PACKAGES]
+    listed = {
+        _rel(p)
+        for d in code
+        for p in ([ROOT / d] if (ROOT / d).is_file() else (ROOT / d).rglob("*.py"))
+        if p.suffix == ".py"
+    }
+    extra = sorted(listed - imports)
+    assert not extra, (
+        f"dvc.yaml stage {stage!r} lists code it never imports, so editing it reruns the stage for nothing: "
+        f"remove {extra} from stages.{stage}.deps (list files, not whole package directories)"
+    )
+
+
+def config_sections(stage: str) -> dict[str, type]:
+    """{params section: config dataclass} for every `load_section(Config, "section", ...)` the handler reaches."""
+    module_name, func = stage_handler(STAGES[stage]["cmd"])
+    module = importlib.import_module(module_name)
+    tree = ast.parse(module_file(module_name).read_text())
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    sections: dict[str, type] = {}
+    seen, queue = set(), [func]
+    while queue:
+        name = queue.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        lazy = {}
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.ImportFrom):
+                lazy.update({a.asname or a.name: node.module for a in node.names})
+            elif isinstance(node, ast.Name):
+                queue.append(node.id)
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "load_section":
+                cls_name, section = node.args[0].id, node.args[1].value
+                owner = importlib.import_module(lazy[cls_name]) if cls_name in lazy else module
+                sections[section] = getattr(owner, cls_name)
+    return sections
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_params_hold_every_key_the_stage_reads(stage):
+    params = STAGES[stage].get("params", [])
+    assert all(isinstance(p, str) for p in params), f"stage {stage!r}: list params.yaml keys as strings"
+    expected = {
+        f"{section}.{f.name}"
+        for section, cls in config_sections(stage).items()
+        for f in dataclasses.fields(cls)
+    }
+    missing = sorted(k for k in expected if k not in params and k.split(".")[0] not in params)
+    unknown = sorted(p for p in params if "." in p and p not in expected)
+    assert not missing, f"dvc.yaml stage {stage!r} reads params it does not list: add {missing}"
+    assert not unknown, f"dvc.yaml stage {stage!r} lists params no config field reads: remove {unknown}"
+
+
+def test_the_walk_sees_lazy_imports_and_skips_other_handlers():
+    # pipeline/profile.py serves two stages: calibrate imports profiling.calibrate lazily, profile does not.
+    assert "profiling/calibrate.py" in stage_imports("calibrate")
+    assert "profiling/calibrate.py" not in stage_imports("profile")
+    assert "profiling/profile.py" in stage_imports("profile")
+    # models fetch shares pipeline/models.py with distill but never reaches data/distill.py
+    assert "data/distill.py" not in stage_imports("fetch")
+    # transitive: the report's cost-model plot loads profiling/costmodel.py through predictor/report.py
+    assert {"predictor/report.py", "profiling/costmodel.py"} <= stage_imports("report")

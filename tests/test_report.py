@@ -1,0 +1,253 @@
+"""The report from a small synthetic evaluation: the HTML page's structure (tables, inline plots, verdict,
+gap shares), the Markdown twin, DVC plot data, and the provenance that tells two reports apart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from report_synthetic import write_evaluation
+
+from predictor.provenance import collect, cpu_flags, git_state, params_hash
+from predictor.report import build_report, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Page(HTMLParser):
+    """Sections (by id) holding tables (caption, header, rows of (text, class)), images and the verdict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, dict] = {}
+        self.images: list[str] = []
+        self.tags: set[str] = set()
+        self.verdict = ("", "")
+        self._section = None
+        self._cell = None
+        self._in = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        if tag == "section":
+            self._section = self.sections.setdefault(attrs["id"], {"tables": [], "text": ""})
+        elif tag == "div" and attrs.get("id") == "verdict":
+            self.verdict, self._in = (attrs.get("class", ""), ""), "verdict"
+        elif tag == "table":
+            self._section["tables"].append({"caption": "", "columns": [], "rows": []})
+        elif tag == "caption":
+            self._in = "caption"
+        elif tag == "tr" and self._section["tables"][-1]["columns"]:
+            self._section["tables"][-1]["rows"].append([])
+        elif tag in ("th", "td"):
+            self._cell = [tag, "", attrs.get("class", "")]
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            table = self._section["tables"][-1]
+            if self._cell[0] == "th":
+                table["columns"].append(self._cell[1])
+            else:
+                table["rows"][-1].append((self._cell[1], self._cell[2]))
+            self._cell = None
+        elif tag in ("caption", "div"):
+            self._in = None
+        elif tag == "section":
+            self._section = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell[1] += data
+        elif self._in == "verdict":
+            self.verdict = (self.verdict[0], self.verdict[1] + data)
+        elif self._in == "caption":
+            self._section["tables"][-1]["caption"] += data
+        if self._section is not None:
+            self._section["text"] += data
+
+
+def table(page: Page, section: str, caption: str = "") -> dict:
+    found = [t for t in page.sections[section]["tables"] if t["caption"] == caption]
+    assert len(found) == 1, f"{section}: tables {[t['caption'] for t in page.sections[section]['tables']]}"
+    return found[0]
+
+
+def row(table_: dict, name: str) -> dict[str, tuple[str, str]]:
+    rows = [r for r in table_["rows"] if r[0][0] == name]
+    assert len(rows) == 1, f"row {name!r} in {[r[0][0] for r in table_['rows']]}"
+    return dict(zip(table_["columns"], rows[0], strict=True))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    config = write_evaluation(root)
+    metrics = build_report(config, collect(ROOT, ROOT / "params.yaml"))
+    out = Path(config.out_dir)
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    return out, page, metrics
+
+
+def test_page_opens_with_the_verdict_and_its_numbers(report):
+    out, page, _ = report
+    # live MLP / best fixed is 1.10 [1.05, 1.15] in the synthetic evaluation: the verdict is "pays", in green
+    assert page.verdict[0] == "verdict up"
+    assert page.verdict[1].startswith("The predictor pays") and "live wall-clock" in page.verdict[1]
+    numbers = table(page, "headline", "Tokens/s ratios on test prompts")
+    live, replay = "live wall-clock [95% CI]", "replay, modelled time [95% CI]"
+    assert row(numbers, "MLP vs best-fixed")[live] == ("1.100× [1.050, 1.150]", "up")
+    summary = json.loads((out.parent / "eval" / "summary.json").read_text())
+    ci = summary["replay"]["test"]["vs_best_fixed"]["all"]["mlp"]["vs_best-fixed"]
+    assert (
+        row(numbers, "MLP vs best-fixed")[replay][0]
+        == f"{ci['ratio']:.3f}× [{ci['low']:.3f}, {ci['high']:.3f}]"
+    )
+    assert row(numbers, "MLP vs fixed:4")[live] == ("1.375× [1.325, 1.425]", "up")
+    assert row(numbers, "MLP vs fixed:4")[replay] == ("n/a", "")  # replay has no MLP / fixed:4 ratio
+    share = "MLP share of the oracle's gain over best-fixed"
+    assert row(numbers, share)[replay] == ("40% [20%, 60%]", "up")
+
+
+def test_gap_share_table_has_every_policy_and_compression(report):
+    _, page, _ = report
+    shares = table(page, "gap-share")
+    assert shares["columns"] == ["policy", "all", "fp32", "int8"]
+    assert [r[0][0] for r in shares["rows"]] == ["mlp", "threshold:tuned", "first-token-oracle", "mlp+trim"]
+    assert row(shares, "first-token-oracle")["int8"] == ("65% [45%, 85%]", "up")
+    assert row(shares, "threshold:tuned")["all"] == ("-30% [-50%, -10%]", "down")
+    assert row(shares, "mlp+trim")["fp32"] == ("5% [-15%, 25%]", "")  # spans 0: not coloured
+
+
+def test_each_compression_has_its_section_with_per_task_tables(report):
+    _, page, _ = report
+    for compression in ("fp32", "int8"):
+        section = f"compression-{compression}"
+        assert "Chosen on dev: best fixed" in page.sections[section]["text"]
+        per_task = table(page, section, "Share of the oracle's gain per task")
+        assert per_task["columns"] == ["policy", "chat", "code"]
+        replay = table(page, section, "Test replay per task, ratio to best fixed")
+        assert [r[0][0] for r in replay["rows"]] == ["chat", "code"]
+        live = table(page, section, "Live wall-clock runs, test prompts")
+        assert [r[0][0] for r in live["rows"]] == ["none", "best-fixed", "fixed:4", "mlp"]
+        assert row(live, "mlp")["tok/s"] == ("11.0", "")
+        assert table(page, section, "Live per task, tokens/s ratio to none")["rows"]
+
+
+def test_page_is_self_contained_with_inline_plots(report):
+    out, page, _ = report
+    html = (out / "report.html").read_text()
+    assert not {"script", "link", "iframe"} & page.tags
+    assert "http://" not in html and "https://" not in html
+    assert len(page.images) == 4  # goodput, gamma histogram, acceptance, cost model (no predictor dir here)
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(page.images) == len(set(page.images))
+
+
+def test_markdown_says_what_the_page_says(report):
+    out, page, _ = report
+    md = (out / "report.md").read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith("# SpecKV") and lines[2].startswith("**The predictor pays**")
+    assert "| first-token-oracle | 65% [45%, 85%] | 65% [45%, 85%] | 65% [45%, 85%] |" in lines
+    captions = {t["caption"] for s in page.sections.values() for t in s["tables"] if t["caption"]}
+    for caption in captions:
+        assert f"**{caption.replace('none', '`none`')}**" in md or f"**{caption}**" in md
+    assert md.count("](") == len(page.images)  # each plot linked once
+
+
+def test_dvc_plot_data_and_metrics(report):
+    out, _, metrics = report
+    summary = json.loads((out.parent / "eval" / "summary.json").read_text())
+    ratios = pd.read_csv(out / "plots" / "replay_vs_best_fixed.csv").set_index("policy")
+    expected = summary["replay"]["test"]["vs_best_fixed"]["all"]["mlp"]["vs_best-fixed"]["ratio"]
+    assert ratios.loc["mlp", "ratio"] == pytest.approx(expected)
+    assert "best-fixed" not in ratios.index  # no ratio of the base to itself
+    shares = pd.read_csv(out / "plots" / "gap_share.csv").set_index("policy")
+    assert shares.loc["first-token-oracle", "share"] == pytest.approx(0.65)
+    acceptance = pd.read_csv(out / "plots" / "acceptance_by_position.csv")
+    assert list(acceptance.columns) == ["position", "fp32", "int8"] and list(acceptance["position"]) == [
+        *range(1, 7)
+    ]
+    assert metrics["replay"]["oracle_gap_share"] == pytest.approx(0.40)
+    assert metrics["live"]["speedup_mlp_vs_best_fixed_low"] == pytest.approx(1.05)
+
+
+def test_replay_only_evaluation_decides_on_replay(tmp_path):
+    config = write_evaluation(tmp_path, live=False)
+    build_report(config)
+    page = Page()
+    page.feed((tmp_path / "report" / "report.html").read_text())
+    assert "replay (modelled time)" in page.verdict[1]
+    assert "live" not in page.sections and "provenance" not in page.sections
+    assert not (tmp_path / "report" / "provenance.json").exists()
+    numbers = table(page, "headline", "Tokens/s ratios on test prompts")
+    assert row(numbers, "MLP vs best-fixed")["live wall-clock [95% CI]"] == ("n/a", "")
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "tone", "words"),
+    [(1.02, 1.2, "up", "pays"), (0.8, 0.97, "down", "does not pay"), (0.97, 1.03, "", "No evidence")],
+)
+def test_verdict_follows_the_interval(low, high, tone, words):
+    ci = {"ratio": (low + high) / 2, "low": low, "high": high}
+    replay_ci = {"ratio": 2.0, "low": 1.9, "high": 2.1}  # must be ignored: live runs decide when present
+    summary = {
+        "live": {"ratios": {"mlp_vs_best-fixed": ci}},
+        "replay": {"test": {"vs_best_fixed": {"all": {"mlp": {"vs_best-fixed": replay_ci}}}}},
+    }
+    got_tone, sentence = verdict(summary)
+    assert got_tone == tone and words in sentence and "live wall-clock" in sentence
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+
+
+def test_git_state_sees_the_commit_and_dirty_files(tmp_path):
+    assert git_state(tmp_path) == {"commit": None, "dirty": None, "changed": None}
+    git(tmp_path, "init", "-q")
+    (tmp_path / "a.txt").write_text("one\n")
+    git(tmp_path, "add", "a.txt")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    clean = git_state(tmp_path)
+    assert clean == {"commit": git(tmp_path, "rev-parse", "HEAD").strip(), "dirty": False, "changed": []}
+    (tmp_path / "a.txt").write_text("two\n")
+    assert git_state(tmp_path)["dirty"] is True and git_state(tmp_path)["changed"] == ["a.txt"]
+
+
+def test_params_hash_ignores_comments_not_values(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  seed: 0  # a comment\n  lr: 0.1\n")
+    base = params_hash(path)
+    path.write_text("train:\n  lr: 0.1\n  seed: 0  # another comment\n")
+    assert params_hash(path) == base
+    path.write_text("train:\n  lr: 0.1\n  seed: 1\n")
+    assert params_hash(path) != base
+
+
+def test_cpu_flags_and_capability_agree():
+    assert cpu_flags("processor: 0\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n") == [
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512_bf16",
+    ]
+    assert cpu_flags("no flags line") == []
+    cpu = collect(ROOT, ROOT / "params.yaml")["cpu"]
+    # torch picks its kernels from what the CPU reports: the two must not contradict each other
+    if cpu["capability"] == "AVX512":
+        assert "avx512f" in cpu["flags"]
+    if cpu["capability"] in ("AVX2", "AVX512"):
+        assert "avx2" in cpu["flags"]
+    assert cpu["native_bf16"] == ("avx512_bf16" in cpu["flags"] or "amx_bf16" in cpu["flags"])
