@@ -28,6 +28,7 @@ def tokenizer():
     return char_tokenizer()
 
 
+@pytest.mark.slow  # ~2 min: every controller on three compressions (bitsandbytes on CPU is slow)
 @pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
 def test_greedy_is_lossless_for_every_controller(tiny_pair_dir, tokenizer, compression):
     target_dir, draft_dir = tiny_pair_dir
@@ -136,6 +137,7 @@ def test_rejection_sampling_keeps_the_target_distribution():
     assert chisquare(biased, p[0].numpy() * n).pvalue < 1e-6
 
 
+@pytest.mark.slow  # ~1 min: 1,500 sampled generations for the chi-square test
 def test_sampled_sequences_follow_the_target():
     """End to end on a tiny model: the law of the first two generated tokens equals the target's."""
     vocab = 32

@@ -10,7 +10,7 @@ from tiny import char_tokenizer
 from pipeline.cli import main
 from pipeline.config import ConfigError, from_dict
 from predictor.evaluate import EvaluateConfig, alias_version, promotion
-from predictor.registry import MODEL_NAME, log_training_run, promote
+from predictor.registry import log_training_run, promote
 from predictor.report import ReportConfig, build_report
 from profiling.errors import SpeckvError
 
@@ -85,15 +85,22 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
 
     assert main(["report"]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    for key in (
-        "speedup_mlp_vs_best_fixed",
-        "speedup_mlp_vs_fixed4",
-        "speedup_mlp_vs_none",
-        "speedup_mlp_vs_hf_assisted",
-    ):
-        assert metrics["live"][key] > 0
+    # each headline speedup is the pooled tokens/s of the MLP's live runs over the base's, inside its CI
+    rate = live.groupby("policy")["new_tokens"].sum() / live.groupby("policy")["wall_s"].sum()
+    for base, key in (("best-fixed", "best_fixed"), ("fixed:4", "fixed4"), ("none", "none")):
+        speedup = metrics["live"][f"speedup_mlp_vs_{key}"]
+        assert speedup == pytest.approx(rate["mlp"] / rate[base], rel=1e-6)
+        assert (
+            metrics["live"][f"speedup_mlp_vs_{key}_low"]
+            <= speedup
+            <= metrics["live"][f"speedup_mlp_vs_{key}_high"]
+        )
     assert metrics["live"]["lossless"] is True
-    assert "oracle_gap_share" in metrics["replay"] and metrics["overhead"]["decision_ms"] > 0
+    # the gap share is (MLP - best fixed) / (oracle - best fixed) in pooled test tokens/s
+    replay_ = metrics["replay"]
+    closed = (replay_["speedup_mlp_vs_best_fixed"] - 1) / (replay_["speedup_oracle_vs_best_fixed"] - 1)
+    assert replay_["oracle_gap_share"] == pytest.approx(closed)
+    assert metrics["overhead"]["decision_ms"] < 1.0  # a drafted token costs tens of ms; a decision far less
     report = (tmp_path / "report" / "report.md").read_text().splitlines()
     assert "predictor" in report[0] and "pay" in report[2]
     assert "MLP vs best-fixed" in "\n".join(report[:12])
@@ -126,6 +133,7 @@ def dev_frame(mlp_ms: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.mark.slow  # MLflow round trips
 def test_promotion_gate(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     export = write_mlp_export(tmp_path / "export")
@@ -142,7 +150,6 @@ def test_promotion_gate(tmp_path):
     assert better["promoted"] and better["version"] == "2"
     assert alias_version("champion", uri) == "2"
     assert alias_version("nope", uri) is None
-    assert MODEL_NAME in alias_version.__doc__
 
 
 def test_bad_inputs_fail_clearly(tmp_path, monkeypatch):
