@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test lint bench
+.PHONY: setup repro test test-fast test-slow lint bench
 
 setup: $(VENV)/.installed
 
@@ -22,10 +22,20 @@ $(VENV)/.installed: pyproject.toml
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
+# The whole suite, in two halves: the fast tests first (a quick failure stops the run), then those marked
+# `slow` (real decoding at three compressions, 1,500 sampled generations, MLflow round trips, dvc status).
+test: test-fast test-slow
+
 # pytest exits 5 when it collects nothing: that is a failure here, not a pass.
-test: setup
-	@$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+PYTEST = @$(BIN)/python -m pytest -q -p no:cacheprovider $(1); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# For development: everything but the slow tests (about a minute here).
+test-fast: setup
+	$(call PYTEST,-m "not slow")
+
+test-slow: setup
+	$(call PYTEST,-m slow)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
