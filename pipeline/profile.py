@@ -42,8 +42,8 @@ class ProfileConfig:
     compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])  # one run each
     prompts: str = "artifacts/prompts/prompts.jsonl"  # tokenized prompt file with splits
     per_task: dict = field(
-        default_factory=lambda: {"train": 4, "dev": 2, "test": 2}
-    )  # prompts per task, split
+        default_factory=lambda: {"train": 2}
+    )  # prompts per task and split run through the decode loop with the recorder on (timings, sampling, paper)
     controllers: list[str] = field(default_factory=lambda: ["fixed:8"])  # full drafts label every position
     gamma_max: int = 8  # most tokens drafted per step
     max_new_tokens: int = 48  # generated tokens per prompt
@@ -51,7 +51,10 @@ class ProfileConfig:
     top_k: int = 0  # sampling only; 0 keeps all tokens
     top_p: float = 1.0  # sampling only
     seed: int = 0  # sampling generator seed
-    trace_splits: list[str] = field(default_factory=lambda: ["dev", "test"])  # prompts with dense traces
+    trace_per_task: dict = field(
+        default_factory=lambda: {"train": 20, "dev": 10, "test": 10}
+    )  # prompts per task and split with a dense greedy trace (the predictor's rows, replay, the oracle)
+    trace_batch: int = 16  # target continuations decoded together when tracing
     out_dir: str = "artifacts/profile"  # tokens/, steps/, traces/ (hive: compression=/task=)
     threads: int = 2  # torch CPU threads
     cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
@@ -122,8 +125,11 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
 
     cfg = load_section(ProfileConfig, "profile", args.params)
     compressions = _select(cfg.compressions, args.compression)
-    if not set(cfg.per_task) <= {"train", "dev", "test"}:
-        raise SpeckvError(f"profile.per_task keys must be train/dev/test, got {sorted(cfg.per_task)}")
+    for name in ("per_task", "trace_per_task"):
+        if not set(getattr(cfg, name)) <= {"train", "dev", "test"}:
+            raise SpeckvError(f"profile.{name} keys must be train/dev/test, got {sorted(getattr(cfg, name))}")
+    if cfg.trace_batch < 1:
+        raise SpeckvError(f"profile.trace_batch must be >= 1, got {cfg.trace_batch}")
     decode = DecodeConfig(
         max_new_tokens=cfg.max_new_tokens,
         gamma_max=cfg.gamma_max,
@@ -133,11 +139,15 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
         seed=cfg.seed,
     )
     decode.validate()
-    prompts = []
+    prompts, trace_prompts = [], []
     for split, n in cfg.per_task.items():
-        prompts += load_prompt_file(cfg.prompts, splits=[split], per_task=int(n))
-    if not prompts:
-        raise SpeckvError("no prompts selected: check profile.per_task and the prompt file")
+        prompts += load_prompt_file(cfg.prompts, splits=[split], per_task=int(n)) if n else []
+    for split, n in cfg.trace_per_task.items():
+        trace_prompts += load_prompt_file(cfg.prompts, splits=[split], per_task=int(n)) if n else []
+    if not prompts and not trace_prompts:
+        raise SpeckvError(
+            "no prompts selected: check profile.per_task, profile.trace_per_task and the prompt file"
+        )
     torch.set_num_threads(cfg.threads)
     for compression in compressions:
         pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels)
@@ -164,9 +174,10 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
             cfg.controllers,
             decode_c,
             Path(cfg.out_dir),
-            cfg.trace_splits,
+            trace_prompts,
             meta,
             progress=not args.no_progress,
+            trace_batch=cfg.trace_batch,
         )
         log.info("%s: %s", compression, json.dumps(counts))
         del pair

@@ -120,3 +120,66 @@ def split_drafts(tokens: pd.DataFrame, split: str) -> tuple[np.ndarray, pd.DataF
     X = table_features(rows)
     check_finite(X, np.zeros(len(rows)), f"split {split!r} drafts")
     return X, rows
+
+
+def trace_token_frame(traces: list) -> pd.DataFrame:
+    """Token-table-like rows from dense greedy traces: every position, every draft index up to gamma_max.
+
+    Token j drafted at position i is labelled while the draft had matched the target so far (j <= match_len)
+    and accepted iff j < match_len: exact labels, whatever policy would have drafted there. Each position
+    is one "step" (step = new_index) of a controller named `trace`, so running aggregates restart per draft.
+    """
+    from profiling.signals import SIGNALS
+
+    frames = []
+    for t in traces:
+        n, g = t.n_new, t.gamma_max
+        j = np.tile(np.arange(g), n)
+        i = np.repeat(np.arange(n), g)
+        match = t.match_len[i]
+        frame = {
+            "prompt_id": t.prompt_id,
+            "task": t.task,
+            "split": t.split,
+            "compression": t.compression,
+            "controller": "trace",
+            "mode": "greedy",
+            "step": i,
+            "draft_index": j,
+            "position": t.position[i] + j,
+            "target_top1": t.target_top1[i],
+            "target_entropy": t.target_entropy[i],
+            "target_recent": t.target_recent[i],
+            "accepted": j < match,
+            "labelled": j <= match,
+            "accept_prob": np.nan,
+        }
+        for k, name in enumerate(SIGNALS):
+            frame[name] = t.signals[:, :, k].reshape(-1)
+        frames.append(pd.DataFrame(frame))
+    if not frames:
+        raise SpeckvError("no traces to build predictor rows from")
+    return pd.concat(frames, ignore_index=True)
+
+
+def trace_start_frame(traces: list) -> pd.DataFrame:
+    """One row per trace position: what is known at step start, and whether the first draft is accepted."""
+    frames = [
+        pd.DataFrame(
+            {
+                "prompt_id": t.prompt_id,
+                "task": t.task,
+                "split": t.split,
+                "compression": t.compression,
+                "position": t.position,
+                "target_top1": t.target_top1,
+                "target_entropy": t.target_entropy,
+                "target_recent": t.target_recent,
+                "first_accepted": t.match_len > 0,
+            }
+        )
+        for t in traces
+    ]
+    if not frames:
+        raise SpeckvError("no traces to build step-start rows from")
+    return pd.concat(frames, ignore_index=True)

@@ -21,13 +21,21 @@ from predictor.replay import ReplayResult, Trace, load_traces, oracle, replay
 from predictor.stats import gap_share, paired_ratio, pooled_rate
 from profiling.atomic import atomic_path, write_text
 from profiling.controllers import Controller, parse_controller
-from profiling.costmodel import CostModel
+from profiling.costmodel import CostModel, StepCosts
 from profiling.errors import SpeckvError
 
 log = logging.getLogger(__name__)
 
 # Roles resolved after dev tuning; every other live entry is a parse_controller spec or an hf-* role.
-TUNED_ROLES = ("best-fixed", "threshold:tuned", "entropy:tuned", "mlp")
+TUNED_ROLES = (
+    "best-fixed",
+    "threshold:tuned",
+    "entropy:tuned",
+    "threshold:tuned+trim",
+    "entropy:tuned+trim",
+    "mlp",
+)
+FIRST_TOKEN_ORACLE = "first-token-oracle"  # replay only: hindsight on the draft-or-not decision alone
 
 
 @dataclass
@@ -106,6 +114,10 @@ class PolicyFactory:
             if self._predictor is None:
                 self._predictor = load_export(self.export_dir)
             return MLPController(self._predictor, self.gamma_max, compression, name="mlp")
+        if spec.startswith(FIRST_TOKEN_ORACLE + ":"):
+            from predictor.replay import FirstTokenOracle
+
+            return FirstTokenOracle(parse_controller(spec.split(":", 1)[1], self.gamma_max, compression))
         if spec == "paper":
             from predictor.paper import PaperController
 
@@ -173,6 +185,8 @@ def tune_on_dev(
             "best-fixed": ["none", *(f"fixed:{k}" for k in range(1, config.gamma_max + 1))],
             "threshold:tuned": [f"threshold:{p:g}" for p in config.threshold_grid],
             "entropy:tuned": [f"entropy:{h:g}" for h in config.entropy_grid],
+            "threshold:tuned+trim": [f"threshold:{p:g}+trim" for p in config.threshold_grid],
+            "entropy:tuned+trim": [f"entropy:{h:g}+trim" for h in config.entropy_grid],
         }
         tuned[compression] = {"dev_goodput": {}}
         for role, specs in candidates.items():
@@ -184,6 +198,9 @@ def tune_on_dev(
             tuned[compression][role] = best
             tuned[compression]["dev_goodput"].update(scores)
         tuned[compression]["mlp"] = "mlp"
+        tuned[compression][FIRST_TOKEN_ORACLE] = (
+            f"{FIRST_TOKEN_ORACLE}:{tuned[compression]['threshold:tuned']}"
+        )
         log.info(
             "dev tuning %s: %s",
             compression,
@@ -195,8 +212,14 @@ def tune_on_dev(
 def replay_policies(gamma_max: int, has_paper: bool) -> list[str]:
     """Role names of every policy replayed, in report order."""
     roles = ["none", *(f"fixed:{k}" for k in range(1, gamma_max + 1)), "best-fixed", "heuristic"]
-    roles += ["threshold:0.4", "threshold:tuned", "entropy:tuned"]
-    return roles + (["paper"] if has_paper else []) + ["mlp", "oracle"]
+    roles += [
+        "threshold:0.4",
+        "threshold:tuned",
+        "threshold:tuned+trim",
+        "entropy:tuned",
+        "entropy:tuned+trim",
+    ]
+    return roles + (["paper"] if has_paper else []) + ["mlp", FIRST_TOKEN_ORACLE, "oracle"]
 
 
 def run_replay(
@@ -257,6 +280,32 @@ def compare(
     return out
 
 
+def gap_shares(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) -> dict[str, dict[str, dict]]:
+    """Per policy: the share of the oracle-over-best-fixed gap it closes, over all test traces, per
+    compression and per compression/task (paired bootstrap over prompts)."""
+    groups = [("all", frame)]
+    groups += [(str(c), g) for c, g in frame.groupby("compression")]
+    groups += [(f"{c}/{t}", g) for (c, t), g in frame.groupby(["compression", "task"])]
+    out: dict[str, dict[str, dict]] = {}
+    for role in roles:
+        if role in ("best-fixed", "oracle") or role not in set(frame["policy"]):
+            continue
+        out[role] = {
+            name: gap_share(
+                group,
+                role,
+                "best-fixed",
+                "oracle",
+                time_col="_s",
+                n_boot=config.n_boot,
+                level=config.ci_level,
+                seed=config.seed,
+            )
+            for name, group in groups
+        }
+    return out
+
+
 def decision_overhead_ms(export_dir: str, calls: int) -> float:
     """ms per drafted token of the MLP controller's keep_drafting on the real export (as bench_overhead)."""
     from predictor.bench_overhead import per_call_ms
@@ -269,7 +318,15 @@ def decision_overhead_ms(export_dir: str, calls: int) -> float:
     gamma_max = int(predictor.stop_rule["gamma_max"])
     controller = MLPController(predictor, gamma_max, compression, name="mlp")
     ctx = StepContext(
-        step=3, position=200, new_tokens=20, prev_gamma=4, prev_accepted=2, compression=compression
+        step=3,
+        position=200,
+        new_tokens=20,
+        prev_gamma=4,
+        prev_accepted=2,
+        compression=compression,
+        target_top1=0.8,
+        target_entropy=0.7,
+        target_recent=0.8,
     )
     p = np.random.default_rng(0).uniform(0.2, 1.0, 4096)
     tokens = [
@@ -335,7 +392,7 @@ def promotion(dev_frame: pd.DataFrame, config: EvaluateConfig) -> dict[str, Any]
     return decision
 
 
-def load_costs(calibrate_dir: str, compressions: list[str], gamma_max: int) -> dict[str, list[float]]:
+def load_costs(calibrate_dir: str, compressions: list[str], gamma_max: int) -> dict[str, StepCosts]:
     costs = {}
     for c in compressions:
         cost = CostModel.load(Path(calibrate_dir) / f"{c}.json")
@@ -343,7 +400,7 @@ def load_costs(calibrate_dir: str, compressions: list[str], gamma_max: int) -> d
             raise SpeckvError(
                 f"cost model {c} covers gamma up to {cost.gamma_max}, evaluate.gamma_max is {gamma_max}"
             )
-        costs[c] = [cost.step_ms(k) for k in range(gamma_max + 1)]
+        costs[c] = cost.step_costs(gamma_max)
     return costs
 
 
@@ -377,7 +434,7 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
                 roles[spec] = spec
             else:
                 concrete = tuned.get(compression, {}).get(spec, spec) if spec in TUNED_ROLES else spec
-                if spec in TUNED_ROLES[:3] and compression not in tuned:
+                if spec in TUNED_ROLES and spec != "mlp" and compression not in tuned:
                     raise SpeckvError(f"live {spec} on {compression} needs dev traces of {compression}")
                 roles[spec] = make(concrete, compression)
         rows += run_live(pair, prompts, roles, decode, config.warmup_tokens)
@@ -430,23 +487,15 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         }
     summary["replay"]["test"]["by_task"] = compare(
         replay_frame[replay_frame["split"] == "test"],
-        ["best-fixed", "mlp", "paper", "threshold:tuned", "oracle"],
+        ["best-fixed", "mlp", "paper", "threshold:tuned", FIRST_TOKEN_ORACLE, "oracle"],
         "best-fixed",
         "model_ms",
         config,
         by=("compression", "task"),
     )
     test_frame = replay_frame[replay_frame["split"] == "test"].assign(_s=lambda f: f["model_ms"] / 1000.0)
-    summary["replay"]["oracle_gap_share"] = gap_share(
-        test_frame,
-        "mlp",
-        "best-fixed",
-        "oracle",
-        time_col="_s",
-        n_boot=config.n_boot,
-        level=config.ci_level,
-        seed=config.seed,
-    )
+    summary["replay"]["gap_share"] = gap_shares(test_frame, roles, config)
+    summary["replay"]["oracle_gap_share"] = summary["replay"]["gap_share"]["mlp"]["all"]
     summary["promotion"] = promotion(replay_frame[replay_frame["split"] == "dev"], config)
     log.info("promotion: %s", summary["promotion"]["reason"])
     summary["overhead"] = {"decision_ms": decision_overhead_ms(config.export_dir, config.overhead_calls)}

@@ -1,7 +1,8 @@
 """Writing the trained predictor as a safe export: `weights.npz` (numpy arrays, no pickle) + `model.json`.
 
-model.json holds the feature list, the calibration, the stop rule (discount, gamma_max, per-compression
-step_ms table from the cost models) and the training config; predictor.runtime loads it with numpy alone.
+model.json holds the feature lists (token model and step-start model), the calibration, the stop rule
+(discount, start_discount, trim, gamma_max, per-compression step_ms and draft_ms from the cost models) and the
+training config; predictor.runtime loads it with numpy alone.
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from predictor.features import COMPRESSIONS, FEATURES
-from predictor.runtime import EXPORT_FORMAT, META_FILE, WEIGHTS_FILE, AcceptancePredictor
+from predictor.features import COMPRESSIONS, FEATURES, START_FEATURES
+from predictor.runtime import (
+    EXPORT_FORMAT,
+    META_FILE,
+    START_PREFIX,
+    WEIGHTS_FILE,
+    AcceptancePredictor,
+    start_predictor,
+)
 
 
 def mlp_weights(model: Pipeline) -> dict[str, np.ndarray]:
@@ -38,6 +46,7 @@ def build_meta(
     return {
         "format": EXPORT_FORMAT,
         "features": list(FEATURES),
+        "start": {"features": list(START_FEATURES), "calibration": {"kind": "none"}},
         "compressions": list(COMPRESSIONS),
         "activation": "relu",
         "output": "logistic",
@@ -49,12 +58,19 @@ def build_meta(
 
 
 def build_predictor(
-    model: Pipeline, calibration: dict[str, Any], arrays: dict[str, np.ndarray], meta: dict[str, Any]
+    model: Pipeline,
+    calibration: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    meta: dict[str, Any],
+    start_model: Pipeline,
 ) -> tuple[AcceptancePredictor, dict[str, np.ndarray]]:
-    """The runtime predictor exactly as it will be exported, so training scores what is deployed."""
-    weights = {**mlp_weights(model), **arrays}
-    meta = {**meta, "calibration": calibration}
-    return AcceptancePredictor({k: np.asarray(v, np.float64) for k, v in weights.items()}, meta), weights
+    """The runtime predictor (with its step-start model) exactly as it will be exported, so training scores
+    what is deployed."""
+    start = {f"{START_PREFIX}{k}": v for k, v in mlp_weights(start_model).items()}
+    weights = {k: np.asarray(v, np.float64) for k, v in {**mlp_weights(model), **arrays, **start}.items()}
+    predictor = AcceptancePredictor(weights, {**meta, "calibration": calibration})
+    predictor.start = start_predictor(predictor, weights)
+    return predictor, weights
 
 
 def write_export(path: str | Path, weights: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:

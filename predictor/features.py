@@ -1,4 +1,5 @@
-"""The acceptance predictor's input: what is known right after a token is drafted, before the target sees it.
+"""The acceptance predictor's input: what is known right after a token is drafted, before the target sees it,
+and the step-start model's: what is known before anything is drafted.
 
 One vector per drafted token, in FEATURES order. `table_features` builds it from the profiled token table,
 `live_features` from the decode loop's TokenSignals + RunningStats + StepContext; a test holds them equal.
@@ -24,8 +25,16 @@ if TYPE_CHECKING:
 # Fixed so that a model trained on CPU compressions still accepts a GPU one's vector (and rejects unknowns).
 COMPRESSIONS = ("fp32", "fp16", "bf16", "int8", "nf4")
 RUNNING = tuple(running_columns())
-CONTEXT = ("draft_index", "log1p_position", "prev_accepted", "prev_gamma")
-FEATURES = (*SIGNALS, *RUNNING, *CONTEXT, *(f"compression={c}" for c in COMPRESSIONS))
+ONE_HOT = tuple(f"compression={c}" for c in COMPRESSIONS)
+# The target's confidence where it chose the last committed token (and over the last few): free with the
+# verify pass, known before drafting, and the same whatever gamma policy produced the context. (The previous
+# step's gamma and accepted count were dropped: they depend on the policy that ran, so rows from traces
+# could not carry them.)
+TARGET = ("target_top1", "target_entropy", "target_recent")
+CONTEXT = ("draft_index", "log1p_position", *TARGET)
+FEATURES = (*SIGNALS, *RUNNING, *CONTEXT, *ONE_HOT)
+# The step-start model: what is known before the first token is drafted (draft at all?).
+START_FEATURES = (*TARGET, "log1p_position", *ONE_HOT)
 
 # A draft is identified by its run and step; the running aggregates restart at each.
 STEP_KEYS = ("prompt_id", "task", "compression", "controller", "mode", "step")
@@ -71,10 +80,17 @@ def table_features(tokens: pd.DataFrame) -> np.ndarray:
     columns += [
         tokens["draft_index"].to_numpy(np.float64),
         np.log1p(tokens["position"].to_numpy(np.float64)),
-        tokens["prev_accepted"].to_numpy(np.float64),
-        tokens["prev_gamma"].to_numpy(np.float64),
+        *(tokens[c].to_numpy(np.float64) for c in TARGET),
     ]
     return np.column_stack([*columns, one_hot.reshape(len(tokens), len(COMPRESSIONS))])
+
+
+def table_start_features(steps: pd.DataFrame) -> np.ndarray:
+    """The (rows, len(START_FEATURES)) matrix of step-start rows (target_* columns, position = step start)."""
+    one_hot = np.array([compression_one_hot(c) for c in steps["compression"].astype(str)], dtype=np.float64)
+    columns = [steps[c].to_numpy(np.float64) for c in TARGET]
+    columns.append(np.log1p(steps["position"].to_numpy(np.float64)))
+    return np.column_stack([*columns, one_hot.reshape(len(steps), len(COMPRESSIONS))])
 
 
 def live_features(
@@ -89,8 +105,21 @@ def live_features(
         *[running[c] for c in RUNNING],
         signals.draft_index,
         math.log1p(signals.position),
-        ctx.prev_accepted,
-        ctx.prev_gamma,
+        ctx.target_top1,
+        ctx.target_entropy,
+        ctx.target_recent,
+        *compression_one_hot(ctx.compression),
+    ]
+    return out
+
+
+def live_start_features(ctx: StepContext, out: np.ndarray) -> np.ndarray:
+    """Fill `out` (len(START_FEATURES),) at step start, before anything is drafted."""
+    out[:] = [
+        ctx.target_top1,
+        ctx.target_entropy,
+        ctx.target_recent,
+        math.log1p(ctx.position),
         *compression_one_hot(ctx.compression),
     ]
     return out

@@ -37,7 +37,11 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "entropy + running aggs": _with_aggregates("entropy"),
     "draft_index": ("draft_index",),
     "position": ("log1p_position",),
-    "previous step (prev_accepted, prev_gamma)": ("prev_accepted", "prev_gamma"),
+    "target confidence (target_top1, target_entropy, target_recent)": (
+        "target_top1",
+        "target_entropy",
+        "target_recent",
+    ),
     "compression": tuple(f"compression={c}" for c in COMPRESSIONS),
 }
 
@@ -61,15 +65,22 @@ def scorer(scoring: str) -> Callable[[object, np.ndarray, np.ndarray], float]:
 
 
 def feature_importance(
-    predictor: AcceptancePredictor, X: np.ndarray, y: np.ndarray, scoring: str, n_repeats: int, seed: int
+    predictor: AcceptancePredictor,
+    X: np.ndarray,
+    y: np.ndarray,
+    scoring: str,
+    n_repeats: int,
+    seed: int,
+    names: tuple[str, ...] = FEATURES,
 ) -> dict[str, dict[str, float]]:
-    """sklearn's permutation importance of each feature: mean and std of the score drop over repeats."""
+    """sklearn's permutation importance of each feature (`names`, X's columns): mean and std of the score
+    drop over repeats."""
     result = permutation_importance(
         FrozenEstimator(predictor), X, y, scoring=scorer(scoring), n_repeats=n_repeats, random_state=seed
     )
     return {
         name: {"mean": float(m), "std": float(s)}
-        for name, m, s in zip(FEATURES, result.importances_mean, result.importances_std, strict=True)
+        for name, m, s in zip(names, result.importances_mean, result.importances_std, strict=True)
     }
 
 

@@ -39,6 +39,7 @@ class PaperController:
     """Gamma per step from the step-rate regressor on the previous step's draft aggregates."""
 
     needs_signals = True  # the aggregates of each draft are collected as it is drafted
+    needs_target_signals = False
 
     def __init__(
         self,
@@ -75,6 +76,9 @@ class PaperController:
     def keep_drafting(self, signals: TokenSignals) -> bool:
         self._current = self._stats.update(signals)
         return True  # gamma was fixed at step start; this only collects the draft's aggregates
+
+    def submit(self, drafted: int) -> int:
+        return drafted
 
     def observe(self, drafted: int, accepted: int) -> None:
         # the loop asks about every drafted token but the budget's last: aggregates of the first k-1

@@ -18,9 +18,11 @@ import pandas as pd
 
 from profiling.controllers import Controller, StepContext
 from profiling.errors import SpeckvError
-from profiling.signals import SIGNALS, TokenSignals
+from profiling.schema import read_table
+from profiling.signals import RECENT_TOKENS, SIGNALS, TokenSignals, recent_mean
 
 TRACE_KEYS = ("compression", "task", "split", "prompt_id")
+TARGET_COLUMNS = ("target_top1", "target_entropy")
 
 
 @dataclass
@@ -34,6 +36,13 @@ class Trace:
     match_len: np.ndarray  # (n_new,) leading draft tokens equal to the target's continuation
     position: np.ndarray  # (n_new,) context length at each position
     signals: np.ndarray  # (n_new, gamma_max, len(SIGNALS)) the draft's signals per drafted token
+    target_top1: np.ndarray  # (n_new,) the target's confidence in the token before each position
+    target_entropy: np.ndarray  # (n_new,) nats
+
+    @property
+    def target_recent(self) -> np.ndarray:
+        """StepContext.target_recent at each position, as the decode loop's window computes it."""
+        return recent_mean(self.target_top1, RECENT_TOKENS)
 
     @property
     def n_new(self) -> int:
@@ -52,6 +61,7 @@ class ReplayResult:
     gammas: list[int] = field(default_factory=list)
     accepts: list[int] = field(default_factory=list)
     model_ms: float = 0.0
+    trimmed: int = 0  # drafted tokens dropped before the verify
 
     @property
     def goodput(self) -> float:
@@ -62,7 +72,9 @@ class ReplayResult:
 def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
     """Group TRACE_SCHEMA rows into one Trace per (compression, task, split, prompt), checking density."""
     missing = [
-        c for c in (*TRACE_KEYS, "new_index", "position", "match_len", "n_new", *SIGNALS) if c not in frame
+        c
+        for c in (*TRACE_KEYS, "new_index", "position", "match_len", "n_new", *SIGNALS, *TARGET_COLUMNS)
+        if c not in frame
     ]
     if missing:
         raise SpeckvError(f"trace table lacks columns {missing}")
@@ -86,6 +98,8 @@ def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
                 match_len=rows["match_len"].to_numpy(np.int64),
                 position=rows["position"].to_numpy(np.int64),
                 signals=signals,
+                target_top1=rows["target_top1"].to_numpy(np.float64),
+                target_entropy=rows["target_entropy"].to_numpy(np.float64),
             )
         )
     return traces
@@ -93,8 +107,6 @@ def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
 
 def load_traces(path: str | Path) -> list[Trace]:
     """Every trace under a hive-partitioned trace directory (compression=/task=)."""
-    from profiling.profile import read_table
-
     frame = read_table(Path(path), "traces").to_pandas()
     if frame.empty:
         raise SpeckvError(f"trace table at {path} holds no rows (run `speckv profile`)")
@@ -125,14 +137,17 @@ def replay(
 ) -> ReplayResult:
     """Run `controller` on `trace` exactly as speculative_generate would, without the models.
 
-    `step_ms[g]` is the modelled time of a step drafting g tokens; `max_new_tokens` (default: the trace's
-    length) caps drafting as the live loop does, at max_new_tokens - new_tokens - 1.
+    `step_ms[g]` is the modelled time of a step drafting g tokens; a trimmed step (drafted k, verified
+    n < k) costs `step_ms.trimmed(k, n)` (a profiling.costmodel.StepCosts). `max_new_tokens` (default: the
+    trace's length) caps drafting as the live loop does, at max_new_tokens - new_tokens - 1.
     """
     gamma_max = trace.gamma_max
     _step_costs(step_ms, gamma_max)
     limit = _limit(trace, max_new_tokens)
     result = ReplayResult(new_tokens=trace.n_new)
     controller.reset()
+    peek = getattr(controller, "peek", None)  # only hindsight policies (FirstTokenOracle) have it
+    recent = trace.target_recent
     i = prev_gamma = prev_accepted = 0
     while i < trace.n_new:
         ctx = StepContext(
@@ -142,7 +157,12 @@ def replay(
             prev_gamma=prev_gamma,
             prev_accepted=prev_accepted,
             compression=trace.compression,
+            target_top1=float(trace.target_top1[i]),
+            target_entropy=float(trace.target_entropy[i]),
+            target_recent=float(recent[i]),
         )
+        if peek is not None:
+            peek(int(trace.match_len[i]))
         budget = max(0, min(controller.start_step(ctx), gamma_max, limit - i - 1))
         k = budget
         if controller.needs_signals:
@@ -155,14 +175,49 @@ def replay(
                 if not controller.keep_drafting(signals):
                     k = j + 1
                     break
-        accepted = min(int(trace.match_len[i]), k)
-        result.gammas.append(k)
+        n = min(max(controller.submit(k), 0), k) if k else 0
+        accepted = min(int(trace.match_len[i]), n)
+        result.gammas.append(n)
         result.accepts.append(accepted)
-        result.model_ms += step_ms[k]
-        controller.observe(k, accepted)
-        prev_gamma, prev_accepted = k, accepted
+        result.model_ms += step_ms[k] if n == k else step_ms.trimmed(k, n)
+        result.trimmed += k - n
+        controller.observe(n, accepted)
+        prev_gamma, prev_accepted = n, accepted
         i += min(accepted + 1, trace.n_new - i)
     return result
+
+
+class FirstTokenOracle:
+    """Hindsight at step start only: told whether the first drafted token will be accepted, it drafts
+    nothing when it will not, and otherwise lets `inner` (the dev-tuned threshold) decide. Replay only: it
+    shows how much of the oracle's gap lives in the draft-or-not decision."""
+
+    name = "first-token-oracle"
+
+    def __init__(self, inner: Controller) -> None:
+        self.inner = inner
+        self.needs_signals = inner.needs_signals
+        self.needs_target_signals = False
+        self._first_accepted = True
+
+    def peek(self, match_len: int) -> None:
+        self._first_accepted = match_len > 0
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def start_step(self, ctx: StepContext) -> int:
+        budget = self.inner.start_step(ctx)
+        return budget if self._first_accepted else 0
+
+    def keep_drafting(self, signals: TokenSignals) -> bool:
+        return self.inner.keep_drafting(signals)
+
+    def submit(self, drafted: int) -> int:
+        return self.inner.submit(drafted)
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.inner.observe(drafted, accepted)
 
 
 def oracle(trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = None) -> ReplayResult:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from profiling.controllers import StepContext
     from profiling.signals import TokenSignals
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: a step-start model (start_* weights, meta["start"]) and trim in the stop rule
 WEIGHTS_FILE = "weights.npz"
 META_FILE = "model.json"
 WEIGHT_NAMES = ("scaler_mean", "scaler_scale", "W1", "b1", "W2", "b2")
@@ -64,6 +64,7 @@ class AcceptancePredictor:
         self.scale = weights["scaler_scale"]
         self.W1, self.b1 = weights["W1"], weights["b1"]
         self.w2, self.b2 = weights["W2"].reshape(-1), float(weights["b2"].reshape(-1)[0])
+        self.start: AcceptancePredictor | None = None  # the step-start model, set by load_export / training
         self.iso_x = weights.get("iso_x")
         self.iso_y = weights.get("iso_y")
         # The scaler folded into the first layer, for the one-row path of the decode loop.
@@ -123,25 +124,35 @@ def load_export(path: str | Path) -> AcceptancePredictor:
     if missing or meta.get("calibration", {}).get("kind") == "isotonic" and "iso_x" not in weights:
         raise SpeckvError(f"predictor export {path} lacks weights {missing or ['iso_x']}")
     try:
-        return AcceptancePredictor(weights, meta)
+        predictor = AcceptancePredictor(weights, meta)
+        predictor.start = start_predictor(predictor, weights)
     except KeyError as exc:
         raise SpeckvError(f"predictor export {path}: {META_FILE} lacks {exc}") from exc
+    return predictor
 
 
-# weight of the newest step in the running first-token acceptance (about the last 5 drafting steps)
-FIRST_ACCEPT_EMA = 0.2
-PROBE_EVERY = 8
+START_PREFIX = "start_"  # weights of the step-start model in the same weights.npz
+
+
+def start_predictor(predictor: AcceptancePredictor, weights: dict[str, np.ndarray]) -> AcceptancePredictor:
+    """The step-start model (first-token acceptance before drafting) stored beside the token model."""
+    meta = predictor.meta["start"]
+    sub = {k.removeprefix(START_PREFIX): v for k, v in weights.items() if k.startswith(START_PREFIX)}
+    return AcceptancePredictor(sub, {**meta, "stop_rule": predictor.stop_rule})
 
 
 class MLPController:
-    """Draft while the stop rule, fed by the MLP's per-token acceptance, expects more tokens per second."""
+    """Decisions at both ends of a draft, each maximising modelled tokens per second (predictor.policy):
+    draft at all (the step-start model's first-token acceptance), draft one more (the MLP's per-token
+    acceptance), and after stopping, verify fewer than drafted (trim) when the last tokens are not worth it."""
 
     needs_signals = True
+    needs_target_signals = True
 
     def __init__(self, predictor: AcceptancePredictor, gamma_max: int, compression: str, name: str) -> None:
         # profiling.signals imports torch (for distribution_signals), so it is imported only here, where a
         # decode loop already has torch loaded; load_export stays numpy-only.
-        from predictor.features import compression_one_hot, live_features
+        from predictor.features import compression_one_hot, live_features, live_start_features
         from profiling.signals import RunningStats
 
         compression_one_hot(compression)  # an unknown compression fails here, not mid-generation
@@ -160,55 +171,65 @@ class MLPController:
             )
         self.name = name
         self.predictor = predictor
+        self.start = predictor.start
         self.gamma_max = gamma_max
         self.compression = compression
         self.discount = float(rule["discount"])
+        self.start_discount = float(rule["start_discount"])
+        self.trim = bool(rule["trim"])
         self.step_ms = tuple(float(t) for t in rule["step_ms"][compression][: gamma_max + 1])
+        self.draft_ms = float(rule["draft_ms"][compression])
         self._features = live_features
+        self._start_features = live_start_features
         self._stats = RunningStats()
         self._x = np.zeros(len(predictor.features))
-        prior = rule.get("first_accept", {}).get(compression)
-        # nan (no train rows for this compression) or an old export: always draft, as before
-        self._first_prior = None if prior is None or prior != prior else float(prior)
+        self._x_start = np.zeros(len(self.start.features))
         self.reset()
 
     def reset(self) -> None:
         self._ctx: StepContext | None = None
-        self._k, self._survival, self._expected = 0, 1.0, 1.0
-        self._first_accept = self._first_prior
-        self._idle = 0  # steps in a row without drafting
+        self._expected = [1.0]  # E(k): expected tokens of a step verifying k drafted tokens, k = 0..
 
     def start_step(self, ctx: StepContext) -> int:
         if ctx.compression != self.compression:
             raise SpeckvError(f"{self.name} was loaded for {self.compression!r}, not {ctx.compression!r}")
         self._ctx = ctx
         self._stats.reset()
-        self._k, self._survival, self._expected = 0, 1.0, 1.0
-        # Draft at all? Nothing is drafted yet, so the stop rule runs on the running first-token acceptance:
-        # when even that cannot beat a plain target step in expected tokens per ms, the target goes alone.
-        # Every PROBE_EVERY idle steps it drafts anyway, so the estimate can recover when the text gets easier.
-        if (
-            self._first_accept is not None
-            and self._idle < PROBE_EVERY
-            and not keep_drafting(0, 1.0, 1.0, self._first_accept, self.step_ms, 1.0)
-        ):
-            self._idle += 1
+        self._survival = 1.0
+        self._expected = [1.0]
+        # Draft at all? Before any token exists only the step-start model can say how likely the first one
+        # is accepted; the same goodput rule decides, with its own tuned discount for the tokens after it.
+        p0 = self.start.predict_one(self._start_features(ctx, self._x_start))
+        if not keep_drafting(0, 1.0, 1.0, p0, self.step_ms, self.start_discount):
             return 0
-        self._idle = 0
         return self.gamma_max
 
     def keep_drafting(self, signals: TokenSignals) -> bool:
         running = self._stats.update(signals)
         p = self.predictor.predict_one(self._features(signals, running, self._ctx, self._x))
-        self._k += 1
         self._survival *= p
-        self._expected += self._survival
-        return keep_drafting(self._k, self._survival, self._expected, p, self.step_ms, self.discount)
+        self._expected.append(self._expected[-1] + self._survival)
+        k = len(self._expected) - 1
+        return keep_drafting(k, self._survival, self._expected[-1], p, self.step_ms, self.discount)
+
+    def submit(self, drafted: int) -> int:
+        """Trim: verify the prefix with the best expected tokens per ms, the drafting already paid for.
+
+        Only tokens the MLP has scored can be weighed; the budget's last token is never scored (the loop
+        asks nothing after it), so a draft that ran to its budget is verified whole.
+        """
+        scored = len(self._expected) - 1
+        if not self.trim or scored < drafted:
+            return drafted
+        sunk = drafted * self.draft_ms
+
+        def rate(n: int) -> float:
+            return self._expected[n] / (self.step_ms[n] - n * self.draft_ms + sunk)
+
+        return max(range(drafted + 1), key=lambda n: (rate(n), n))
 
     def observe(self, drafted: int, accepted: int) -> None:
-        """Track the first drafted token's acceptance (an EMA) for the next step's draft-or-not decision."""
-        if drafted and self._first_accept is not None:
-            self._first_accept += FIRST_ACCEPT_EMA * (float(accepted > 0) - self._first_accept)
+        pass
 
 
 def resolve_export_dir(ref: str) -> Path:

@@ -20,12 +20,29 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from predictor import importance, model, policy
-from predictor.dataset import Split, build_splits, load_tokens, select_runs, split_drafts
+from predictor import importance, model
+from predictor.dataset import (
+    Split,
+    build_splits,
+    load_tokens,
+    select_runs,
+    split_drafts,
+    trace_start_frame,
+    trace_token_frame,
+)
 from predictor.export import build_meta, build_predictor, write_export
-from predictor.features import COMPRESSIONS, FEATURES, RUNNING, STEP_KEYS
+from predictor.features import (
+    COMPRESSIONS,
+    FEATURES,
+    RUNNING,
+    START_FEATURES,
+    STEP_KEYS,
+    table_start_features,
+)
+from predictor.replay import Trace, load_traces, replay
+from predictor.runtime import AcceptancePredictor, MLPController
 from profiling.atomic import atomic_path, write_text
-from profiling.costmodel import CostModel
+from profiling.costmodel import CostModel, StepCosts
 from profiling.errors import SpeckvError
 
 log = logging.getLogger(__name__)
@@ -33,7 +50,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    tokens_dir: str = "artifacts/profile/tokens"  # profiled token table, hive-partitioned
+    traces_dir: str = "artifacts/profile/traces"  # dense greedy traces: the predictor's rows and replay
+    tokens_dir: str = "artifacts/profile/tokens"  # profiled token table: the paper's step regression only
     calibrate_dir: str = "artifacts/calibrate"  # cost models, one {compression}.json per compression
     out_dir: str = "artifacts/predictor"  # metrics.json, plots, importance.json
     export_dir: str = "artifacts/predictor/export"  # the deployed model (numpy-loadable)
@@ -47,6 +65,10 @@ class TrainConfig:
     max_iter: int = 500  # L-BFGS iterations
     calibrations: list[str] = field(default_factory=lambda: ["none", "platt", "isotonic"])
     discount_grid: list[float] = field(default_factory=lambda: [round(0.5 + 0.05 * i, 2) for i in range(15)])
+    start_discount_grid: list[float] = field(
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    )  # step-start rule discounts, tuned with discount by dev replay
+    trim_options: list[bool] = field(default_factory=lambda: [False, True])  # trim tried on and off on dev
     importance_scoring: str = "neg_log_loss"  # or roc_auc (greedy labels only are meaningful for AUC)
     importance_repeats: int = 5
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
@@ -65,6 +87,10 @@ class TrainConfig:
             problems.append(f"importance_scoring must be one of {importance.SCORINGS}")
         if not self.discount_grid or min(self.discount_grid) <= 0:
             problems.append("discount_grid must hold positive numbers")
+        if not self.start_discount_grid or min(self.start_discount_grid) <= 0:
+            problems.append("start_discount_grid must hold positive numbers")
+        if not self.trim_options or not all(isinstance(t, bool) for t in self.trim_options):
+            problems.append("trim_options must hold true and/or false")
         if not self.alpha_grid or min(self.alpha_grid) < 0:
             problems.append("alpha_grid must hold non-negative numbers")
         if self.hidden_units < 1 or self.max_iter < 1 or self.importance_repeats < 1:
@@ -79,25 +105,73 @@ def _atomic_figure(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def load_step_costs(calibrate_dir: str | Path, compressions: list[str]) -> dict[str, list[float]]:
-    """step_ms[k] for k = 0..gamma_max per compression, from the measured cost models."""
-    costs = {}
-    for c in compressions:
-        cost = CostModel.load(Path(calibrate_dir) / f"{c}.json")
-        costs[c] = [cost.step_ms(k) for k in range(cost.gamma_max + 1)]
-    return costs
+def load_step_costs(calibrate_dir: str | Path, compressions: list[str]) -> dict[str, StepCosts]:
+    """step_ms[k] for k = 0..gamma_max per compression (with draft_ms), from the measured cost models."""
+    return {c: CostModel.load(Path(calibrate_dir) / f"{c}.json").step_costs() for c in compressions}
 
 
-def replay_steps(rows: pd.DataFrame, p: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """Per step: predicted acceptances in draft order, the full draft's accepted count, compression."""
-    frame = rows[[*STEP_KEYS, "draft_index", "accepted", "labelled"]].assign(p=p)
-    frame = frame.sort_values([*STEP_KEYS, "draft_index"], kind="stable")
-    step_id = frame.groupby(list(STEP_KEYS), sort=False, observed=True).ngroup().to_numpy()
-    starts = np.r_[0, np.flatnonzero(np.diff(step_id)) + 1]
-    drafts = np.split(frame["p"].to_numpy(), starts[1:])
-    hits = (frame["accepted"] & frame["labelled"]).to_numpy(int)
-    compressions = frame["compression"].astype(str).to_numpy()[starts].tolist()
-    return drafts, np.add.reduceat(hits, starts), compressions
+def replay_mlp(
+    predictor: AcceptancePredictor, traces: list[Trace], costs: dict[str, StepCosts], gamma_max: int
+) -> pd.DataFrame:
+    """The deployed controller (MLPController) replayed on traces: one row per trace, modelled time."""
+    rows = []
+    controllers = {c: MLPController(predictor, gamma_max, c, name="mlp") for c in costs}
+    for trace in traces:
+        result = replay(controllers[trace.compression], trace, costs[trace.compression])
+        rows.append(
+            {
+                "compression": trace.compression,
+                "prompt_id": trace.prompt_id,
+                "task": trace.task,
+                "new_tokens": result.new_tokens,
+                "model_ms": result.model_ms,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pooled_goodput(frame: pd.DataFrame) -> float:
+    return 1000.0 * float(frame["new_tokens"].sum() / frame["model_ms"].sum())
+
+
+def tune_stop_rule(
+    predictor: AcceptancePredictor,
+    traces: list[Trace],
+    costs: dict[str, StepCosts],
+    gamma_max: int,
+    config: TrainConfig,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The (discount, start_discount, trim) with the best replayed tokens/s on `traces` (dev prompts).
+
+    Ties go to the first in grid order. The replay runs the very controller the decode loop runs.
+    """
+    scores: dict[str, float] = {}
+    best, best_score = None, -1.0
+    for trim in config.trim_options:
+        for start_discount in config.start_discount_grid:
+            for discount in config.discount_grid:
+                predictor.stop_rule.update(discount=discount, start_discount=start_discount, trim=trim)
+                score = pooled_goodput(replay_mlp(predictor, traces, costs, gamma_max))
+                scores[f"discount_{discount:g}/start_{start_discount:g}/trim_{int(trim)}"] = score
+                if score > best_score:
+                    best, best_score = (discount, start_discount, trim), score
+    discount, start_discount, trim = best
+    predictor.stop_rule.update(discount=discount, start_discount=start_discount, trim=trim)
+    return {"discount": discount, "start_discount": start_discount, "trim": trim}, scores
+
+
+def fixed_replay(traces: list[Trace], costs: dict[str, StepCosts], gamma: int) -> pd.DataFrame:
+    """`none` (gamma 0) or fixed:gamma replayed on traces: the references the stop rule is compared with."""
+    from profiling.controllers import parse_controller
+
+    spec = "none" if gamma == 0 else f"fixed:{gamma}"
+    rows = []
+    for trace in traces:
+        result = replay(parse_controller(spec, trace.gamma_max), trace, costs[trace.compression])
+        rows.append(
+            {"compression": trace.compression, "new_tokens": result.new_tokens, "model_ms": result.model_ms}
+        )
+    return pd.DataFrame(rows)
 
 
 def paper_step_table(X: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.Series]:
@@ -161,11 +235,46 @@ def fit_baselines(splits: dict[str, Split], seed: int) -> dict[str, Any]:
     return out
 
 
+def fit_start_model(
+    start_rows: pd.DataFrame, config: TrainConfig
+) -> tuple[Any, dict[str, Any], dict[str, np.ndarray]]:
+    """The step-start model: P(first drafted token accepted) from what is known before drafting.
+
+    Same 16-unit MLP, L2 chosen by dev log loss. Returns the model, its metrics and test predictions.
+    """
+    X = {s: table_start_features(start_rows[start_rows["split"] == s]) for s in ("train", "dev", "test")}
+    y = {s: start_rows.loc[start_rows["split"] == s, "first_accepted"].to_numpy(np.float64) for s in X}
+    fits = {}
+    for alpha in config.alpha_grid:
+        spec = model.MLPSpec(config.hidden_units, alpha, config.max_iter, config.seed)
+        candidate = model.fit_mlp(X["train"], y["train"], spec)
+        fits[alpha] = (
+            model.scores(y["dev"], model.positive_proba(candidate, X["dev"]))["log_loss"],
+            candidate,
+        )
+    alpha = min(fits, key=lambda a: fits[a][0])
+    fitted = fits[alpha][1]
+    top1_only = model.fit_logistic(X["train"][:, :1], y["train"], config.seed)
+    predictions = {
+        "start_mlp": model.positive_proba(fitted, X["test"]),
+        "target_top1_only": model.positive_proba(top1_only, X["test"][:, :1]),
+        "train_rate": np.full(len(y["test"]), y["train"].mean()),
+    }
+    metrics = {
+        "alpha": alpha,
+        "rows": {s: len(v) for s, v in y.items()},
+        "first_accept_rate": {s: float(v.mean()) for s, v in y.items()},
+        "test": {name: model.scores(y["test"], p) for name, p in predictions.items()},
+    }
+    return fitted, metrics, {"X": X["test"], "y": y["test"]}
+
+
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Train, tune, score, explain and export; returns the metrics written to metrics.json."""
     out_dir = Path(config.out_dir)
-    tokens = select_runs(load_tokens(config.tokens_dir), config.mode, config.controller)
-    splits = build_splits(tokens)
+    traces = load_traces(config.traces_dir)
+    frame = trace_token_frame(traces)
+    splits = build_splits(frame)
     log.info("rows: %s", {k: len(s.y) for k, s in splits.items()})
 
     # Step 1: the MLP (its L2 penalty chosen by dev log loss: small tables overfit) and the baselines.
@@ -189,56 +298,56 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     calibration, arrays = model.fit_calibration(p_dev, dev.y, kind)
     log.info("calibration %s (cross-fitted dev log loss %s)", kind, dev_losses)
 
-    # Step 3: the stop rule's discount, tuned by replay on dev prompts with the measured cost models.
-    compressions = sorted(tokens["compression"].astype(str).unique())
-    step_costs = load_step_costs(config.calibrate_dir, compressions)
-    gamma_max = min(int(tokens["draft_index"].max()) + 1, *(len(c) - 1 for c in step_costs.values()))
-    step_costs = {c: cost[: gamma_max + 1] for c, cost in step_costs.items()}
-    # Before anything is drafted there are no draft signals: the controller's draft-or-not decision at step
-    # start uses the first drafted token's acceptance rate on train prompts as its prior.
-    train_rows = tokens[(tokens["split"] == "train") & (tokens["draft_index"] == 0)]
-    first_accept = {
-        c: float(train_rows.loc[train_rows["compression"].astype(str) == c, "accepted"].mean())
-        for c in compressions
-    }
-    meta = build_meta(
-        calibration,
-        {"gamma_max": gamma_max, "discount": 1.0, "step_ms": step_costs, "first_accept": first_accept},
-        config.mode,
-        asdict(config),
-    )
-    predictor, weights = build_predictor(mlp, calibration, arrays, meta)
-    X_dev, dev_rows = split_drafts(tokens, "dev")
-    drafts, first_rejection, step_comp = replay_steps(dev_rows, predictor.predict_proba(X_dev))
-    costs = [step_costs[c] for c in step_comp]
-    discount, dev_goodput = policy.tune_discount(drafts, first_rejection, costs, config.discount_grid)
-    predictor.stop_rule["discount"] = discount
-    log.info("stop rule discount %.2f (dev replayed goodput %.1f tok/s)", discount, dev_goodput[discount])
+    # Step 3: the step-start model (draft at all?) on the same traces, one row per position.
+    start_model, start_metrics, start_test = fit_start_model(trace_start_frame(traces), config)
+    log.info("step-start model: %s", {k: v["roc_auc"] for k, v in start_metrics["test"].items()})
 
-    # Step 4: scores on test prompts — the deployed predictor, the raw MLP and every baseline.
+    # Step 4: the stop rule (discount, start discount, trim), tuned by replaying the deployed controller on
+    # dev traces with the measured cost models.
+    compressions = sorted({t.compression for t in traces})
+    step_costs = load_step_costs(config.calibrate_dir, compressions)
+    gamma_max = min(min(t.gamma_max for t in traces), *(len(c) - 1 for c in step_costs.values()))
+    step_costs = {c: cost.upto(gamma_max) for c, cost in step_costs.items()}
+    stop_rule = {
+        "gamma_max": gamma_max,
+        "discount": 1.0,
+        "start_discount": 1.0,
+        "trim": False,
+        "step_ms": {c: list(cost) for c, cost in step_costs.items()},
+        "draft_ms": {c: cost.draft_ms for c, cost in step_costs.items()},
+    }
+    meta = build_meta(calibration, stop_rule, config.mode, asdict(config))
+    predictor, weights = build_predictor(mlp, calibration, arrays, meta, start_model)
+    dev_traces = [t for t in traces if t.split == "dev"]
+    test_traces = [t for t in traces if t.split == "test"]
+    chosen, dev_goodput = tune_stop_rule(predictor, dev_traces, step_costs, gamma_max, config)
+    log.info("stop rule %s (dev replayed goodput %.1f tok/s)", chosen, max(dev_goodput.values()))
+
+    # Step 5: scores on test prompts — the deployed predictor, the raw MLP and every baseline.
     test = splits["test"]
     predictions = {"mlp": predictor.predict_proba(test.X), "mlp_uncalibrated": predictor.predict_raw(test.X)}
     for name, (fitted, cols) in baselines.items():
         predictions[name] = model.positive_proba(fitted, test.X[:, cols])
     metrics: dict[str, Any] = {"models": {name: model.scores(test.y, p) for name, p in predictions.items()}}
-    metrics["models"]["paper_step_regression"] = paper_reference(tokens, spec, test)
-    X_test, test_rows = split_drafts(tokens, "test")
-    drafts, first_rejection, step_comp = replay_steps(test_rows, predictor.predict_proba(X_test))
-    costs = [step_costs[c] for c in step_comp]
+    if config.tokens_dir is not None and Path(config.tokens_dir).is_dir():
+        metrics["models"]["paper_step_regression"] = paper_reference(
+            select_runs(load_tokens(config.tokens_dir), config.mode, config.controller), spec
+        )
+    metrics["start_model"] = start_metrics
     metrics["replay_test_tokens_per_s"] = {
-        "mlp_stop_rule": policy.replay_goodput(drafts, first_rejection, costs, discount),
-        **{f"fixed:{g}": policy.fixed_goodput(first_rejection, costs, g) for g in range(1, gamma_max + 1)},
+        "mlp_stop_rule": pooled_goodput(replay_mlp(predictor, test_traces, step_costs, gamma_max)),
+        **{
+            ("none" if g == 0 else f"fixed:{g}"): pooled_goodput(fixed_replay(test_traces, step_costs, g))
+            for g in range(gamma_max + 1)
+        },
     }
     metrics["calibration"] = {"chosen": kind, "dev_log_loss": dev_losses}
     metrics["alpha"] = {"chosen": alpha, "dev_log_loss": {f"{a:g}": f[0] for a, f in fits.items()}}
-    metrics["stop_rule"] = {
-        "discount": discount,
-        "gamma_max": gamma_max,
-        "dev_tokens_per_s": {f"{d:g}": v for d, v in dev_goodput.items()},
-    }
+    metrics["stop_rule"] = {**chosen, "gamma_max": gamma_max, "dev_tokens_per_s": dev_goodput}
     metrics["rows"] = {k: len(s.y) for k, s in splits.items()}
+    metrics["traces"] = {s: sum(t.split == s for t in traces) for s in ("train", "dev", "test")}
 
-    # Step 5: permutation importance of the deployed predictor on test prompts.
+    # Step 6: permutation importance of the deployed predictor (and of the step-start model) on test prompts.
     args = (predictor, test.X, test.y, config.importance_scoring, config.importance_repeats, config.seed)
     features, groups = importance.feature_importance(*args), importance.group_importance(*args)
     comparison = importance.paper_comparison(features, groups)
@@ -247,9 +356,18 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         "features": features,
         "groups": groups,
         "paper": comparison,
+        "start_model": importance.feature_importance(
+            predictor.start,
+            start_test["X"],
+            start_test["y"],
+            config.importance_scoring,
+            config.importance_repeats,
+            config.seed,
+            names=START_FEATURES,
+        ),
     }
 
-    # Step 6: write everything, each file atomically, then the export directory.
+    # Step 7: write everything, each file atomically, then the export directory.
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     write_text(out_dir / "importance.json", json.dumps(importances, indent=2))
@@ -265,17 +383,16 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
-def paper_reference(tokens: pd.DataFrame, spec: model.MLPSpec, test: Split) -> dict[str, float]:
-    """Fit the published step-rate regression on train prompts; score it on test tokens and steps."""
+def paper_reference(tokens: pd.DataFrame, spec: model.MLPSpec) -> dict[str, float]:
+    """Fit the published step-rate regression on train prompts' full-draft runs; score it on their test
+    prompts' tokens (every labelled token gets its step's predicted rate) and steps."""
     X_train, train_rows = split_drafts(tokens, "train")
     X_steps, rate, _ = paper_step_table(X_train, train_rows)
     fitted = model.fit_step_regressor(X_steps, rate, spec)
     X_test, test_rows = split_drafts(tokens, "test")
     X_steps, rate, step_id = paper_step_table(X_test, test_rows)
     predicted = np.clip(fitted.predict(X_steps), 0.0, 1.0)
-    # Every labelled test token gets its step's predicted rate, so it is scored on the same rows.
-    key = test_rows[list(STEP_KEYS)].assign(rate=predicted[step_id.to_numpy()])
-    token_rate = test.rows[list(STEP_KEYS)].merge(
-        key.drop_duplicates(list(STEP_KEYS)), how="left", on=list(STEP_KEYS)
-    )
-    return {**model.scores(test.y, token_rate["rate"].to_numpy()), **model.step_scores(rate, predicted)}
+    labelled = test_rows["labelled"].to_numpy(bool)
+    token_rate = predicted[step_id.to_numpy()][labelled]
+    y = test_rows.loc[labelled, "accepted"].to_numpy(np.float64)
+    return {**model.scores(y, token_rate), **model.step_scores(rate, predicted)}

@@ -25,12 +25,18 @@ class StepContext:
     prev_gamma: int  # tokens drafted in the previous step (0 on the first step)
     prev_accepted: int  # of those, how many the target accepted (0 on the first step)
     compression: str  # the target's compression, e.g. "fp32", "int8", "nf4"
+    # the target's top-1 probability / entropy (nats) where it chose the last committed token (the last
+    # prompt token on step 0); nan unless the controller sets needs_target_signals
+    target_top1: float = float("nan")
+    target_entropy: float = float("nan")
+    target_recent: float = float("nan")  # mean target top-1 over the last few committed tokens
 
 
 @runtime_checkable
 class Controller(Protocol):
     name: str
     needs_signals: bool  # False lets the loop skip computing draft signals (fixed gamma, none)
+    needs_target_signals: bool  # True: StepContext carries the target's confidence (one softmax per step)
 
     def reset(self) -> None:
         """Forget per-sequence state before a new generation."""
@@ -44,12 +50,22 @@ class Controller(Protocol):
         Only called when `needs_signals` is true; otherwise the loop drafts the whole `start_step` budget.
         """
 
+    def submit(self, drafted: int) -> int:
+        """After drafting: how many of the `drafted` tokens the target verifies (trim: fewer than drafted).
+
+        The rest are dropped unverified: their draft forwards are paid, their verify cost is not.
+        """
+
     def observe(self, drafted: int, accepted: int) -> None:
-        """The verification outcome of the step just finished."""
+        """The verification outcome of the step just finished (`drafted`: the tokens submitted)."""
 
 
 class _Stateless:
     needs_signals = False
+    needs_target_signals = False
+
+    def submit(self, drafted: int) -> int:
+        return drafted
 
     def reset(self) -> None:
         pass
@@ -105,46 +121,60 @@ class HeuristicGamma(_Stateless):
             self.current = max(self.current - 1, 1)
 
 
-class ConfidenceStop(_Stateless):
-    """Stop once a drafted token's draft probability falls below `threshold` (transformers / DISCO style).
+class _SignalStop(_Stateless):
+    """Draft up to gamma_max tokens, stopping at the first token whose signal fails `passes`.
 
-    The low-confidence token itself is still verified, as in transformers' assistant_confidence_threshold.
+    With `trim`, the token that failed is dropped before the verify (its draft forward is paid, its verify
+    is not); without it, it is verified as in transformers' assistant_confidence_threshold.
     """
 
     needs_signals = True
 
-    def __init__(self, threshold: float, gamma_max: int) -> None:
-        self.threshold = threshold
+    def __init__(self, gamma_max: int, trim: bool) -> None:
         self.gamma_max = gamma_max
-        self.name = f"threshold:{threshold:g}"
+        self.trim = trim
+        self._failed = False
+
+    def passes(self, signals: TokenSignals) -> bool:
+        raise NotImplementedError
 
     def start_step(self, ctx: StepContext) -> int:
+        self._failed = False
         return self.gamma_max
 
     def keep_drafting(self, signals: TokenSignals) -> bool:
+        self._failed = not self.passes(signals)
+        return not self._failed
+
+    def submit(self, drafted: int) -> int:
+        return drafted - 1 if self.trim and self._failed else drafted
+
+
+class ConfidenceStop(_SignalStop):
+    """Stop once a drafted token's draft probability falls below `threshold` (transformers / DISCO style)."""
+
+    def __init__(self, threshold: float, gamma_max: int, trim: bool = False) -> None:
+        super().__init__(gamma_max, trim)
+        self.threshold = threshold
+        self.name = f"threshold:{threshold:g}" + ("+trim" if trim else "")
+
+    def passes(self, signals: TokenSignals) -> bool:
         return signals.draft_prob >= self.threshold
 
 
-class EntropyStop(_Stateless):
+class EntropyStop(_SignalStop):
     """Stop once the draft's entropy (nats) at a drafted token exceeds `max_entropy` (AdaEDL / SVIP style)."""
 
-    needs_signals = True
-
-    def __init__(self, max_entropy: float, gamma_max: int) -> None:
+    def __init__(self, max_entropy: float, gamma_max: int, trim: bool = False) -> None:
+        super().__init__(gamma_max, trim)
         self.max_entropy = max_entropy
-        self.gamma_max = gamma_max
-        self.name = f"entropy:{max_entropy:g}"
+        self.name = f"entropy:{max_entropy:g}" + ("+trim" if trim else "")
 
-    def start_step(self, ctx: StepContext) -> int:
-        return self.gamma_max
-
-    def keep_drafting(self, signals: TokenSignals) -> bool:
+    def passes(self, signals: TokenSignals) -> bool:
         return signals.entropy <= self.max_entropy
 
 
-CONTROLLER_SPECS = (
-    "none | fixed:K | heuristic[:K0] | threshold:P | entropy:H | mlp:PATH | mlp:models:/NAME@ALIAS"
-)
+CONTROLLER_SPECS = "none | fixed:K | heuristic[:K0] | threshold:P[+trim] | entropy:H[+trim] | mlp:PATH | mlp:models:/NAME@ALIAS"
 
 
 def _number(spec: str, text: str, kind: type) -> float | int:
@@ -159,6 +189,8 @@ def parse_controller(spec: str, gamma_max: int, compression: str = "fp32") -> Co
     if gamma_max < 1:
         raise SpeckvError(f"gamma_max must be >= 1, got {gamma_max}")
     kind, _, arg = spec.strip().partition(":")
+    trim = kind in ("threshold", "entropy") and arg.endswith("+trim")
+    arg = arg.removesuffix("+trim") if trim else arg
     if kind == "none" and not arg:
         return NoDraft()
     if kind == "fixed":
@@ -175,12 +207,12 @@ def parse_controller(spec: str, gamma_max: int, compression: str = "fp32") -> Co
         p = float(_number(spec, arg, float))
         if not 0.0 <= p <= 1.0:
             raise SpeckvError(f"controller {spec!r}: the probability threshold must be in [0, 1]")
-        return ConfidenceStop(p, gamma_max)
+        return ConfidenceStop(p, gamma_max, trim)
     if kind == "entropy":
         h = float(_number(spec, arg, float))
         if h < 0:
             raise SpeckvError(f"controller {spec!r}: the entropy threshold must be >= 0 nats")
-        return EntropyStop(h, gamma_max)
+        return EntropyStop(h, gamma_max, trim)
     if kind == "mlp" and arg:
         from predictor.runtime import load_mlp_controller  # numpy-only; imported on demand
 

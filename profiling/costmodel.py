@@ -10,6 +10,21 @@ from profiling.atomic import write_text
 from profiling.errors import SpeckvError
 
 
+class StepCosts(list):
+    """step_ms[g] (g = 0..gamma_max) of one compression, plus the draft cost a trimmed step still pays."""
+
+    def __init__(self, step_ms, draft_ms: float) -> None:
+        super().__init__(float(t) for t in step_ms)
+        self.draft_ms = float(draft_ms)
+
+    def trimmed(self, drafted: int, submitted: int) -> float:
+        """A step that drafted `drafted` tokens and verified `submitted` of them."""
+        return self[submitted] + (drafted - submitted) * self.draft_ms
+
+    def upto(self, gamma_max: int) -> StepCosts:
+        return StepCosts(self[: gamma_max + 1], self.draft_ms)
+
+
 @dataclass
 class CostModel:
     compression: str
@@ -28,6 +43,11 @@ class CostModel:
         if not 0 <= gamma <= self.gamma_max:
             raise ValueError(f"gamma {gamma} outside the calibrated range 0..{self.gamma_max}")
         return gamma * self.draft_ms + self.verify_ms[gamma] + self.overhead_ms
+
+    def step_costs(self, gamma_max: int | None = None) -> StepCosts:
+        """The step_ms table for 0..gamma_max drafted tokens (default: all calibrated), with draft_ms."""
+        top = self.gamma_max if gamma_max is None else gamma_max
+        return StepCosts([self.step_ms(k) for k in range(top + 1)], self.draft_ms)
 
     def save(self, path: str | Path) -> None:
         write_text(path, json.dumps(asdict(self), indent=2))

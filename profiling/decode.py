@@ -13,6 +13,7 @@ The output distribution is exactly the target's, so greedy output equals target-
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,7 +23,7 @@ from transformers import DynamicCache
 from profiling.controllers import Controller, StepContext
 from profiling.errors import SpeckvError
 from profiling.models import synchronize
-from profiling.signals import TokenSignals, distribution_signals
+from profiling.signals import RECENT_TOKENS, TokenSignals, distribution_signals, target_signals
 
 
 @dataclass(frozen=True)
@@ -214,14 +215,20 @@ def speculative_generate(
     eos = frozenset(config.eos_token_ids)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     controller.reset()
+    wants_target = controller.needs_target_signals or recorder is not None
 
     synchronize(device)
     start = time.perf_counter()
     tokens = list(prompt_ids)
     target_cache = DynamicCache(config=target.config)
     draft_cache = DynamicCache(config=draft.config) if draft is not None else None
+    confidence = (float("nan"), float("nan"))  # the target's (top1, entropy) where it chose tokens[-1]
+    recent: deque[float] = deque(maxlen=RECENT_TOKENS)  # its top-1 for the last committed tokens
     if len(tokens) > 1:
-        _forward(target, tokens[:-1], target_cache, device, all_logits=False)
+        logits = _forward(target, tokens[:-1], target_cache, device, all_logits=False)
+        if wants_target:
+            (confidence,) = target_signals(logits[None])
+            recent.append(confidence[0])
     draft_len = 0  # positions held by the draft cache; it is filled lazily, so `none` never pays for it
     result = GenerationResult(token_ids=[])
     prev_gamma = prev_accepted = 0
@@ -234,6 +241,9 @@ def speculative_generate(
             prev_gamma=prev_gamma,
             prev_accepted=prev_accepted,
             compression=compression,
+            target_top1=confidence[0],
+            target_entropy=confidence[1],
+            target_recent=sum(recent) / len(recent) if recent else float("nan"),
         )
         # a step always yields one target token, so drafting past max_new_tokens - 1 would be wasted
         budget = min(
@@ -288,7 +298,13 @@ def speculative_generate(
                 for j, values in enumerate(batch)
             )
 
-        # Step 2: one target forward over the last committed token and every drafted token.
+        # Trim: the controller may verify fewer tokens than it drafted (their draft forwards are sunk).
+        if drafted:
+            n_submit = min(max(controller.submit(len(drafted)), 0), len(drafted))
+            if n_submit < len(drafted):
+                del drafted[n_submit:], draft_probs[n_submit:], signals[n_submit:], draft_ms[n_submit:]
+
+        # Step 2: one target forward over the last committed token and every submitted token.
         t0 = time.perf_counter() if recorder is not None else 0.0
         target_logits = _forward(target, [tokens[-1]] + drafted, target_cache, device, all_logits=True)
 
@@ -304,6 +320,11 @@ def speculative_generate(
         if recorder is not None:
             synchronize(device)
             verify_ms = (time.perf_counter() - t0) * 1e3
+        if wants_target:
+            # rows 0..n_accepted chose the tokens committed now: the accepted drafts and the next token
+            committed_stats = target_signals(target_logits[: n_accepted + 1])
+            recent.extend(row[0] for row in committed_stats)
+            confidence = committed_stats[-1]
 
         # Step 4: commit, then roll both caches back to the committed sequence.
         k = len(drafted)

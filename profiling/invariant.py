@@ -15,7 +15,8 @@ row by row. The operation that mixes positions differently is attention: SDPA ru
 decoding and a masked multi-query kernel when verifying. With row-wise attention the same measurement gives
 2e-5 for both (what remains comes from the fp32 head). `speckv_rowwise` attention gives every query row of a short
 (<= MAX_ROWS) batch-1 pass its own one-query SDPA call over exactly the keys it may see (the causal prefix),
-so a verify pass repeats decoding's arithmetic row by row. Longer passes (the prompt prefill, identical in
+so a verify pass repeats decoding's arithmetic row by row; a left-padded batch of one-token rows (the batched
+continuations of profiling/traces.py) gets the same call per row over that row's keys. Longer passes (the prompt prefill, identical in
 every run) and batched inputs take the normal SDPA path. Cost: one SDPA call per verified token per layer
 (~20 us each here), paid only by targets that need it (`needs_rowwise`).
 """
@@ -37,6 +38,8 @@ def rowwise_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, k_len = query.shape[2], key.shape[2]
+    if query.shape[0] > 1 and q_len == 1 and attention_mask is not None:
+        return _rows_of_a_batch(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1 or q_len > MAX_ROWS:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
@@ -54,6 +57,28 @@ def rowwise_attention(module, query, key, value, attention_mask, **kwargs):
         )
         rows.append(out)
     return (rows[0] if q_len == 1 else torch.cat(rows, dim=1)), None
+
+
+def _rows_of_a_batch(module, query, key, value, attention_mask, **kwargs):
+    """One-token decoding of a left-padded batch (profiling.traces' batched continuations): each row gets
+    the unmasked one-query SDPA call batch-1 decoding makes, over its own keys (the mask's True span)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    starts = attention_mask[:, 0, 0, :].to(torch.int8).argmax(dim=-1).tolist()  # first visible key per row
+    rows = []
+    for b, start in enumerate(starts):
+        out, _ = sdpa_attention_forward(
+            module,
+            query[b : b + 1],
+            key[b : b + 1, :, start:],
+            value[b : b + 1, :, start:],
+            None,
+            is_causal=False,
+            **kwargs,
+        )
+        rows.append(out)
+    return torch.cat(rows, dim=0), None
 
 
 def register() -> None:

@@ -25,12 +25,11 @@ from profiling.controllers import parse_controller
 from profiling.decode import DecodeConfig, speculative_generate
 from profiling.errors import SpeckvError
 from profiling.recorder import TableRecorder
-from profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
-from profiling.traces import dense_trace
+from profiling.schema import PARTITION_KEYS, STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
+from profiling.traces import batched_traces
 
 log = logging.getLogger(__name__)
 
-PARTITION_KEYS = ("compression", "task")
 TABLES = {"tokens": TOKEN_SCHEMA, "steps": STEP_SCHEMA, "traces": TRACE_SCHEMA}
 
 
@@ -102,12 +101,12 @@ def remove_stale(out_dir: Path, compression: str, fp: str, keys: set[str]) -> in
     return removed
 
 
-def plan_units(prompts: list[dict], controllers: list[str], trace_splits: list[str]) -> Iterator[Unit]:
+def plan_units(prompts: list[dict], controllers: list[str], trace_prompts: list[dict]) -> Iterator[Unit]:
     for prompt in prompts:
         for spec in controllers:
             yield Unit(prompt, spec)
-        if prompt["split"] in trace_splits:
-            yield Unit(prompt, None)
+    for prompt in trace_prompts:
+        yield Unit(prompt, None)
 
 
 def run_profile(
@@ -116,11 +115,13 @@ def run_profile(
     controllers: list[str],
     decode: DecodeConfig,
     out_dir: Path,
-    trace_splits: list[str],
+    trace_prompts: list[dict],
     run_meta: dict,
     progress: bool = True,
+    trace_batch: int = 16,
 ) -> dict[str, int]:
-    """Profile every prompt under every controller (plus dense traces of `trace_splits` prompts, greedy only).
+    """Profile every prompt under every controller, and trace `trace_prompts` densely (greedy only; their
+    target continuations decoded `trace_batch` prompts at a time).
 
     Returns counts of rows written, units done and units skipped because a previous run finished them.
     """
@@ -132,17 +133,44 @@ def run_profile(
         parse_controller(spec, decode.gamma_max, compression)
     check_writable(out_dir)
     fp = fingerprint(
-        {**run_meta, "decode": asdict(decode), "controllers": controllers, "traces": trace_splits}
+        {**run_meta, "decode": asdict(decode), "controllers": controllers, "traces": "batched-v1"}
     )
-    units = list(plan_units(prompts, controllers, trace_splits if decode.greedy else []))
+    units = list(plan_units(prompts, controllers, trace_prompts if decode.greedy else []))
     removed = remove_stale(out_dir, compression, fp, {u.key for u in units})
     if removed:
         log.info("removed %d part files of other settings or prompts", removed)
     metadata = {"speckv": json.dumps({**run_meta, "fingerprint": fp, "decode": asdict(decode)})}
     counts = {"tokens": 0, "steps": 0, "traces": 0, "units_done": 0, "units_skipped": 0}
-    continuations: dict[str, list[int]] = {}  # greedy output is the same under every controller
-    bar = tqdm(units, desc=f"profile {compression}", unit="run", disable=not progress)
-    for unit in bar:
+    bar = tqdm(total=len(units), desc=f"profile {compression}", unit="run", disable=not progress)
+    pending_traces: list[tuple[Unit, Path]] = []
+
+    def run_of(p: dict) -> dict[str, str]:
+        return {
+            "prompt_id": p["prompt_id"],
+            "task": p["task"],
+            "split": p["split"],
+            "compression": compression,
+        }
+
+    def flush_traces() -> None:
+        tables = batched_traces(
+            pair.target,
+            pair.draft,
+            [u.prompt["input_ids"] for u, _ in pending_traces],
+            decode.gamma_max,
+            decode.max_new_tokens,
+            decode.eos_token_ids,
+            [run_of(u.prompt) for u, _ in pending_traces],
+            batch_size=trace_batch,
+        )
+        for (_, path), table in zip(pending_traces, tables, strict=True):
+            write_part(table, path, metadata)
+            counts["traces"] += table.num_rows
+            counts["units_done"] += 1
+        bar.update(len(pending_traces))
+        pending_traces.clear()
+
+    for unit in units:
         p = unit.prompt
         tables = ("traces",) if unit.controller is None else ("tokens", "steps")
         paths = {t: part_path(out_dir, t, compression, p["task"], fp, unit.key) for t in tables}
@@ -150,53 +178,28 @@ def run_profile(
             for t, path in paths.items():
                 check_part(path, TABLES[t])
             counts["units_skipped"] += 1
+            bar.update(1)
             continue
-        run = {
-            "prompt_id": p["prompt_id"],
-            "task": p["task"],
-            "split": p["split"],
-            "compression": compression,
-        }
         if unit.controller is None:
-            table = dense_trace(
-                pair.target,
-                pair.draft,
-                p["input_ids"],
-                decode.gamma_max,
-                decode.max_new_tokens,
-                decode.eos_token_ids,
-                run,
-                continuation=continuations.get(p["prompt_id"]),
-            )
-            write_part(table, paths["traces"], metadata)
-            counts["traces"] += table.num_rows
-        else:
-            controller = parse_controller(unit.controller, decode.gamma_max, compression)
-            recorder = TableRecorder(
-                {**run, "controller": unit.controller, "mode": mode}, len(p["input_ids"])
-            )
-            result = speculative_generate(
-                pair.target, pair.draft, p["input_ids"], controller, decode, compression, recorder
-            )
-            if decode.greedy:
-                continuations[p["prompt_id"]] = result.token_ids
-            # steps first: a unit counts as done only when its tokens part exists too
-            write_part(recorder.step_table(), paths["steps"], metadata)
-            write_part(recorder.token_table(), paths["tokens"], metadata)
-            counts["tokens"] += recorder.token_table().num_rows
-            counts["steps"] += recorder.step_table().num_rows
+            pending_traces.append((unit, paths["traces"]))
+            if len(pending_traces) == trace_batch:
+                flush_traces()
+            continue
+        controller = parse_controller(unit.controller, decode.gamma_max, compression)
+        recorder = TableRecorder(
+            {**run_of(p), "controller": unit.controller, "mode": mode}, len(p["input_ids"])
+        )
+        speculative_generate(
+            pair.target, pair.draft, p["input_ids"], controller, decode, compression, recorder
+        )
+        # steps first: a unit counts as done only when its tokens part exists too
+        write_part(recorder.step_table(), paths["steps"], metadata)
+        write_part(recorder.token_table(), paths["tokens"], metadata)
+        counts["tokens"] += recorder.token_table().num_rows
+        counts["steps"] += recorder.step_table().num_rows
         counts["units_done"] += 1
+        bar.update(1)
+    if pending_traces:
+        flush_traces()
+    bar.close()
     return counts
-
-
-def read_table(path: Path, table: str) -> pa.Table:
-    """Read a profiling table directory (hive-partitioned) with its declared schema."""
-    import pyarrow.dataset as ds
-
-    if not path.is_dir():
-        raise SpeckvError(f"{table} table not found: {path}")
-    try:
-        partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in PARTITION_KEYS]), flavor="hive")
-        return ds.dataset(path, format="parquet", partitioning=partitioning).to_table()
-    except (OSError, pa.ArrowException) as exc:
-        raise SpeckvError(f"cannot read the {table} table at {path}: {exc}") from exc

@@ -6,8 +6,11 @@ pyarrow.dataset / pandas restore them as columns.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
+from profiling.errors import SpeckvError
 from profiling.signals import SIGNALS, running_columns
 
 # Columns that identify a run; every table carries them.
@@ -34,6 +37,9 @@ TOKEN_SCHEMA = pa.schema(
     + [
         pa.field("prev_gamma", pa.int16(), nullable=False),  # previous step's drafted count (0 on step 0)
         pa.field("prev_accepted", pa.int16(), nullable=False),  # previous step's accepted count (0 on step 0)
+        pa.field("target_top1", pa.float32(), nullable=False),  # StepContext.target_top1 of the step
+        pa.field("target_entropy", pa.float32(), nullable=False),  # StepContext.target_entropy (nats)
+        pa.field("target_recent", pa.float32(), nullable=False),  # StepContext.target_recent
         pa.field("accepted", pa.bool_(), nullable=False),  # the target accepted this token
         pa.field("labelled", pa.bool_(), nullable=False),  # up to and including the first rejection
         pa.field("accept_prob", pa.float32(), nullable=True),  # min(1, p_target/p_draft); null when greedy
@@ -52,6 +58,9 @@ STEP_SCHEMA = pa.schema(
         pa.field("target_token", pa.int32(), nullable=False),  # the target's correction or bonus token
         pa.field("prev_gamma", pa.int16(), nullable=False),
         pa.field("prev_accepted", pa.int16(), nullable=False),
+        pa.field("target_top1", pa.float32(), nullable=False),  # the target's confidence at step start
+        pa.field("target_entropy", pa.float32(), nullable=False),
+        pa.field("target_recent", pa.float32(), nullable=False),
         pa.field("draft_ms", pa.float32(), nullable=False),  # all draft forwards of the step
         pa.field("verify_ms", pa.float32(), nullable=False),  # the target's single verify forward
     ]
@@ -69,6 +78,25 @@ TRACE_SCHEMA = pa.schema(
         pa.field("draft_tokens", pa.list_(pa.int32()), nullable=False),  # draft's greedy gamma_max tokens
         pa.field("match_len", pa.int16(), nullable=False),  # leading draft tokens equal to the target's
         pa.field("n_new", pa.int32(), nullable=False),  # length of the target's continuation
+        # the target's top-1 probability / entropy (nats) of the distribution that chose the token before this
+        # position (for new_index 0 the last prompt token): known at step start, before any drafting
+        pa.field("target_top1", pa.float32(), nullable=False),
+        pa.field("target_entropy", pa.float32(), nullable=False),
     ]
     + [pa.field(s, pa.list_(pa.float32()), nullable=False) for s in SIGNALS]
 )
+
+PARTITION_KEYS = ("compression", "task")  # hive directory levels of every table
+
+
+def read_table(path: Path, table: str) -> pa.Table:
+    """Read a profiling table directory (hive-partitioned) with its declared schema."""
+    import pyarrow.dataset as ds
+
+    if not path.is_dir():
+        raise SpeckvError(f"{table} table not found: {path}")
+    try:
+        partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in PARTITION_KEYS]), flavor="hive")
+        return ds.dataset(path, format="parquet", partitioning=partitioning).to_table()
+    except (OSError, pa.ArrowException) as exc:
+        raise SpeckvError(f"cannot read the {table} table at {path}: {exc}") from exc

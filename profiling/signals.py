@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 SIGNALS = ("draft_prob", "top1_prob", "margin", "entropy")
 AGGREGATES = ("min", "max", "mean")
+RECENT_TOKENS = 4  # StepContext.target_recent averages the target's top-1 over this many committed tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,32 @@ def distribution_signals(probs, tokens: list[int]) -> list[tuple[float, float, f
         torch.stack([chosen, top2[:, 0], top2[:, 0] - top2[:, 1], entropy], dim=-1).float().cpu().tolist()
     )
     return [tuple(row) for row in packed]
+
+
+def target_signals(logits) -> list[tuple[float, float]]:
+    """(top-1 probability, entropy in nats) of each row of the target's [k, V] logits, one host transfer.
+
+    The target's confidence in the token it just committed comes free with the verify pass, and is known
+    before the next draft starts: the step-start decision (draft at all?) may use it.
+    """
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top1 = logp.max(dim=-1).values.exp()
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    return [tuple(row) for row in torch.stack([top1, entropy], dim=-1).cpu().tolist()]
+
+
+def recent_mean(top1, window: int):
+    """target_recent at every trace position: the mean of target_top1 over positions i - window + 1 .. i,
+    i.e. the target's top-1 for the last `window` committed tokens, as the decode loop's running window."""
+    import numpy as np
+
+    top1 = np.asarray(top1, dtype=np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(top1)])
+    idx = np.arange(len(top1))
+    lo = np.maximum(idx - window + 1, 0)
+    return (csum[idx + 1] - csum[lo]) / (idx + 1 - lo)
 
 
 class RunningStats:

@@ -1,9 +1,23 @@
 """Dense greedy traces: at every position of the target's greedy continuation, the draft's own greedy
-continuation of gamma_max tokens with its signals. Greedy speculative output does not depend on the gamma
-policy, so these rows let any controller (and the hindsight oracle) be replayed exactly offline.
+continuation of gamma_max tokens with its signals, and the target's confidence in the token just committed.
+Greedy speculative output does not depend on the gamma policy, so these rows let any controller (and the
+hindsight oracle) be replayed exactly offline.
+
+Computed teacher-forced and batched (`batched_traces`), because in greedy decoding a drafted token can only
+be accepted while it sits on the target's own continuation:
+  1. the target's continuations of many prompts are decoded together, one token per prompt per forward
+     (each prompt prefilled alone, exactly as the decode loop does; left-padded caches; int8/nf4 targets keep
+     their row-wise attention, so each row repeats batch-1 decoding's arithmetic);
+  2. ONE draft forward over prompt + continuation gives the draft's tokens and signals all along that path;
+  3. only the off-path tail after each position's first mismatch still needs drafting, and those tails are
+     independent, so they are drafted as one batch over the shared teacher-forced cache.
+`dense_trace` is the incremental reference (gamma_max sequential draft forwards per position); a test holds
+the two equal on a tiny pair, and benchmarks/bench_traces.py reports their speed ratio and any mismatch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -12,7 +26,7 @@ from transformers import DynamicCache
 from profiling.controllers import NoDraft
 from profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
 from profiling.schema import TRACE_SCHEMA
-from profiling.signals import SIGNALS, distribution_signals
+from profiling.signals import SIGNALS, distribution_signals, target_signals
 
 
 def match_length(drafted: list[int], continuation: list[int]) -> int:
@@ -23,7 +37,256 @@ def match_length(drafted: list[int], continuation: list[int]) -> int:
     return n
 
 
+@dataclass
+class Continuation:
+    """The target's greedy continuation of one prompt and, per new_index i, its confidence in the token the
+    step starting there sees last (the last prompt token for i = 0, else the i-th generated token)."""
+
+    tokens: list[int]
+    target_top1: list[float]
+    target_entropy: list[float]
+
+
+@dataclass
+class DraftPath:
+    """The draft's greedy gamma_max tokens and their signals at every position of a continuation."""
+
+    draft_tokens: list[list[int]]
+    match_len: list[int]
+    signals: list[list[tuple[float, ...]]]  # [position][draft index] -> SIGNALS values
+
+
+def _stack_left_padded(caches: list[DynamicCache], n_layers: int) -> tuple[DynamicCache, list[int]]:
+    """One batched cache from batch-1 caches of different lengths, zero keys on the left; the pad widths."""
+    lengths = [c.get_seq_length() for c in caches]
+    width = max(lengths)
+    stacked = DynamicCache()
+    for layer in range(n_layers):
+        keys, values = [], []
+        for cache, n in zip(caches, lengths, strict=True):
+            k, v = cache.layers[layer].keys, cache.layers[layer].values
+            pad = (0, 0, width - n, 0)  # pad the sequence dim (second to last) on the left
+            keys.append(torch.nn.functional.pad(k, pad))
+            values.append(torch.nn.functional.pad(v, pad))
+        stacked.update(torch.cat(keys), torch.cat(values), layer)
+    return stacked, [width - n for n in lengths]
+
+
 @torch.inference_mode()
+def target_continuations(
+    target,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_ids: tuple[int, ...],
+    batch_size: int = 16,
+) -> list[Continuation]:
+    """The target's greedy continuations of `prompts`, decoded `batch_size` at a time.
+
+    Each prompt is prefilled alone over all but its last token, as `speculative_generate` does; decoding
+    then feeds one token per prompt per forward. EOS ends a prompt's continuation (the EOS token included).
+    """
+    out: list[Continuation] = []
+    device = target.device
+    n_layers = target.config.num_hidden_layers
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start : start + batch_size]
+        caches, first = [], []
+        for ids in group:
+            cache = DynamicCache(config=target.config)
+            if len(ids) > 1:
+                logits = _forward(target, ids[:-1], cache, device, all_logits=False)
+                first.append(target_signals(logits[None])[0])
+            else:
+                first.append((float("nan"), float("nan")))
+            caches.append(cache)
+        if any(c.get_seq_length() == 0 for c in caches):
+            # a one-token prompt has nothing to prefill: decode this group one prompt at a time
+            for ids in group:
+                out += target_continuations(target, [ids], max_new_tokens, eos_token_ids, batch_size=1)[:1]
+            continue
+        cache, pads = _stack_left_padded(caches, n_layers)
+        del caches
+        b = len(group)
+        lengths = torch.tensor([len(ids) - 1 for ids in group], device=device)  # tokens held per row
+        last = torch.tensor([[ids[-1]] for ids in group], device=device)
+        pad_mask = torch.arange(cache.get_seq_length(), device=device)[None, :] >= torch.tensor(pads)[:, None]
+        tokens: list[list[int]] = [[] for _ in group]
+        top1 = [[f[0]] for f in first]
+        entropy = [[f[1]] for f in first]
+        done = [False] * b
+        eos = frozenset(eos_token_ids)
+        for _ in range(max_new_tokens):
+            pad_mask = torch.cat([pad_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+            logits = target(
+                input_ids=last,
+                attention_mask=pad_mask[:, None, None, :],
+                position_ids=lengths[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+            chosen = logits.argmax(dim=-1)
+            stats = target_signals(logits)
+            for row in range(b):
+                if done[row]:
+                    continue
+                tok = int(chosen[row])
+                tokens[row].append(tok)
+                top1[row].append(stats[row][0])
+                entropy[row].append(stats[row][1])
+                done[row] = tok in eos or len(tokens[row]) >= max_new_tokens
+            if all(done):
+                break
+            last = chosen[:, None]
+            lengths = lengths + 1
+        # position i's confidence is that of the token before it: drop the one after the last token
+        out += [
+            Continuation(t, p[: len(t)], h[: len(t)]) for t, p, h in zip(tokens, top1, entropy, strict=True)
+        ]
+    return out
+
+
+@torch.inference_mode()
+def draft_path(draft, prompt_ids: list[int], continuation: list[int], gamma_max: int) -> DraftPath:
+    """The draft's greedy gamma_max tokens at every position of `continuation`, teacher-forced and batched.
+
+    Token j drafted at position i sits on the target's path while tokens 0..j-1 matched it, so its logits
+    are the teacher-forced ones at context prompt + continuation[:i + j]; after the first mismatch the tail
+    is drafted, all positions' tails together, over the teacher-forced cache with a per-row mask.
+    """
+    device = draft.device
+    n_prompt, n_new = len(prompt_ids), len(continuation)
+    seq = list(prompt_ids) + list(continuation)
+    cache = DynamicCache(config=draft.config)
+    out = draft(
+        input_ids=torch.tensor([seq], device=device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=n_new + 1,
+    )
+    probs = torch.softmax(out.logits[0].float(), dim=-1)  # row t: context prompt + continuation[:t]
+    path_tokens = probs.argmax(dim=-1).tolist()
+    path_signals = distribution_signals(probs, path_tokens)
+
+    tokens = [[0] * gamma_max for _ in range(n_new)]
+    signals: list[list[tuple]] = [[()] * gamma_max for _ in range(n_new)]
+    match = [0] * n_new
+    tails = []  # (position i, first tail index, prefix length, the token that left the path)
+    for i in range(n_new):
+        j = 0
+        while j < gamma_max:
+            tokens[i][j], signals[i][j] = path_tokens[i + j], path_signals[i + j]
+            if i + j >= n_new or path_tokens[i + j] != continuation[i + j]:
+                break
+            j += 1
+        match[i] = j
+        if j + 1 < gamma_max:
+            tails.append((i, j + 1, n_prompt + i + j, path_tokens[i + j]))
+    if tails:
+        _draft_tails(draft, cache, tails, gamma_max, tokens, signals)
+    return DraftPath(tokens, match, signals)
+
+
+def _draft_tails(draft, cache: DynamicCache, tails: list[tuple], gamma_max: int, tokens, signals) -> None:
+    """Greedy-draft every off-path tail as one batch; fills `tokens` and `signals` in place."""
+    device = draft.device
+    b = len(tails)
+    cache.batch_repeat_interleave(b)
+    shared = cache.get_seq_length()
+    prefix = torch.tensor([t[2] for t in tails], device=device)
+    mask = torch.arange(shared, device=device)[None, :] < prefix[:, None]  # each row sees its own prefix
+    last = torch.tensor([[t[3]] for t in tails], device=device)
+    for step in range(gamma_max - min(t[1] for t in tails)):
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+        logits = draft(
+            input_ids=last,
+            attention_mask=mask[:, None, None, :],
+            position_ids=(prefix + step)[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = probs.argmax(dim=-1)
+        values = distribution_signals(probs, chosen.tolist())
+        for row, (i, first, _, _) in enumerate(tails):
+            j = first + step
+            if j < gamma_max:
+                tokens[i][j], signals[i][j] = int(chosen[row]), values[row]
+        last = chosen[:, None]
+
+
+def trace_table(run: dict[str, str], continuation: Continuation, path: DraftPath, n_prompt: int) -> pa.Table:
+    """TRACE_SCHEMA rows of one prompt; `run` supplies prompt_id, task, split and compression."""
+    n_new = len(continuation.tokens)
+    cols: dict[str, list] = {f.name: [] for f in TRACE_SCHEMA}
+    for key in ("prompt_id", "task", "split", "compression"):
+        cols[key] = [run[key]] * n_new
+    cols["new_index"] = list(range(n_new))
+    cols["position"] = [n_prompt + i for i in range(n_new)]
+    cols["target_token"] = list(continuation.tokens)
+    cols["draft_tokens"] = path.draft_tokens
+    cols["match_len"] = path.match_len
+    cols["n_new"] = [n_new] * n_new
+    cols["target_top1"] = continuation.target_top1
+    cols["target_entropy"] = continuation.target_entropy
+    for k, name in enumerate(SIGNALS):
+        cols[name] = [[s[k] for s in row] for row in path.signals]
+    return pa.table(cols, schema=TRACE_SCHEMA)
+
+
+@torch.inference_mode()
+def draft_path_incremental(
+    draft, prompt_ids: list[int], continuation: list[int], gamma_max: int
+) -> DraftPath:
+    """The reference: gamma_max sequential draft forwards at every position, the cache rolled back after."""
+    device = draft.device
+    seq = list(prompt_ids) + list(continuation)
+    n_prompt = len(prompt_ids)
+    cache = DynamicCache(config=draft.config)
+    cached = 0
+    tokens, match, signals = [], [], []
+    for i in range(len(continuation)):
+        context_end = n_prompt + i
+        pending = seq[cached:context_end]
+        drafted: list[int] = []
+        rows: list[torch.Tensor] = []
+        for _ in range(gamma_max):
+            logits = _forward(draft, pending, cache, device, all_logits=False)
+            cached += len(pending)
+            rows.append(torch.softmax(logits.float(), dim=-1))
+            drafted.append(int(logits.argmax()))
+            pending = [drafted[-1]]
+        # the next position's context is one committed token longer: drop the drafted tail
+        cached = context_end
+        _truncate(cache, cached)
+        tokens.append(drafted)
+        match.append(match_length(drafted, continuation[i:]))
+        signals.append(distribution_signals(torch.stack(rows), drafted))
+    return DraftPath(tokens, match, signals)
+
+
+class _Confidences(NoDraft):
+    """The target alone, noting the target's confidence the loop hands every step."""
+
+    needs_target_signals = True
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float]] = []
+
+    def start_step(self, ctx) -> int:
+        self.seen.append((ctx.target_top1, ctx.target_entropy))
+        return 0
+
+
+def continuation_incremental(
+    target, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: tuple[int, ...]
+) -> Continuation:
+    """The reference continuation: the decode loop with the target alone, plus its confidences."""
+    config = DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=1, eos_token_ids=eos_token_ids)
+    noted = _Confidences()
+    tokens = speculative_generate(target, None, prompt_ids, noted, config).token_ids
+    return Continuation(tokens, [c[0] for c in noted.seen], [c[1] for c in noted.seen])
+
+
 def dense_trace(
     target,
     draft,
@@ -32,46 +295,26 @@ def dense_trace(
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...],
     run: dict[str, str],
-    continuation: list[int] | None = None,
 ) -> pa.Table:
-    """TRACE_SCHEMA rows for one prompt. `continuation` (the target's greedy output) is computed if absent.
+    """The incremental reference trace of one prompt (TRACE_SCHEMA rows)."""
+    continuation = continuation_incremental(target, prompt_ids, max_new_tokens, eos_token_ids)
+    path = draft_path_incremental(draft, prompt_ids, continuation.tokens, gamma_max)
+    return trace_table(run, continuation, path, len(prompt_ids))
 
-    `run` supplies prompt_id, task, split and compression.
-    """
-    if continuation is None:
-        config = DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=gamma_max, eos_token_ids=eos_token_ids)
-        continuation = speculative_generate(target, None, prompt_ids, NoDraft(), config).token_ids
-    device = draft.device
-    seq = list(prompt_ids) + list(continuation)
-    n_prompt, n_new = len(prompt_ids), len(continuation)
-    cache = DynamicCache(config=draft.config)
-    cached = 0
-    cols: dict[str, list] = {f.name: [] for f in TRACE_SCHEMA}
-    for i in range(n_new):
-        context_end = n_prompt + i
-        pending = seq[cached:context_end]
-        drafted: list[int] = []
-        rows: list[torch.Tensor] = []
-        for _ in range(gamma_max):
-            logits = _forward(draft, pending, cache, device, all_logits=False)
-            cached += len(pending)
-            probs = torch.softmax(logits.float(), dim=-1)
-            token = int(logits.argmax())
-            drafted.append(token)
-            rows.append(probs)
-            pending = [token]
-        # the next position's context is one committed token longer: drop the drafted tail
-        cached = context_end
-        _truncate(cache, cached)
-        signals = distribution_signals(torch.stack(rows), drafted)
-        for key in ("prompt_id", "task", "split", "compression"):
-            cols[key].append(run[key])
-        cols["new_index"].append(i)
-        cols["position"].append(context_end)
-        cols["target_token"].append(continuation[i])
-        cols["draft_tokens"].append(drafted)
-        cols["match_len"].append(match_length(drafted, continuation[i:]))
-        cols["n_new"].append(n_new)
-        for k, name in enumerate(SIGNALS):
-            cols[name].append([s[k] for s in signals])
-    return pa.table(cols, schema=TRACE_SCHEMA)
+
+def batched_traces(
+    target,
+    draft,
+    prompts: list[list[int]],
+    gamma_max: int,
+    max_new_tokens: int,
+    eos_token_ids: tuple[int, ...],
+    runs: list[dict[str, str]],
+    batch_size: int = 16,
+) -> list[pa.Table]:
+    """Trace tables of many prompts: batched target continuations, teacher-forced draft paths."""
+    continuations = target_continuations(target, prompts, max_new_tokens, eos_token_ids, batch_size)
+    return [
+        trace_table(run, c, draft_path(draft, ids, c.tokens, gamma_max), len(ids))
+        for ids, c, run in zip(prompts, continuations, runs, strict=True)
+    ]

@@ -25,6 +25,9 @@ def trace_rows(
     for i in range(n_new):
         draft_prob = rng.beta(2.0, 1.2, GAMMA_MAX).astype(np.float32)
         hits = rng.random(GAMMA_MAX) < 1 / (1 + np.exp(-8 * (draft_prob - 0.5)))
+        # the target's confidence before the step: where it is low, the first draft is rejected more often
+        target_top1 = float(np.float32(rng.uniform(0.2, 1.0)))
+        hits[0] &= rng.random() < target_top1**2
         match = int(np.argmin(hits)) if not hits.all() else GAMMA_MAX
         match = min(match, n_new - i)
         rows.append(
@@ -43,16 +46,20 @@ def trace_rows(
                 "top1_prob": draft_prob.tolist(),
                 "margin": (draft_prob / 2).tolist(),
                 "entropy": (2.5 * (1 - draft_prob)).tolist(),
+                "target_top1": target_top1,
+                "target_entropy": float(np.float32(3.0 * (1 - target_top1))),
             }
         )
     return rows
 
 
-def write_traces(path: Path, seed: int = 0, per_split: int = 6, compressions=("fp32", "int8")) -> Path:
+def write_traces(
+    path: Path, seed: int = 0, per_split: int = 6, compressions=("fp32", "int8"), splits=("dev", "test")
+) -> Path:
     rng = np.random.default_rng(seed)
     rows = []
     for compression in compressions:
-        for split in ("dev", "test"):
+        for split in splits:
             for j in range(per_split):
                 task = ("code", "chat")[j % 2]
                 rows += trace_rows(
@@ -77,24 +84,34 @@ def write_costs(path: Path, compressions=("fp32", "int8"), gamma_max: int = GAMM
 def write_mlp_export(
     path: Path, compressions=("fp32", "int8"), gamma_max: int = GAMMA_MAX, seed: int = 0
 ) -> Path:
-    """A small random MLP export whose output rises with draft_prob, so it behaves like a confidence stop."""
+    """A small random MLP export whose output rises with draft_prob, so it behaves like a confidence stop,
+    and a step-start model whose output rises with the target's confidence."""
     from predictor.export import build_meta, write_export
-    from predictor.features import FEATURES
+    from predictor.features import FEATURES, START_FEATURES
+    from predictor.runtime import START_PREFIX
 
     rng = np.random.default_rng(seed)
-    n, hidden = len(FEATURES), 4
-    W1 = rng.normal(0, 0.05, (n, hidden))
-    W1[FEATURES.index("draft_prob")] = 3.0
-    weights = {
-        "scaler_mean": np.full(n, 0.5),
-        "scaler_scale": np.ones(n),
-        "W1": W1,
-        "b1": np.zeros(hidden),
-        "W2": np.full((hidden, 1), 0.8),
-        "b2": np.array([-1.0]),
+    weights = {}
+    for prefix, names, key in (("", FEATURES, "draft_prob"), (START_PREFIX, START_FEATURES, "target_top1")):
+        n, hidden = len(names), 4
+        W1 = rng.normal(0, 0.05, (n, hidden))
+        W1[names.index(key)] = 3.0
+        layer = {
+            "scaler_mean": np.full(n, 0.5),
+            "scaler_scale": np.ones(n),
+            "W1": W1,
+            "b1": np.zeros(hidden),
+            "W2": np.full((hidden, 1), 0.8),
+            "b2": np.array([-1.0]),
+        }
+        weights.update({prefix + k: v for k, v in layer.items()})
+    costs = {c: cost_model(c, gamma_max).step_costs() for c in compressions}
+    stop_rule = {
+        "gamma_max": gamma_max,
+        "discount": 1.0,
+        "start_discount": 1.0,
+        "trim": True,
+        "step_ms": {c: list(v) for c, v in costs.items()},
+        "draft_ms": {c: v.draft_ms for c, v in costs.items()},
     }
-    steps = {c: [cost_model(c, gamma_max).step_ms(k) for k in range(gamma_max + 1)] for c in compressions}
-    meta = build_meta(
-        {"kind": "none"}, {"gamma_max": gamma_max, "discount": 1.0, "step_ms": steps}, "greedy", {}
-    )
-    return write_export(path, weights, meta)
+    return write_export(path, weights, build_meta({"kind": "none"}, stop_rule, "greedy", {}))

@@ -27,6 +27,7 @@ def draft_rows(
     rows, position, prev_gamma, prev_accepted = [], 40, 0, 0
     for step in range(steps):
         stats, first_rejection, accepted_count = RunningStats(), None, 0
+        target_top1 = float(np.float32(rng.uniform(0.3, 1.0)))  # the step's context: one value per step
         for i in range(GAMMA_MAX):
             draft_prob = float(np.float32(rng.beta(2.0, 1.2)))
             top1 = float(np.float32(max(draft_prob, rng.uniform(0.3, 1.0))))
@@ -59,6 +60,9 @@ def draft_rows(
                     **running,
                     "prev_gamma": prev_gamma,
                     "prev_accepted": prev_accepted,
+                    "target_top1": target_top1,
+                    "target_entropy": float(np.float32(2.0 * (1 - target_top1))),
+                    "target_recent": float(np.float32((target_top1 + 0.7) / 2)),
                     "accepted": accepted,
                     "labelled": labelled,
                     "accept_prob": None,

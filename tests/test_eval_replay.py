@@ -1,14 +1,16 @@
 import numpy as np
 import pytest
 import torch
-from eval_synthetic import GAMMA_MAX, write_traces
+from eval_synthetic import GAMMA_MAX, write_mlp_export, write_traces
 from tiny import char_tokenizer
 
 from predictor.features import RUNNING
 from predictor.live import run_live
 from predictor.paper import PaperController
 from predictor.replay import Trace, load_traces, oracle, replay, traces_from_frame
+from predictor.runtime import MLPController, load_export
 from profiling.controllers import parse_controller
+from profiling.costmodel import StepCosts
 from profiling.decode import DecodeConfig, speculative_generate
 from profiling.errors import SpeckvError
 from profiling.models import ModelPair, load_model
@@ -23,6 +25,8 @@ POLICIES = [
     "threshold:0.8",
     "entropy:0.5",
     "entropy:1.5",
+    "threshold:0.6+trim",
+    "entropy:1+trim",
 ]
 
 
@@ -30,13 +34,13 @@ def random_trace(rng: np.random.Generator, n_new: int, gamma_max: int = 4) -> Tr
     match = np.minimum(rng.geometric(1 - rng.uniform(0.1, 0.9), n_new) - 1, gamma_max)
     p = rng.uniform(0, 1, (n_new, gamma_max))
     signals = np.stack([p, p, p / 2, 3 * (1 - p)], axis=-1)
-    return Trace(
-        "p", "t", "test", "fp32", np.minimum(match, n_new - np.arange(n_new)), 10 + np.arange(n_new), signals
-    )
+    match = np.minimum(match, n_new - np.arange(n_new))
+    top1 = rng.uniform(0.2, 1.0, n_new)
+    return Trace("p", "t", "test", "fp32", match, 10 + np.arange(n_new), signals, top1, 2 * (1 - top1))
 
 
-def random_costs(rng: np.random.Generator, gamma_max: int = 4) -> list[float]:
-    return list(np.cumsum(rng.uniform(0.5, 10, gamma_max + 1)) + rng.uniform(5, 60))
+def random_costs(rng: np.random.Generator, gamma_max: int = 4) -> StepCosts:
+    return StepCosts(np.cumsum(rng.uniform(0.5, 10, gamma_max + 1)) + rng.uniform(5, 60), rng.uniform(0, 5))
 
 
 class RateStub:
@@ -101,7 +105,7 @@ def tiny_models(tiny_pair_dir):
     return load_model(str(target_dir), "target", device, "fp32"), load_model(str(draft_dir), "draft", device)
 
 
-def test_replay_equals_live_loop(tiny_models):
+def test_replay_equals_live_loop(tiny_models, tmp_path):
     from profiling.traces import dense_trace
 
     target, draft = tiny_models
@@ -111,12 +115,24 @@ def test_replay_equals_live_loop(tiny_models):
     config = DecodeConfig(max_new_tokens=40, gamma_max=4)
     trace = traces_from_frame(dense_trace(target, draft, prompt, 4, 40, (), run).to_pandas())[0]
     assert trace.match_len.sum() > 0  # the pair agrees sometimes, or the test proves little
-    cost = [10.0 + k for k in range(5)]
-    for spec in ["none", "fixed:1", "fixed:2", "fixed:4", "heuristic", "threshold:0.4", "entropy:2"]:
-        live = speculative_generate(target, draft, prompt, parse_controller(spec, 4), config)
-        replayed = replay(parse_controller(spec, 4), trace, cost, max_new_tokens=40)
+    cost = StepCosts([10.0 + k for k in range(5)], 0.5)
+    specs = ["none", "fixed:1", "fixed:2", "fixed:4", "heuristic", "threshold:0.4", "entropy:2"]
+    specs += ["threshold:0.6+trim", "entropy:1+trim", "mlp"]
+    predictor = load_export(write_mlp_export(tmp_path / "export", gamma_max=4))
+    trimmed = 0
+    for spec in specs:
+
+        def make():
+            if spec == "mlp":
+                return MLPController(predictor, 4, "fp32", name="mlp")
+            return parse_controller(spec, 4)
+
+        live = speculative_generate(target, draft, prompt, make(), config)
+        replayed = replay(make(), trace, cost, max_new_tokens=40)
         assert (replayed.gammas, replayed.accepts) == (live.gammas, live.accepts), spec
         assert replayed.new_tokens == live.new_tokens
+        trimmed += replayed.trimmed
+    assert trimmed > 0  # some trim happened, or the trim paths were not compared
 
 
 def test_live_runs_are_lossless_and_interleaved(tiny_models):
@@ -163,12 +179,33 @@ def load_traces_frame(path):
 
 def test_exhaustive_tiny_case():
     # gamma_max 1: drafting pays where the draft matches, unless a drafted token costs more than a step
-    trace = Trace("p", "t", "test", "fp32", np.array([1, 0, 1, 0]), np.arange(4), np.zeros((4, 1, 4)))
+    trace = Trace(
+        "p",
+        "t",
+        "test",
+        "fp32",
+        np.array([1, 0, 1, 0]),
+        np.arange(4),
+        np.zeros((4, 1, 4)),
+        np.ones(4),
+        np.zeros(4),
+    )
     assert oracle(trace, [10.0, 11.0]).gammas == [1, 1]
     assert oracle(trace, [10.0, 30.0]).gammas == [0, 0, 0, 0]
 
 
 def test_paper_controller_follows_the_previous_draft():
-    trace = random_trace(np.random.default_rng(3), 60)
-    result = replay(paper_stub([40.0, 45, 50, 55, 60]), trace, [40.0, 45, 50, 55, 60])
-    assert len(set(result.gammas)) > 1  # gamma moves with the previous step's draft confidence
+    # Drafts from the first 20 positions are confident (draft_prob 0.95), later ones doubtful (0.05). With these
+    # costs the stub's rate makes gamma 4 pay after a confident draft (and at the 0.5 default), no draft after a
+    # doubtful one; without a draft there are no new aggregates, so gamma stays 0.
+    n_new, cost = 60, [40.0, 45, 50, 55, 60]
+    p = np.where(np.arange(n_new) < 20, 0.95, 0.05)[:, None].repeat(4, 1)
+    match = np.minimum(2, n_new - np.arange(n_new))
+    signals = np.stack([p, p, p / 2, 3 * (1 - p)], -1)
+    trace = Trace(
+        "p", "t", "test", "fp32", match, 10 + np.arange(n_new), signals, np.ones(n_new), np.zeros(n_new)
+    )
+    result = replay(paper_stub(cost), trace, cost)
+    starts = np.cumsum([0] + [a + 1 for a in result.accepts])[:-1]
+    doubtful = int(np.argmax(starts >= 20))  # the first step that drafts from a doubtful position
+    assert result.gammas == [4] * (doubtful + 1) + [0] * (len(result.gammas) - doubtful - 1)

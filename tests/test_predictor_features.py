@@ -43,6 +43,9 @@ def test_live_features_match_table(frame):
             prev_gamma=int(first["prev_gamma"]),
             prev_accepted=int(first["prev_accepted"]),
             compression=first["compression"],
+            target_top1=float(first["target_top1"]),
+            target_entropy=float(first["target_entropy"]),
+            target_recent=float(first["target_recent"]),
         )
         for index, row in step.sort_values("draft_index").iterrows():
             signals = TokenSignals(

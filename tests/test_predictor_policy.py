@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from predictor.features import FEATURES
-from predictor.policy import fixed_goodput, keep_drafting, replay_goodput, stop_index, tune_discount
+from predictor.features import FEATURES, START_FEATURES
+from predictor.policy import keep_drafting, stop_index
 from predictor.runtime import AcceptancePredictor, MLPController
 from profiling.controllers import Controller, StepContext
 from profiling.errors import SpeckvError
@@ -27,36 +27,57 @@ def test_keep_drafting_is_the_rate_comparison():
     assert not keep_drafting(8, 0.9, 5.0, 0.9, STEP_MS, 1.0)
 
 
-def test_replay_and_tuning():
-    drafts = [np.full(8, 0.95), np.full(8, 0.2)]
-    first_rejection = np.array([8, 0])
-    costs = [STEP_MS, STEP_MS]
-    # The rule drafts 8 then 1 token: (9 + 1) tokens in (26 + 12) ms.
-    assert replay_goodput(drafts, first_rejection, costs, 1.0) == pytest.approx(1000 * 10 / 38)
-    assert fixed_goodput(first_rejection, costs, 8) == pytest.approx(1000 * 10 / 52)
-    best, scores = tune_discount(drafts, first_rejection, costs, [0.5, 1.0])
-    assert best in scores and scores[best] == max(scores.values())
-
-
-def toy_predictor() -> AcceptancePredictor:
-    """p = sigmoid(10 * (draft_prob - 0.5)) through a 16-unit relu layer (only unit 0 used)."""
-    n = len(FEATURES)
+def _one_unit(names: tuple[str, ...], feature: str, scale: float, bias: float) -> dict[str, np.ndarray]:
+    """p = sigmoid(scale * x[feature] + bias) through a 16-unit relu layer (only unit 0 used)."""
+    n = len(names)
     W1 = np.zeros((n, 16))
-    W1[FEATURES.index("draft_prob"), 0] = 10.0
-    weights = {
+    W1[names.index(feature), 0] = scale
+    return {
         "scaler_mean": np.zeros(n),
         "scaler_scale": np.ones(n),
         "W1": W1,
         "b1": np.zeros(16),
         "W2": np.r_[1.0, np.zeros(15)].reshape(16, 1),
-        "b2": np.array([-5.0]),
+        "b2": np.array([bias]),
     }
+
+
+def toy_predictor(trim: bool = False, start_discount: float = 1.0) -> AcceptancePredictor:
+    """Token model p = sigmoid(10 * (draft_prob - 0.5)); step-start model p0 = sigmoid(10 * (top1 - 0.5))."""
+    from predictor.runtime import start_predictor
+
+    weights = _one_unit(FEATURES, "draft_prob", 10.0, -5.0)
+    weights.update({f"start_{k}": v for k, v in _one_unit(START_FEATURES, "target_top1", 10.0, -5.0).items()})
     meta = {
         "features": list(FEATURES),
         "calibration": {"kind": "none"},
-        "stop_rule": {"gamma_max": 8, "discount": 1.0, "step_ms": {"fp32": STEP_MS}},
+        "start": {"features": list(START_FEATURES), "calibration": {"kind": "none"}},
+        "stop_rule": {
+            "gamma_max": 8,
+            "discount": 1.0,
+            "start_discount": start_discount,
+            "trim": trim,
+            "step_ms": {"fp32": STEP_MS},
+            "draft_ms": {"fp32": 1.0},
+        },
     }
-    return AcceptancePredictor(weights, meta)
+    predictor = AcceptancePredictor(weights, meta)
+    predictor.start = start_predictor(predictor, weights)
+    return predictor
+
+
+def context(top1: float = 0.95) -> StepContext:
+    return StepContext(
+        step=0,
+        position=30,
+        new_tokens=0,
+        prev_gamma=0,
+        prev_accepted=0,
+        compression="fp32",
+        target_top1=top1,
+        target_entropy=0.2,
+        target_recent=top1,
+    )
 
 
 def test_controller_follows_stop_rule():
@@ -67,7 +88,7 @@ def test_controller_follows_stop_rule():
     expected_stop = stop_index(p, STEP_MS, 1.0)
     assert 1 < expected_stop < 8
     controller.reset()
-    ctx = StepContext(step=0, position=30, new_tokens=0, prev_gamma=0, prev_accepted=0, compression="fp32")
+    ctx = context()
     assert controller.start_step(ctx) == 8
     drafted = 0
     for i, d in enumerate(draft_probs):
@@ -90,21 +111,33 @@ def test_controller_rejects_bad_settings():
         MLPController(toy_predictor(), gamma_max=8, compression="int8", name="mlp:toy")
 
 
-def test_mlp_controller_skips_drafting_when_first_tokens_rarely_pass():
-    """With a first-token acceptance prior too low to pay for a draft, the target goes alone, the controller
-    probes now and then, and drafting resumes once drafts are accepted again."""
-    from predictor.runtime import PROBE_EVERY
+def test_step_start_model_decides_whether_to_draft_at_all():
+    """A confident target (p0 near 1) drafts; an unsure one (p0 near 0) lets the target go alone; a larger
+    start discount makes the same unsure context worth a draft."""
+    controller = MLPController(toy_predictor(), gamma_max=8, compression="fp32", name="mlp:toy")
+    assert controller.start_step(context(top1=0.95)) == 8
+    assert controller.start_step(context(top1=0.2)) == 0
+    # p0(0.33) = 0.154: a 1-token draft needs p > 0.2 to pay for its 2 ms (1.2 tokens per 12 ms vs 1 per 10);
+    # with start discount 2 the rule counts p = 0.31 and drafts
+    assert controller.start_step(context(top1=0.33)) == 0
+    eager = MLPController(toy_predictor(start_discount=2.0), gamma_max=8, compression="fp32", name="mlp:toy")
+    assert eager.start_step(context(top1=0.33)) == 8
 
-    predictor = toy_predictor()
-    predictor.stop_rule["step_ms"]["fp32"] = [60.0] + [60.0 + 10.0 * m for m in range(1, 9)]
-    predictor.stop_rule["first_accept"] = {"fp32": 0.05}
-    controller = MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy")
-    controller.reset()
-    ctx = StepContext(step=0, position=10, new_tokens=0, prev_gamma=0, prev_accepted=0, compression="fp32")
-    budgets = [controller.start_step(ctx) for _ in range(PROBE_EVERY + 1)]
-    assert budgets[:PROBE_EVERY] == [0] * PROBE_EVERY and budgets[-1] == 8
-    for _ in range(12):
-        controller.observe(4, 4)
-    assert controller.start_step(ctx) == 8
-    predictor.stop_rule["first_accept"] = {"fp32": 0.9}  # a good prior drafts from the first step
-    assert MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy").start_step(ctx) == 8
+
+def test_trim_drops_a_weak_last_token_only_when_enabled():
+    weak_last = [0.97, 0.96, 0.2]  # the rule learns the third token is weak only after drafting it
+    for trim, verified in ((False, 3), (True, 2)):
+        controller = MLPController(toy_predictor(trim=trim), gamma_max=8, compression="fp32", name="mlp:toy")
+        controller.start_step(context())
+        drafted = 0
+        for i, d in enumerate(weak_last):
+            drafted += 1
+            if not controller.keep_drafting(TokenSignals(d, d, d / 2, 1.0 - d, i, 30 + i)):
+                break
+        assert drafted == 3
+        assert controller.submit(drafted) == verified
+    # a draft that ran to its budget has an unscored last token: verified whole
+    controller = MLPController(toy_predictor(trim=True), gamma_max=8, compression="fp32", name="mlp:toy")
+    controller.start_step(context())
+    controller.keep_drafting(TokenSignals(0.9, 0.9, 0.4, 0.1, 0, 30))
+    assert controller.submit(2) == 2

@@ -5,10 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from predictor_synthetic import token_frame, write_costs, write_tokens
+from eval_synthetic import write_costs, write_traces
+from predictor_synthetic import token_frame, write_tokens
 
 from predictor import model
-from predictor.dataset import build_splits, load_tokens
+from predictor.dataset import build_splits, trace_token_frame
+from predictor.replay import load_traces
 from predictor.runtime import WEIGHTS_FILE, load_export
 from predictor.train import TrainConfig, run_training
 from profiling.errors import SpeckvError
@@ -18,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def config_for(root: Path, name: str, inputs: Path) -> TrainConfig:
     return TrainConfig(
+        traces_dir=str(inputs / "traces"),
         tokens_dir=str(inputs / "tokens"),
         calibrate_dir=str(inputs / "calibrate"),
         out_dir=str(root / name),
@@ -26,14 +29,20 @@ def config_for(root: Path, name: str, inputs: Path) -> TrainConfig:
         max_iter=200,
         importance_repeats=2,
         discount_grid=[0.7, 0.9, 1.1],
+        start_discount_grid=[0.5, 1.0, 2.0],
         register=False,
     )
+
+
+def trace_splits(config: TrainConfig):
+    return build_splits(trace_token_frame(load_traces(config.traces_dir)))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     write_tokens(token_frame(seed=3, steps=6), root / "tokens")
+    write_traces(root / "traces", seed=3, per_split=8, splits=("train", "dev", "test"))
     write_costs(root / "calibrate")
     config = config_for(root, "run", root)
     return config, run_training(config), root
@@ -47,10 +56,16 @@ def test_outputs_and_metrics(trained):
     assert json.loads((out / "metrics.json").read_text()) == metrics
     expected = {"mlp", "logistic", "draft_prob_only", "entropy_only", "paper_step_regression"}
     assert expected <= set(metrics["models"])
-    # The synthetic acceptance depends on draft_prob: every token-level model must beat chance.
+    # The synthetic acceptance depends on draft_prob and, for the first token, on the target's confidence:
+    # every token-level model beats chance, and only the MLP (which sees the target's confidence) gets both.
     assert metrics["models"]["mlp"]["roc_auc"] > 0.75
-    assert metrics["models"]["draft_prob_only"]["roc_auc"] > 0.75
+    assert metrics["models"]["draft_prob_only"]["roc_auc"] > 0.7
+    assert metrics["models"]["mlp"]["roc_auc"] > metrics["models"]["draft_prob_only"]["roc_auc"] + 0.02
     assert metrics["stop_rule"]["discount"] in config.discount_grid
+    # The synthetic first-token acceptance rises with the target's confidence: the step-start model sees it.
+    start = metrics["start_model"]["test"]
+    assert start["start_mlp"]["roc_auc"] > 0.65
+    assert start["start_mlp"]["log_loss"] < start["train_rate"]["log_loss"]
     importance = json.loads((out / "importance.json").read_text())
     assert len(importance["paper"]) == 6 and "compression" in importance["groups"]
 
@@ -68,7 +83,7 @@ def test_training_is_deterministic(trained):
 def test_export_matches_sklearn_pipeline(trained):
     config, _, _ = trained
     predictor = load_export(config.export_dir)
-    splits = build_splits(load_tokens(config.tokens_dir))
+    splits = trace_splits(config)
     test = splits["test"]
     # Retraining with the same seed reproduces the exported MLP exactly (determinism above).
     spec = model.MLPSpec(config.hidden_units, config.alpha_grid[0], config.max_iter, config.seed)
@@ -82,7 +97,7 @@ def test_export_matches_sklearn_pipeline(trained):
 
 def test_export_loads_with_numpy_alone(trained):
     config, _, _ = trained
-    test = build_splits(load_tokens(config.tokens_dir))["test"]
+    test = trace_splits(config)["test"]
     np.save(Path(config.out_dir) / "X.npy", test.X)
     script = (
         "import sys, numpy as np\n"

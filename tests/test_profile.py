@@ -12,7 +12,7 @@ from profiling.controllers import parse_controller
 from profiling.decode import DecodeConfig, speculative_generate
 from profiling.errors import SpeckvError
 from profiling.models import load_pair
-from profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
+from profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA, read_table
 
 PROMPTS = [
     {"prompt_id": "code/a", "task": "code", "split": "train", "input_ids": list(range(10, 30))},
@@ -31,13 +31,14 @@ def pair(tiny_pair_dir):
 
 
 def profile(pair, out, controllers=("fixed:6",)):
+    traced = [p for p in PROMPTS if p["split"] in ("dev", "test")]
     return prof.run_profile(
-        pair, PROMPTS, list(controllers), DECODE, out, ["dev", "test"], META, progress=False
+        pair, PROMPTS, list(controllers), DECODE, out, traced, META, progress=False, trace_batch=2
     )
 
 
 def read(out, table):
-    return prof.read_table(out / table, table).to_pandas()
+    return read_table(out / table, table).to_pandas()
 
 
 def test_schema_and_partitioning(pair, tmp_path):
