@@ -48,8 +48,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data.models import DRAFT_DIRNAME, fetch_target, publish_dir, write_marker
-from data.prompts import PromptsConfig, build_prompt_file, load_prompt_file
+from data.models import publish_dir, write_marker
+from data.prompts import load_prompt_file
 from profiling.cpu import cpu_info, resolve_auto_dtype
 from profiling.errors import SpeckvError
 
@@ -58,7 +58,6 @@ __all__ = [
     "agreement_by_task",
     "build_draft",
     "distill",
-    "distill_default",
     "generate_teacher_data",
     "plan_teacher_rows",
     "teacher_labels",
@@ -76,7 +75,7 @@ class DistillConfig:
     draft_layers: int = 2  # decoder layers, copied from the target's first layers
     sequences_per_task: int = 150  # teacher sequences per task: greedy per prompt, then sampled repeats
     sample_temperature: float = 0.8  # temperature of the sampled repeats for tasks with few prompts
-    teacher_dtype: str = "auto"  # teacher-data target dtype; auto: bfloat16 on native-bf16 CPUs (dev/test: float32)
+    teacher_dtype: str = "auto"  # teacher target dtype; auto: bf16 on native-bf16 CPUs (dev/test: float32)
     dev_per_task: int = 10  # dev prompts per task for held-out agreement (recipe choices were made on it)
     test_per_task: int = 10  # test prompts per task for the reported agreement (never used for a choice)
     max_new_tokens: int = 128  # target response length cap for teacher data
@@ -90,7 +89,7 @@ class DistillConfig:
     ce_weight: float = 1.0  # weight of cross-entropy on the target's greedy token (agreement is top-1)
     prompt_weight: float = 0.5  # cosine-loss weight of prompt positions
     prompt_head_weight: float = 0.5  # KL + CE weight of prompt positions (0: responses only)
-    train_autocast: str = "auto"  # training matmul autocast; auto: bfloat16 on native-bf16 CPUs; "float32": off
+    train_autocast: str = "auto"  # training autocast; auto: bf16 on native-bf16 CPUs; "float32": off
     save_dtype: str = "float16"  # halves the head's memory traffic: 1-token forward ~15 -> ~9 ms on this CPU
     threads: int = 2  # torch CPU threads; use 1 when other jobs share the cores (2 then ran 10x slower)
 
@@ -652,24 +651,3 @@ def distill(
         metrics["agreement"]["overall"],
     )
     return metrics
-
-
-def distill_default(
-    config: DistillConfig,
-    models_root: Path,
-    prompt_path: Path = Path("artifacts/prompts/prompts.jsonl"),
-    teacher_path: Path = Path("artifacts/distill/teacher.pt"),
-) -> dict[str, Any]:
-    """Distil the default draft from the default target, building the default prompt file if it is missing."""
-    from transformers import AutoTokenizer
-
-    target_dir = fetch_target(models_root)
-    if not Path(prompt_path).is_file():
-        prompts = PromptsConfig()
-        tokenizer = AutoTokenizer.from_pretrained(target_dir)
-        build_prompt_file(
-            tokenizer, Path(prompt_path), prompts.chat, prompts.max_prompt_tokens, prompts.tasks
-        )
-    return distill(
-        target_dir, Path(prompt_path), Path(models_root) / DRAFT_DIRNAME, Path(teacher_path), config
-    )

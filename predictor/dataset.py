@@ -146,6 +146,7 @@ def trace_token_frame(traces: list) -> pd.DataFrame:
             "mode": "greedy",
             "step": i,
             "draft_index": j,
+            "gamma": g,  # as a full-draft (fixed:gamma_max) step from this position
             "position": t.position[i] + j,
             "target_top1": t.target_top1[i],
             "target_entropy": t.target_entropy[i],

@@ -33,6 +33,7 @@ TUNED_ROLES = (
     "entropy:tuned",
     "threshold:tuned+trim",
     "entropy:tuned+trim",
+    "threshold:best",  # the better of threshold:tuned and threshold:tuned+trim on dev: the live run's threshold
     "mlp",
 )
 FIRST_TOKEN_ORACLE = "first-token-oracle"  # replay only: hindsight on the draft-or-not decision alone
@@ -48,10 +49,7 @@ class EvaluateConfig:
     target: str = "default"
     draft: str = "default"
     device: str | None = None
-    tokens_dir: str | None = (
-        "artifacts/profile/tokens"  # train-prompt token table for the paper's regressor; null skips it
-    )
-    paper_controller: str = "fixed:8"  # the profiled full-draft runs the paper's regressor is fitted on
+    paper: bool = True  # replay the paper's formulation (its regressor refitted on the train traces)
     gamma_max: int = 8
     trace_max_new_tokens: int | None = 64  # the profile's max_new_tokens: caps drafting as the live loop did
     threshold_grid: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
@@ -122,9 +120,7 @@ class PolicyFactory:
             from predictor.paper import PaperController
 
             if self.paper is None:
-                raise SpeckvError(
-                    "the paper controller needs evaluate.tokens_dir (its regressor's training data)"
-                )
+                raise SpeckvError("the paper controller needs train traces (its regressor's training data)")
             return PaperController(*self.paper, self.costs[compression], self.gamma_max, compression)
         return parse_controller(spec, self.gamma_max, compression)
 
@@ -188,6 +184,7 @@ def tune_on_dev(
             "threshold:tuned+trim": [f"threshold:{p:g}+trim" for p in config.threshold_grid],
             "entropy:tuned+trim": [f"entropy:{h:g}+trim" for h in config.entropy_grid],
         }
+        candidates["threshold:best"] = candidates["threshold:tuned"] + candidates["threshold:tuned+trim"]
         tuned[compression] = {"dev_goodput": {}}
         for role, specs in candidates.items():
             scores = {
@@ -409,10 +406,9 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
     import torch
 
     from data.prompts import load_prompt_file
-    from pipeline.generate import eos_ids
-    from predictor.live import HF_SCHEDULES, run_live
+    from predictor.live import HF_ROLES, HFAssisted, hf_role, run_live
     from profiling.decode import DecodeConfig
-    from profiling.models import load_pair
+    from profiling.models import eos_ids, load_pair
 
     if config.live_per_task == 0 or not config.live_controllers:
         return pd.DataFrame()
@@ -428,10 +424,13 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
             gamma_max=config.gamma_max,
             eos_token_ids=eos_ids(pair.tokenizer, pair.target),
         )
-        roles: dict[str, Controller | str] = {}
+        roles: dict[str, Controller | HFAssisted] = {}
         for spec in specs:
-            if spec in HF_SCHEDULES:
-                roles[spec] = spec
+            if spec in HF_ROLES:
+                # hf-threshold: transformers' own confidence stop at our dev-tuned threshold
+                tuned_threshold = tuned.get(compression, {}).get("threshold:tuned", "threshold:")
+                value = tuned_threshold.split(":", 1)[1].removesuffix("+trim")
+                roles[spec] = hf_role(spec, config.gamma_max, float(value) if value else None)
             else:
                 concrete = tuned.get(compression, {}).get(spec, spec) if spec in TUNED_ROLES else spec
                 if spec in TUNED_ROLES and spec != "mlp" and compression not in tuned:
@@ -461,10 +460,10 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     if not has_mlp:
         raise SpeckvError(f"no predictor export at {config.export_dir} (run `speckv train`)")
     paper = None
-    if config.tokens_dir is not None:
+    if config.paper and any(t.split == "train" for t in traces):
         from predictor.paper import fit_paper_regressor
 
-        paper = fit_paper_regressor(config.tokens_dir, config.paper_controller, config.seed)
+        paper = fit_paper_regressor(traces, config.seed)
     make = PolicyFactory(gamma_max, config.export_dir, costs, paper)
 
     dev = [t for t in traces if t.split == "dev"]
@@ -516,7 +515,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 live_frame.loc[live_frame["policy"].str.startswith("hf-"), "matches_none"].all()
             ),
         }
-        for base in ("best-fixed", "fixed:4", "none", "hf-assisted"):
+        for base in ("best-fixed", "none", "threshold:best", "hf-assisted", "hf-threshold", "fixed:4"):
             if "mlp" in live_roles and base in live_roles:
                 ci = paired_ratio(
                     live_frame,

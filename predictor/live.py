@@ -3,15 +3,17 @@
 Controllers take turns on each prompt (the order rotates from prompt to prompt) so that noise from other
 jobs on the machine hits all of them alike. Greedy outputs are compared with `none` (the target alone):
 the loop is lossless only if every one is token-identical. transformers' own assisted generation
-(`generate(assistant_model=draft)`, default settings and its `heuristic` schedule) runs beside them as an
-outside reference, its output compared too.
+(`generate(assistant_model=draft)`: its defaults, its `heuristic` schedule, and its own confidence stop at our
+dev-tuned threshold) runs beside them as an outside reference, its output compared too.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,19 +23,46 @@ from profiling.models import ModelPair, synchronize
 
 log = logging.getLogger(__name__)
 
-# Live roles that are not our controllers: transformers' assisted generation, by its schedule.
-HF_SCHEDULES = {"hf-assisted": None, "hf-heuristic": "heuristic"}
+
+@dataclass(frozen=True)
+class HFAssisted:
+    """A live role that is not our controller: transformers' own `generate(assistant_model=draft)`, with
+    these attributes set on the draft's generation_config for the run (empty: transformers' defaults)."""
+
+    name: str
+    settings: dict = field(default_factory=dict)
 
 
-def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, schedule: str | None):
+def hf_role(name: str, gamma_max: int, threshold: float | None = None) -> HFAssisted:
+    """`hf-assisted`: transformers' defaults (20 tokens, confidence stop 0.4 in transformers 5);
+    `hf-heuristic`: its heuristic schedule; `hf-threshold`: its confidence stop at the dev-tuned threshold,
+    drafting at most gamma_max tokens like our controllers."""
+    if name == "hf-assisted":
+        return HFAssisted(name)
+    if name == "hf-heuristic":
+        return HFAssisted(name, {"num_assistant_tokens_schedule": "heuristic"})
+    if name == "hf-threshold" and threshold is not None:
+        settings = {
+            "num_assistant_tokens_schedule": "constant",
+            "num_assistant_tokens": gamma_max,
+            "assistant_confidence_threshold": threshold,
+        }
+        return HFAssisted(name, settings)
+    raise ValueError(f"unknown transformers role {name!r} (hf-threshold needs a tuned threshold)")
+
+
+HF_ROLES = ("hf-assisted", "hf-heuristic", "hf-threshold")
+
+
+def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, settings: dict):
     """Greedy `target.generate(assistant_model=draft)`; returns (new token ids, wall seconds).
 
     The draft's generation_config is restored afterwards: the heuristic schedule writes its state back
     into it, which would leak from one prompt into the next.
     """
     saved = copy.deepcopy(pair.draft.generation_config)
-    if schedule is not None:
-        pair.draft.generation_config.num_assistant_tokens_schedule = schedule
+    for key, value in settings.items():
+        setattr(pair.draft.generation_config, key, value)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=pair.device)
     try:
         synchronize(pair.device)
@@ -65,7 +94,7 @@ def _trim_after_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
 def run_prompt(
     pair: ModelPair,
     prompt_ids: list[int],
-    roles: dict[str, Controller | str],
+    roles: dict[str, Controller | HFAssisted],
     config: DecodeConfig,
     rotate: int,
 ) -> dict[str, dict]:
@@ -75,8 +104,8 @@ def run_prompt(
     out = {}
     for name in order:
         role = roles[name]
-        if isinstance(role, str):
-            tokens, wall_s = hf_assisted(pair, prompt_ids, config, HF_SCHEDULES[role])
+        if isinstance(role, HFAssisted):
+            tokens, wall_s = hf_assisted(pair, prompt_ids, config, role.settings)
             tokens = _trim_after_eos(tokens, config.eos_token_ids)
             out[name] = {"new_tokens": len(tokens), "wall_s": wall_s, "tokens_per_s": len(tokens) / wall_s}
             out[name]["token_ids"] = tokens
@@ -89,7 +118,7 @@ def run_prompt(
 def run_live(
     pair: ModelPair,
     prompts: list[dict],
-    roles: dict[str, Controller | str],
+    roles: dict[str, Controller | HFAssisted],
     config: DecodeConfig,
     warmup_tokens: int,
 ) -> list[dict]:
@@ -105,7 +134,8 @@ def run_live(
         reference = results["none"]["token_ids"]
         for name, summary in results.items():
             tokens = summary.pop("token_ids")
-            spec = roles[name] if isinstance(roles[name], str) else roles[name].name
+            role = roles[name]
+            spec = f"{role.name}{json.dumps(role.settings)}" if isinstance(role, HFAssisted) else role.name
             rows.append(
                 {
                     "prompt_id": prompt["prompt_id"],

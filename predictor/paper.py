@@ -18,17 +18,17 @@ from profiling.controllers import StepContext
 from profiling.signals import RunningStats, TokenSignals
 
 
-def fit_paper_regressor(tokens_dir: str, controller: str, seed: int):
-    """The step-rate regressor of predictor.train.paper_reference, fitted on train prompts' greedy full drafts.
+def fit_paper_regressor(traces: list, seed: int):
+    """The step-rate regressor of predictor.train.paper_reference, fitted on train traces: every position as
+    one full-draft (fixed:gamma_max) step.
 
     Returns (fitted pipeline, mean step feature row: the input before any step has been observed).
     """
-    from predictor.dataset import load_tokens, select_runs, split_drafts
+    from predictor.dataset import split_drafts, trace_token_frame
     from predictor.model import MLPSpec, fit_step_regressor
     from predictor.train import paper_step_table
 
-    tokens = select_runs(load_tokens(tokens_dir), "greedy", controller)
-    X, rows = split_drafts(tokens, "train")
+    X, rows = split_drafts(trace_token_frame([t for t in traces if t.split == "train"]), "train")
     X_steps, rate, _ = paper_step_table(X, rows)
     # the training stage's defaults: 16 hidden units, L2 1e-3, 500 L-BFGS iterations
     fitted = fit_step_regressor(X_steps, rate, MLPSpec(16, 1e-3, 500, seed))

@@ -32,8 +32,16 @@ from predictor.report_plots import (
 from profiling.atomic import write_bytes
 from profiling.errors import SpeckvError
 
-LIVE_BASES = {"best-fixed": "best_fixed", "fixed:4": "fixed4", "none": "none", "hf-assisted": "hf_assisted"}
-BY_TASK_ROLES = ("mlp", "paper", "threshold:tuned", "oracle")  # replay ratios shown per compression and task
+LIVE_BASES = {
+    "best-fixed": "best_fixed",
+    "none": "none",
+    "threshold:best": "threshold_best",
+    "hf-assisted": "hf_assisted",
+    "hf-threshold": "hf_threshold",
+    "fixed:4": "fixed4",
+}
+# replay ratios shown per compression and task
+BY_TASK_ROLES = ("mlp", "paper", "threshold:tuned", "first-token-oracle", "oracle")
 TEMPLATE = "report.html.j2"
 
 

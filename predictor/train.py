@@ -24,8 +24,6 @@ from predictor import importance, model
 from predictor.dataset import (
     Split,
     build_splits,
-    load_tokens,
-    select_runs,
     split_drafts,
     trace_start_frame,
     trace_token_frame,
@@ -51,12 +49,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     traces_dir: str = "artifacts/profile/traces"  # dense greedy traces: the predictor's rows and replay
-    tokens_dir: str = "artifacts/profile/tokens"  # profiled token table: the paper's step regression only
     calibrate_dir: str = "artifacts/calibrate"  # cost models, one {compression}.json per compression
     out_dir: str = "artifacts/predictor"  # metrics.json, plots, importance.json
     export_dir: str = "artifacts/predictor/export"  # the deployed model (numpy-loadable)
-    mode: str = "greedy"  # which profiled runs to learn from: greedy (0/1 labels) or sampling (soft)
-    controller: str = "fixed:8"  # the full-draft profiling runs: every position up to a rejection labelled
     seed: int = 0
     hidden_units: int = 16
     alpha_grid: list[float] = field(
@@ -79,8 +74,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Checked here so a typo fails before minutes of training, not after.
         problems = []
-        if self.mode not in ("greedy", "sampling"):
-            problems.append(f"mode must be greedy or sampling, got {self.mode!r}")
         if not set(self.calibrations) <= {"none", "platt", "isotonic"} or not self.calibrations:
             problems.append("calibrations must be a non-empty subset of none, platt, isotonic")
         if self.importance_scoring not in importance.SCORINGS:
@@ -316,7 +309,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
         "step_ms": {c: list(cost) for c, cost in step_costs.items()},
         "draft_ms": {c: cost.draft_ms for c, cost in step_costs.items()},
     }
-    meta = build_meta(calibration, stop_rule, config.mode, asdict(config))
+    meta = build_meta(calibration, stop_rule, "greedy", asdict(config))
     predictor, weights = build_predictor(mlp, calibration, arrays, meta, start_model)
     dev_traces = [t for t in traces if t.split == "dev"]
     test_traces = [t for t in traces if t.split == "test"]
@@ -329,10 +322,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     for name, (fitted, cols) in baselines.items():
         predictions[name] = model.positive_proba(fitted, test.X[:, cols])
     metrics: dict[str, Any] = {"models": {name: model.scores(test.y, p) for name, p in predictions.items()}}
-    if config.tokens_dir is not None and Path(config.tokens_dir).is_dir():
-        metrics["models"]["paper_step_regression"] = paper_reference(
-            select_runs(load_tokens(config.tokens_dir), config.mode, config.controller), spec
-        )
+    metrics["models"]["paper_step_regression"] = paper_reference(frame, spec)
     metrics["start_model"] = start_metrics
     metrics["replay_test_tokens_per_s"] = {
         "mlp_stop_rule": pooled_goodput(replay_mlp(predictor, test_traces, step_costs, gamma_max)),
@@ -384,8 +374,8 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 
 def paper_reference(tokens: pd.DataFrame, spec: model.MLPSpec) -> dict[str, float]:
-    """Fit the published step-rate regression on train prompts' full-draft runs; score it on their test
-    prompts' tokens (every labelled token gets its step's predicted rate) and steps."""
+    """Fit the published step-rate regression on train prompts' full drafts (trace positions as fixed:gamma_max
+    steps); score it on test prompts' tokens (every labelled token gets its step's predicted rate) and steps."""
     X_train, train_rows = split_drafts(tokens, "train")
     X_steps, rate, _ = paper_step_table(X_train, train_rows)
     fitted = model.fit_step_regressor(X_steps, rate, spec)

@@ -5,7 +5,7 @@ from eval_synthetic import GAMMA_MAX, write_mlp_export, write_traces
 from tiny import char_tokenizer
 
 from predictor.features import RUNNING
-from predictor.live import run_live
+from predictor.live import hf_role, run_live
 from predictor.paper import PaperController
 from predictor.replay import Trace, load_traces, oracle, replay, traces_from_frame
 from predictor.runtime import MLPController, load_export
@@ -122,7 +122,7 @@ def test_replay_equals_live_loop(tiny_models, tmp_path):
     trimmed = 0
     for spec in specs:
 
-        def make():
+        def make(spec=spec):
             if spec == "mlp":
                 return MLPController(predictor, 4, "fp32", name="mlp")
             return parse_controller(spec, 4)
@@ -146,11 +146,16 @@ def test_live_runs_are_lossless_and_interleaved(tiny_models):
     roles = {
         "none": parse_controller("none", 4),
         "fixed:3": parse_controller("fixed:3", 4),
-        "hf-assisted": "hf-assisted",
+        "hf-assisted": hf_role("hf-assisted", 4),
+        "hf-threshold": hf_role("hf-threshold", 4, threshold=0.3),
     }
     rows = run_live(pair, prompts, roles, DecodeConfig(max_new_tokens=16, gamma_max=4), warmup_tokens=4)
-    assert len(rows) == 6
-    assert all(r["matches_none"] for r in rows if r["policy"] != "hf-assisted")
+    assert len(rows) == 8
+    assert all(r["matches_none"] for r in rows if not r["policy"].startswith("hf-"))
+    assert {r["spec"] for r in rows if r["policy"] == "hf-threshold"} == {
+        'hf-threshold{"num_assistant_tokens_schedule": "constant", "num_assistant_tokens": 4, '
+        '"assistant_confidence_threshold": 0.3}'
+    }
     assert all(r["new_tokens"] > 0 and r["wall_s"] > 0 for r in rows)
     with pytest.raises(ValueError, match="none"):
         run_live(pair, prompts, {"fixed:3": roles["fixed:3"]}, DecodeConfig(max_new_tokens=4), 0)
