@@ -17,6 +17,7 @@ the two equal on a tiny pair, and benchmarks/bench_traces.py reports their speed
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -314,7 +315,20 @@ def batched_traces(
 ) -> list[pa.Table]:
     """Trace tables of many prompts: batched target continuations, teacher-forced draft paths."""
     continuations = target_continuations(target, prompts, max_new_tokens, eos_token_ids, batch_size)
+    tracer = tracing_copy(draft)
     return [
-        trace_table(run, c, draft_path(draft, ids, c.tokens, gamma_max), len(ids))
+        trace_table(run, c, draft_path(tracer, ids, c.tokens, gamma_max), len(ids))
         for ids, c, run in zip(prompts, continuations, runs, strict=True)
     ]
+
+
+def tracing_copy(draft):
+    """The draft as the batched passes should run it: a float32 copy of a half-precision draft on CPU.
+
+    torch's CPU half-precision GEMM is fast for one row (the decode loop) but ~10x slower than float32 for the
+    tens to hundreds of rows a teacher-forced pass or a batch of tails multiplies; float32 holds every half
+    weight exactly, and bench_traces.py reports how often the rounding difference flips a drafted token.
+    """
+    if draft.device.type != "cpu" or draft.dtype not in (torch.float16, torch.bfloat16):
+        return draft
+    return copy.deepcopy(draft).float()

@@ -89,7 +89,6 @@ def write_evaluation(root: Path, live: bool = True) -> ReportConfig:
         traces_dir=str(root / "traces"),
         calibrate_dir=str(root / "calibrate"),
         export_dir=str(root / "export"),
-        tokens_dir=None,
         out_dir=str(root / "eval"),
         gamma_max=6,
         threshold_grid=[0.3, 0.6],

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from predictor_synthetic import token_frame, write_costs, write_tokens
+from eval_synthetic import write_costs, write_traces
 
 from predictor.registry import MODEL_NAME, log_training_run, promote
 from predictor.runtime import load_export, load_mlp_controller
@@ -12,10 +12,10 @@ from profiling.errors import SpeckvError
 @pytest.mark.slow  # MLflow round trips
 def test_register_alias_and_load(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    write_tokens(token_frame(seed=4, steps=4), tmp_path / "tokens")
+    write_traces(tmp_path / "traces", seed=4, per_split=6, splits=("train", "dev", "test"))
     write_costs(tmp_path / "calibrate")
     config = TrainConfig(
-        tokens_dir="tokens",
+        traces_dir="traces",
         calibrate_dir="calibrate",
         out_dir="out",
         export_dir="out/export",
@@ -44,7 +44,7 @@ def test_register_alias_and_load(tmp_path, monkeypatch):
     served = pyfunc.predict(pd.DataFrame(X, columns=list(features)))
     np.testing.assert_array_equal(np.asarray(served), load_export("out/export").predict_proba(X))
 
-    controller = load_mlp_controller(f"models:/{MODEL_NAME}@candidate", gamma_max=8, compression="int8")
+    controller = load_mlp_controller(f"models:/{MODEL_NAME}@candidate", gamma_max=6, compression="int8")
     # the registered model carries the discount tuned on dev, not a default
     assert controller.discount == metrics["stop_rule"]["discount"] != 1.0
 
@@ -53,4 +53,4 @@ def test_register_alias_and_load(tmp_path, monkeypatch):
     with pytest.raises(SpeckvError, match="no version 7"):
         promote(7)
     with pytest.raises(SpeckvError, match="cannot load"):
-        load_mlp_controller(f"models:/{MODEL_NAME}@nope", gamma_max=8, compression="int8")
+        load_mlp_controller(f"models:/{MODEL_NAME}@nope", gamma_max=6, compression="int8")

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from eval_synthetic import write_costs, write_traces
-from predictor_synthetic import token_frame, write_tokens
 
 from predictor import model
 from predictor.dataset import build_splits, trace_token_frame
@@ -21,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def config_for(root: Path, name: str, inputs: Path) -> TrainConfig:
     return TrainConfig(
         traces_dir=str(inputs / "traces"),
-        tokens_dir=str(inputs / "tokens"),
         calibrate_dir=str(inputs / "calibrate"),
         out_dir=str(root / name),
         export_dir=str(root / name / "export"),
@@ -41,7 +39,6 @@ def trace_splits(config: TrainConfig):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    write_tokens(token_frame(seed=3, steps=6), root / "tokens")
     write_traces(root / "traces", seed=3, per_split=8, splits=("train", "dev", "test"))
     write_costs(root / "calibrate")
     config = config_for(root, "run", root)
