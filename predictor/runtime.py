@@ -174,9 +174,11 @@ class MLPController:
         self.start = predictor.start
         self.gamma_max = gamma_max
         self.compression = compression
-        self.discount = float(rule["discount"])
-        self.start_discount = float(rule["start_discount"])
-        self.trim = bool(rule["trim"])
+        # the rule's knobs, tuned per compression where the export has them (the best gamma moves with it)
+        knobs = {**rule, **rule.get("by_compression", {}).get(compression, {})}
+        self.discount = float(knobs["discount"])
+        self.start_discount = float(knobs["start_discount"])
+        self.trim = bool(knobs["trim"])
         self.step_ms = tuple(float(t) for t in rule["step_ms"][compression][: gamma_max + 1])
         self.draft_ms = float(rule["draft_ms"][compression])
         self._features = live_features

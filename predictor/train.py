@@ -136,21 +136,42 @@ def tune_stop_rule(
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """The (discount, start_discount, trim) with the best replayed tokens/s on `traces` (dev prompts).
 
-    Ties go to the first in grid order. The replay runs the very controller the decode loop runs.
+    Tuned over all compressions together (the export's default) and for each compression alone (its
+    `by_compression` entry, what MLPController uses): a quantized target's cheaper or dearer verify moves the
+    best stopping point, as it moves the best fixed gamma. Ties go to the first in grid order. The replay
+    runs the very controller the decode loop runs.
     """
+    grid = [
+        {"discount": d, "start_discount": s, "trim": t}
+        for t in config.trim_options
+        for s in config.start_discount_grid
+        for d in config.discount_grid
+    ]
+    rule = predictor.stop_rule
+    rule.pop("by_compression", None)
+
+    def best_of(subset: list[Trace], label: str, scores: dict[str, float]) -> dict[str, Any]:
+        best, best_score = grid[0], -1.0
+        for knobs in grid:
+            rule.update(knobs)
+            score = pooled_goodput(replay_mlp(predictor, subset, costs, gamma_max))
+            key = (
+                f"discount_{knobs['discount']:g}/start_{knobs['start_discount']:g}/trim_{int(knobs['trim'])}"
+            )
+            scores[f"{label}/{key}"] = score
+            if score > best_score:
+                best, best_score = knobs, score
+        return best
+
     scores: dict[str, float] = {}
-    best, best_score = None, -1.0
-    for trim in config.trim_options:
-        for start_discount in config.start_discount_grid:
-            for discount in config.discount_grid:
-                predictor.stop_rule.update(discount=discount, start_discount=start_discount, trim=trim)
-                score = pooled_goodput(replay_mlp(predictor, traces, costs, gamma_max))
-                scores[f"discount_{discount:g}/start_{start_discount:g}/trim_{int(trim)}"] = score
-                if score > best_score:
-                    best, best_score = (discount, start_discount, trim), score
-    discount, start_discount, trim = best
-    predictor.stop_rule.update(discount=discount, start_discount=start_discount, trim=trim)
-    return {"discount": discount, "start_discount": start_discount, "trim": trim}, scores
+    chosen = best_of(traces, "all", scores)
+    by_compression = {
+        c: best_of([t for t in traces if t.compression == c], c, scores)
+        for c in sorted({t.compression for t in traces})
+    }
+    rule.update(chosen)
+    rule["by_compression"] = by_compression
+    return {**chosen, "by_compression": by_compression}, scores
 
 
 def fixed_replay(traces: list[Trace], costs: dict[str, StepCosts], gamma: int) -> pd.DataFrame:
@@ -314,7 +335,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     dev_traces = [t for t in traces if t.split == "dev"]
     test_traces = [t for t in traces if t.split == "test"]
     chosen, dev_goodput = tune_stop_rule(predictor, dev_traces, step_costs, gamma_max, config)
-    log.info("stop rule %s (dev replayed goodput %.1f tok/s)", chosen, max(dev_goodput.values()))
+    log.info("stop rule %s", chosen)
 
     # Step 5: scores on test prompts — the deployed predictor, the raw MLP and every baseline.
     test = splits["test"]

@@ -141,3 +141,14 @@ def test_trim_drops_a_weak_last_token_only_when_enabled():
     controller.start_step(context())
     controller.keep_drafting(TokenSignals(0.9, 0.9, 0.4, 0.1, 0, 30))
     assert controller.submit(2) == 2
+
+
+def test_per_compression_knobs_override_the_default():
+    predictor = toy_predictor(start_discount=1.0)
+    predictor.stop_rule["step_ms"]["nf4"] = STEP_MS
+    predictor.stop_rule["draft_ms"]["nf4"] = 1.0
+    predictor.stop_rule["by_compression"] = {"nf4": {"discount": 0.6, "start_discount": 2.0, "trim": True}}
+    fp32 = MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy")
+    nf4 = MLPController(predictor, gamma_max=8, compression="nf4", name="mlp:toy")
+    assert (fp32.discount, fp32.start_discount, fp32.trim) == (1.0, 1.0, False)
+    assert (nf4.discount, nf4.start_discount, nf4.trim) == (0.6, 2.0, True)

@@ -46,7 +46,7 @@ def test_register_alias_and_load(tmp_path, monkeypatch):
 
     controller = load_mlp_controller(f"models:/{MODEL_NAME}@candidate", gamma_max=6, compression="int8")
     # the registered model carries the discount tuned on dev, not a default
-    assert controller.discount == metrics["stop_rule"]["discount"] != 1.0
+    assert controller.discount == metrics["stop_rule"]["by_compression"]["int8"]["discount"] != 1.0
 
     promote(version)
     assert str(mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"

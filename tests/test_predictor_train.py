@@ -59,6 +59,10 @@ def test_outputs_and_metrics(trained):
     assert metrics["models"]["draft_prob_only"]["roc_auc"] > 0.7
     assert metrics["models"]["mlp"]["roc_auc"] > metrics["models"]["draft_prob_only"]["roc_auc"] + 0.02
     assert metrics["stop_rule"]["discount"] in config.discount_grid
+    assert set(metrics["stop_rule"]["by_compression"]) == {"fp32", "int8"}
+    # the export carries the per-compression knobs the controller uses
+    exported = load_export(config.export_dir).stop_rule
+    assert exported["by_compression"] == metrics["stop_rule"]["by_compression"]
     # The synthetic first-token acceptance rises with the target's confidence: the step-start model sees it.
     start = metrics["start_model"]["test"]
     assert start["start_mlp"]["roc_auc"] > 0.65
