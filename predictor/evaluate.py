@@ -303,6 +303,32 @@ def gap_shares(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) ->
     return out
 
 
+# The causal policies the MLP must match or beat (hindsight ones and the MLP itself excluded).
+CAUSAL_RIVALS = ("best-fixed", "heuristic", "threshold:tuned", "threshold:tuned+trim", "entropy:tuned")
+CAUSAL_RIVALS += ("entropy:tuned+trim", "paper")
+
+
+def mlp_versus(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) -> dict[str, dict[str, dict]]:
+    """MLP ÷ each causal rival on test replay (paired bootstrap over prompts), overall and per compression."""
+    groups = [("all", frame)] + [(str(c), g) for c, g in frame.groupby("compression")]
+    rivals = [r for r in CAUSAL_RIVALS if r in roles and r in set(frame["policy"])]
+    return {
+        name: {
+            rival: paired_ratio(
+                group,
+                "mlp",
+                rival,
+                time_col="_s",
+                n_boot=config.n_boot,
+                level=config.ci_level,
+                seed=config.seed,
+            ).as_dict()
+            for rival in rivals
+        }
+        for name, group in groups
+    }
+
+
 def decision_overhead_ms(export_dir: str, calls: int) -> float:
     """ms per drafted token of the MLP controller's keep_drafting on the real export (as bench_overhead)."""
     from predictor.bench_overhead import per_call_ms
@@ -494,6 +520,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     )
     test_frame = replay_frame[replay_frame["split"] == "test"].assign(_s=lambda f: f["model_ms"] / 1000.0)
     summary["replay"]["gap_share"] = gap_shares(test_frame, roles, config)
+    summary["replay"]["test"]["mlp_vs"] = mlp_versus(test_frame, roles, config)
     summary["replay"]["oracle_gap_share"] = summary["replay"]["gap_share"]["mlp"]["all"]
     summary["promotion"] = promotion(replay_frame[replay_frame["split"] == "dev"], config)
     log.info("promotion: %s", summary["promotion"]["reason"])

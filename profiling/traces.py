@@ -101,9 +101,8 @@ def target_continuations(
                 first.append((float("nan"), float("nan")))
             caches.append(cache)
         if any(c.get_seq_length() == 0 for c in caches):
-            # a one-token prompt has nothing to prefill: decode this group one prompt at a time
-            for ids in group:
-                out += target_continuations(target, [ids], max_new_tokens, eos_token_ids, batch_size=1)[:1]
+            # a one-token prompt has nothing to prefill to stack: decode this group one prompt at a time
+            out += [continuation_incremental(target, ids, max_new_tokens, eos_token_ids) for ids in group]
             continue
         cache, pads = _stack_left_padded(caches, n_layers)
         del caches

@@ -106,6 +106,11 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
     # the synthetic first-token acceptance follows the target's confidence, which only hindsight knows
     # exactly: knowing the first token's fate closes part of the gap, and never more than the oracle
     assert 0 < shares["first-token-oracle"]["all"]["share"] <= 1
+    # MLP ÷ each causal rival: the same paired ratio as the best-fixed table's, seen from the MLP
+    versus = summary["replay"]["test"]["mlp_vs"]
+    assert {"all", "fp32", "int8"} <= set(versus) and "oracle" not in versus["all"]
+    table = summary["replay"]["test"]["vs_best_fixed"]["all"]["mlp"]["vs_best-fixed"]
+    assert versus["all"]["best-fixed"]["ratio"] == pytest.approx(table["ratio"])
 
     assert main(["report"]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())

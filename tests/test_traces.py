@@ -14,7 +14,7 @@ from profiling.traces import (
     target_continuations,
 )
 
-PROMPTS = [[1, 5, 9, 40, 41, 12], [1, 7], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 70], [1, 22, 23, 24]]
+PROMPTS = [[1, 5, 9, 40, 41, 12], [1, 7], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 70], [1, 22, 23, 24], [9]]
 
 
 @pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
@@ -26,8 +26,8 @@ def test_batched_continuations_equal_the_decode_loop(tiny_pair_dir, compression)
         want = continuation_incremental(pair.target, ids, 20, (EOS_ID,))
         assert got.tokens == want.tokens
         assert len(got.target_top1) == len(got.tokens) == len(got.target_entropy)
-        assert got.target_top1 == pytest.approx(want.target_top1, abs=1e-4)
-        assert got.target_entropy == pytest.approx(want.target_entropy, abs=1e-3)
+        assert got.target_top1 == pytest.approx(want.target_top1, abs=1e-4, nan_ok=True)
+        assert got.target_entropy == pytest.approx(want.target_entropy, abs=1e-3, nan_ok=True)
 
 
 @pytest.mark.parametrize("gamma_max", [1, 4, 8])
