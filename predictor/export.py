@@ -57,6 +57,19 @@ def build_meta(
     }
 
 
+def initial_stop_rule(step_costs: dict[str, Any], gamma_max: int) -> dict[str, Any]:
+    """The stop rule's cost tables per compression (StepCosts: step_ms + draft_ms) and neutral knobs
+    (discount 1, start discount 1, no trim) until dev replay tunes them."""
+    return {
+        "gamma_max": gamma_max,
+        "discount": 1.0,
+        "start_discount": 1.0,
+        "trim": False,
+        "step_ms": {c: list(cost) for c, cost in step_costs.items()},
+        "draft_ms": {c: cost.draft_ms for c, cost in step_costs.items()},
+    }
+
+
 def build_predictor(
     model: Pipeline,
     calibration: dict[str, Any],

@@ -28,7 +28,7 @@ from predictor.dataset import (
     trace_start_frame,
     trace_token_frame,
 )
-from predictor.export import build_meta, build_predictor, write_export
+from predictor.export import build_meta, build_predictor, initial_stop_rule, write_export
 from predictor.features import (
     COMPRESSIONS,
     FEATURES,
@@ -322,15 +322,7 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     step_costs = load_step_costs(config.calibrate_dir, compressions)
     gamma_max = min(min(t.gamma_max for t in traces), *(len(c) - 1 for c in step_costs.values()))
     step_costs = {c: cost.upto(gamma_max) for c, cost in step_costs.items()}
-    stop_rule = {
-        "gamma_max": gamma_max,
-        "discount": 1.0,
-        "start_discount": 1.0,
-        "trim": False,
-        "step_ms": {c: list(cost) for c, cost in step_costs.items()},
-        "draft_ms": {c: cost.draft_ms for c, cost in step_costs.items()},
-    }
-    meta = build_meta(calibration, stop_rule, "greedy", asdict(config))
+    meta = build_meta(calibration, initial_stop_rule(step_costs, gamma_max), "greedy", asdict(config))
     predictor, weights = build_predictor(mlp, calibration, arrays, meta, start_model)
     dev_traces = [t for t in traces if t.split == "dev"]
     test_traces = [t for t in traces if t.split == "test"]

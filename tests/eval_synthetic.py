@@ -86,7 +86,7 @@ def write_mlp_export(
 ) -> Path:
     """A small random MLP export whose output rises with draft_prob, so it behaves like a confidence stop,
     and a step-start model whose output rises with the target's confidence."""
-    from predictor.export import build_meta, write_export
+    from predictor.export import build_meta, initial_stop_rule, write_export
     from predictor.features import FEATURES, START_FEATURES
     from predictor.runtime import START_PREFIX
 
@@ -106,12 +106,5 @@ def write_mlp_export(
         }
         weights.update({prefix + k: v for k, v in layer.items()})
     costs = {c: cost_model(c, gamma_max).step_costs() for c in compressions}
-    stop_rule = {
-        "gamma_max": gamma_max,
-        "discount": 1.0,
-        "start_discount": 1.0,
-        "trim": True,
-        "step_ms": {c: list(v) for c, v in costs.items()},
-        "draft_ms": {c: v.draft_ms for c, v in costs.items()},
-    }
+    stop_rule = {**initial_stop_rule(costs, gamma_max), "trim": True}
     return write_export(path, weights, build_meta({"kind": "none"}, stop_rule, "greedy", {}))
