@@ -55,6 +55,13 @@ class ProfileConfig:
         default_factory=lambda: {"train": 20, "dev": 10, "test": 10}
     )  # prompts per task and split with a dense greedy trace (the predictor's rows, replay, the oracle)
     trace_batch: int = 16  # target continuations decoded together when tracing
+    executor: str = (
+        "local"  # local: jobs one after another here; ray: each job a Ray task (profiling/ray_executor.py)
+    )
+    ray_address: str | None = (
+        None  # null: start a local Ray instance sized to this machine; else a cluster address
+    )
+    ray_threads: int = 1  # CPUs (torch threads) each Ray task declares and uses
     out_dir: str = "artifacts/profile"  # tokens/, steps/, traces/ (hive: compression=/task=)
     threads: int = 2  # torch CPU threads
     cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
@@ -82,7 +89,22 @@ def register(sub) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (section `profile`)")
     p.add_argument("--compression", help="only this compression (default: all in params)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--executor", choices=EXECUTORS, help="override profile.executor (local | ray)")
+    p.add_argument("--ray-address", help="override profile.ray_address: an existing Ray cluster, e.g. auto")
     p.set_defaults(func=run_profile_cmd)
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(cfg: ProfileConfig, compression: str, device: torch.device):
+    """None (run_profile's local executor) or a RayExecutor whose tasks load the same pair."""
+    if cfg.executor == "local":
+        return None
+    from profiling.ray_executor import PairSpec, RayExecutor
+
+    spec = PairSpec(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels, cfg.ray_threads)
+    return RayExecutor(spec, cfg.ray_address, gpus_per_task=1.0 if device.type == "cuda" else 0.0)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -130,6 +152,15 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
             raise SpeckvError(f"profile.{name} keys must be train/dev/test, got {sorted(getattr(cfg, name))}")
     if cfg.trace_batch < 1:
         raise SpeckvError(f"profile.trace_batch must be >= 1, got {cfg.trace_batch}")
+    cfg = replace(
+        cfg,
+        executor=args.executor or cfg.executor,
+        ray_address=args.ray_address or cfg.ray_address,
+    )
+    if cfg.executor not in EXECUTORS:
+        raise SpeckvError(f"profile.executor must be one of {', '.join(EXECUTORS)}, got {cfg.executor!r}")
+    if cfg.ray_threads < 1:
+        raise SpeckvError(f"profile.ray_threads must be >= 1, got {cfg.ray_threads}")
     decode = DecodeConfig(
         max_new_tokens=cfg.max_new_tokens,
         gamma_max=cfg.gamma_max,
@@ -178,6 +209,7 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
             meta,
             progress=not args.no_progress,
             trace_batch=cfg.trace_batch,
+            executor=make_executor(cfg, compression, pair.device),
         )
         log.info("%s: %s", compression, json.dumps(counts))
         del pair

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -109,6 +109,113 @@ def plan_units(prompts: list[dict], controllers: list[str], trace_prompts: list[
         yield Unit(prompt, None)
 
 
+@dataclass(frozen=True)
+class Job:
+    """Units that run together: one recorder run, or up to trace_batch traces decoded as one batch.
+
+    Everything a worker needs besides the models travels with it, so a job runs the same in this process or
+    on a Ray worker, and its part files are the same bytes either way.
+    """
+
+    compression: str
+    units: tuple[tuple[Unit, dict[str, Path]], ...]  # each unit with its part paths, table -> path
+    decode: DecodeConfig
+    metadata: dict[str, str]
+    trace_batch: int
+
+    @property
+    def keys(self) -> list[str]:
+        return [u.key for u, _ in self.units]
+
+
+def plan_jobs(
+    units: list[Unit],
+    out_dir: Path,
+    compression: str,
+    fp: str,
+    decode: DecodeConfig,
+    metadata: dict,
+    trace_batch: int,
+) -> tuple[list[Job], int]:
+    """The jobs of the units not finished yet (a unit is finished when all its part files exist) and the
+    count of finished ones. Pending traces are chunked in plan order, so every executor batches alike."""
+    jobs, traces, skipped = [], [], 0
+
+    def job(chunk: list) -> Job:
+        return Job(compression, tuple(chunk), decode, metadata, trace_batch)
+
+    for unit in units:
+        tables = ("traces",) if unit.controller is None else ("tokens", "steps")
+        paths = {t: part_path(out_dir, t, compression, unit.prompt["task"], fp, unit.key) for t in tables}
+        if all(path.exists() for path in paths.values()):
+            for t, path in paths.items():
+                check_part(path, TABLES[t])
+            skipped += 1
+        elif unit.controller is None:
+            traces.append((unit, paths))
+            if len(traces) == trace_batch:
+                jobs.append(job(traces))
+                traces = []
+        else:
+            jobs.append(job([(unit, paths)]))
+    if traces:
+        jobs.append(job(traces))
+    return jobs, skipped
+
+
+def run_job(pair, job: Job) -> dict[str, int]:
+    """Run one job on a loaded pair and write its part files (each atomically); rows written per table."""
+    decode, compression = job.decode, job.compression
+    counts = {"tokens": 0, "steps": 0, "traces": 0}
+
+    def run_of(p: dict) -> dict[str, str]:
+        return {
+            "prompt_id": p["prompt_id"],
+            "task": p["task"],
+            "split": p["split"],
+            "compression": compression,
+        }
+
+    (first, paths), *_ = job.units
+    if first.controller is None:
+        tables = batched_traces(
+            pair.target,
+            pair.draft,
+            [u.prompt["input_ids"] for u, _ in job.units],
+            decode.gamma_max,
+            decode.max_new_tokens,
+            decode.eos_token_ids,
+            [run_of(u.prompt) for u, _ in job.units],
+            batch_size=job.trace_batch,
+        )
+        for (_, unit_paths), table in zip(job.units, tables, strict=True):
+            write_part(table, unit_paths["traces"], job.metadata)
+            counts["traces"] += table.num_rows
+        return counts
+    p = first.prompt
+    mode = "greedy" if decode.greedy else "sampling"
+    controller = parse_controller(first.controller, decode.gamma_max, compression)
+    recorder = TableRecorder({**run_of(p), "controller": first.controller, "mode": mode}, len(p["input_ids"]))
+    speculative_generate(pair.target, pair.draft, p["input_ids"], controller, decode, compression, recorder)
+    # steps first: a unit counts as done only when its tokens part exists too
+    write_part(recorder.step_table(), paths["steps"], job.metadata)
+    write_part(recorder.token_table(), paths["tokens"], job.metadata)
+    counts["tokens"] += recorder.token_table().num_rows
+    counts["steps"] += recorder.step_table().num_rows
+    return counts
+
+
+class LocalExecutor:
+    """Runs the jobs one after another in this process, on the pair already loaded here."""
+
+    def __init__(self, pair) -> None:
+        self.pair = pair
+
+    def __call__(self, jobs: list[Job], on_done: Callable[[Job, dict[str, int]], None]) -> None:
+        for job in jobs:
+            on_done(job, run_job(self.pair, job))
+
+
 def run_profile(
     pair,
     prompts: list[dict],
@@ -119,16 +226,18 @@ def run_profile(
     run_meta: dict,
     progress: bool = True,
     trace_batch: int = 16,
+    executor: Callable | None = None,
 ) -> dict[str, int]:
     """Profile every prompt under every controller, and trace `trace_prompts` densely (greedy only; their
     target continuations decoded `trace_batch` prompts at a time).
 
-    Returns counts of rows written, units done and units skipped because a previous run finished them.
+    `executor` runs the jobs: LocalExecutor(pair) by default, or profiling.ray_executor.RayExecutor, which
+    runs them as Ray tasks (same part files). Returns counts of rows written, units done and units skipped
+    because a previous run finished them.
     """
     from tqdm import tqdm
 
     compression = pair.compression
-    mode = "greedy" if decode.greedy else "sampling"
     for spec in controllers:  # fail before any model work on a bad spec
         parse_controller(spec, decode.gamma_max, compression)
     check_writable(out_dir)
@@ -140,66 +249,20 @@ def run_profile(
     if removed:
         log.info("removed %d part files of other settings or prompts", removed)
     metadata = {"speckv": json.dumps({**run_meta, "fingerprint": fp, "decode": asdict(decode)})}
-    counts = {"tokens": 0, "steps": 0, "traces": 0, "units_done": 0, "units_skipped": 0}
-    bar = tqdm(total=len(units), desc=f"profile {compression}", unit="run", disable=not progress)
-    pending_traces: list[tuple[Unit, Path]] = []
+    jobs, skipped = plan_jobs(units, out_dir, compression, fp, decode, metadata, trace_batch)
+    counts = {"tokens": 0, "steps": 0, "traces": 0, "units_done": 0, "units_skipped": skipped}
+    bar = tqdm(
+        total=len(units), initial=skipped, desc=f"profile {compression}", unit="run", disable=not progress
+    )
 
-    def run_of(p: dict) -> dict[str, str]:
-        return {
-            "prompt_id": p["prompt_id"],
-            "task": p["task"],
-            "split": p["split"],
-            "compression": compression,
-        }
+    def on_done(job: Job, rows: dict[str, int]) -> None:
+        for table, n in rows.items():
+            counts[table] += n
+        counts["units_done"] += len(job.units)
+        bar.update(len(job.units))
 
-    def flush_traces() -> None:
-        tables = batched_traces(
-            pair.target,
-            pair.draft,
-            [u.prompt["input_ids"] for u, _ in pending_traces],
-            decode.gamma_max,
-            decode.max_new_tokens,
-            decode.eos_token_ids,
-            [run_of(u.prompt) for u, _ in pending_traces],
-            batch_size=trace_batch,
-        )
-        for (_, path), table in zip(pending_traces, tables, strict=True):
-            write_part(table, path, metadata)
-            counts["traces"] += table.num_rows
-            counts["units_done"] += 1
-        bar.update(len(pending_traces))
-        pending_traces.clear()
-
-    for unit in units:
-        p = unit.prompt
-        tables = ("traces",) if unit.controller is None else ("tokens", "steps")
-        paths = {t: part_path(out_dir, t, compression, p["task"], fp, unit.key) for t in tables}
-        if all(path.exists() for path in paths.values()):
-            for t, path in paths.items():
-                check_part(path, TABLES[t])
-            counts["units_skipped"] += 1
-            bar.update(1)
-            continue
-        if unit.controller is None:
-            pending_traces.append((unit, paths["traces"]))
-            if len(pending_traces) == trace_batch:
-                flush_traces()
-            continue
-        controller = parse_controller(unit.controller, decode.gamma_max, compression)
-        recorder = TableRecorder(
-            {**run_of(p), "controller": unit.controller, "mode": mode}, len(p["input_ids"])
-        )
-        speculative_generate(
-            pair.target, pair.draft, p["input_ids"], controller, decode, compression, recorder
-        )
-        # steps first: a unit counts as done only when its tokens part exists too
-        write_part(recorder.step_table(), paths["steps"], metadata)
-        write_part(recorder.token_table(), paths["tokens"], metadata)
-        counts["tokens"] += recorder.token_table().num_rows
-        counts["steps"] += recorder.step_table().num_rows
-        counts["units_done"] += 1
-        bar.update(1)
-    if pending_traces:
-        flush_traces()
-    bar.close()
+    try:
+        (executor or LocalExecutor(pair))(jobs, on_done)
+    finally:
+        bar.close()
     return counts
