@@ -138,7 +138,9 @@ def replay(
     """Run `controller` on `trace` exactly as speculative_generate would, without the models.
 
     `step_ms[g]` is the modelled time of a step drafting g tokens; a trimmed step (drafted k, verified
-    n < k) costs `step_ms.trimmed(k, n)` (a profiling.costmodel.StepCosts). `max_new_tokens` (default: the
+    n < k) costs `step_ms.trimmed(k, n)` (a profiling.costmodel.StepCosts), and reading signals costs what
+    the StepCosts says (`signal_ms` per drafted token whose signals the loop computes, `target_signal_ms`
+    per step). `max_new_tokens` (default: the
     trace's length) caps drafting as the live loop does, at max_new_tokens - new_tokens - 1.
     """
     gamma_max = trace.gamma_max
@@ -180,6 +182,11 @@ def replay(
         result.gammas.append(n)
         result.accepts.append(accepted)
         result.model_ms += step_ms[k] if n == k else step_ms.trimmed(k, n)
+        # what reading signals adds, as the loop computes them: every drafted token but a budget's last
+        if controller.needs_signals and k:
+            result.model_ms += (k if k < budget else budget - 1) * getattr(step_ms, "signal_ms", 0.0)
+        if controller.needs_target_signals:
+            result.model_ms += getattr(step_ms, "target_signal_ms", 0.0)
         result.trimmed += k - n
         controller.observe(n, accepted)
         prev_gamma, prev_accepted = n, accepted

@@ -322,7 +322,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     step_costs = load_step_costs(config.calibrate_dir, compressions)
     gamma_max = min(min(t.gamma_max for t in traces), *(len(c) - 1 for c in step_costs.values()))
     step_costs = {c: cost.upto(gamma_max) for c, cost in step_costs.items()}
-    meta = build_meta(calibration, initial_stop_rule(step_costs, gamma_max), "greedy", asdict(config))
+    # the rule decides with what it pays: its draft and target signals are in its own cost table
+    decision_costs = {c: cost.with_signals(target_signals=True) for c, cost in step_costs.items()}
+    meta = build_meta(calibration, initial_stop_rule(decision_costs, gamma_max), "greedy", asdict(config))
     predictor, weights = build_predictor(mlp, calibration, arrays, meta, start_model)
     dev_traces = [t for t in traces if t.split == "dev"]
     test_traces = [t for t in traces if t.split == "test"]

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from profiling.controllers import FixedGamma
 from profiling.costmodel import CostModel
 from profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
-from profiling.models import synchronize
+from profiling.models import synchronize, vocab_size
 from profiling.recorder import TableRecorder
 
 
@@ -64,6 +64,27 @@ def forward_ms(model, context: list[int], n_tokens: int, repeats: int, warmup: i
 
 
 @torch.inference_mode()
+def signal_costs_ms(draft, target, repeats: int, warmup: int) -> tuple[float, float]:
+    """What signal-driven controllers add to the forwards: the draft's signals of one drafted token (softmax,
+    top-2, entropy over its vocabulary, as the decode loop computes them), and the target's confidence in the
+    tokens a step commits (2 rows of its vocabulary: the mean commit here is 1-2 tokens)."""
+    from profiling.signals import distribution_signals, target_signals
+
+    device = target.device
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    draft_logits = torch.randn(vocab_size(draft), generator=generator).to(device)
+    target_logits = torch.randn(2, vocab_size(target), generator=generator).to(device)
+
+    def draft_signals() -> None:
+        probs = torch.softmax(draft_logits.float(), dim=-1)
+        distribution_signals(probs[None], [int(probs.argmax())])
+
+    signal_ms = _median_ms(draft_signals, repeats, warmup, device)
+    target_signal_ms = _median_ms(lambda: target_signals(target_logits), repeats, warmup, device)
+    return signal_ms, target_signal_ms
+
+
+@torch.inference_mode()
 def calibrate(
     target,
     draft,
@@ -103,12 +124,15 @@ def calibrate(
     )
     modelled = steps["draft_ms"].sum() + steps["verify_ms"].sum() + prefill_ms
     overhead_ms = max(0.0, (result.wall_s * 1e3 - modelled) / max(1, result.steps))
+    signal_ms, target_signal_ms = signal_costs_ms(draft, target, repeats, warmup)
     return CostModel(
         compression=compression,
         device=str(target.device),
         draft_ms=draft_ms,
         verify_ms=verify_ms,
         overhead_ms=float(overhead_ms),
+        signal_ms=signal_ms,
+        target_signal_ms=target_signal_ms,
         meta={
             "verify_ms_raw": raw_verify_ms,
             "context_tokens": len(context),

@@ -214,3 +214,26 @@ def test_paper_controller_follows_the_previous_draft():
     starts = np.cumsum([0] + [a + 1 for a in result.accepts])[:-1]
     doubtful = int(np.argmax(starts >= 20))  # the first step that drafts from a doubtful position
     assert result.gammas == [4] * (doubtful + 1) + [0] * (len(result.gammas) - doubtful - 1)
+
+
+def test_replay_charges_what_reading_signals_costs():
+    """threshold:0.5 reads the signals of every drafted token but a budget's last; the MLP also reads the
+    target's confidence once per step; fixed gamma reads nothing."""
+    rng = np.random.default_rng(5)
+    trace = random_trace(rng, 30)
+    plain = StepCosts([10.0, 11, 12, 13, 14], 1.0)
+    charged = StepCosts(plain, 1.0, signal_ms=0.5, target_signal_ms=0.25)
+    for spec in ("fixed:3", "threshold:0.5"):
+        a = replay(parse_controller(spec, 4), trace, plain)
+        b = replay(parse_controller(spec, 4), trace, charged)
+        assert (a.gammas, a.accepts) == (b.gammas, b.accepts)
+        if spec == "fixed:3":
+            assert b.model_ms == a.model_ms
+        else:
+            i, reads = 0, 0
+            for k, accepted in zip(b.gammas, b.accepts, strict=True):
+                budget = min(4, trace.n_new - i - 1)
+                reads += k if k < budget else max(budget - 1, 0)
+                i += accepted + 1
+            assert b.model_ms == pytest.approx(a.model_ms + 0.5 * reads)
+    assert charged.with_signals(True)[2] == pytest.approx(12 + 2 * 0.5 + 0.25)
