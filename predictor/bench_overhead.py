@@ -38,7 +38,15 @@ def main() -> None:
     gamma_max = int(predictor.stop_rule["gamma_max"])
     controller = MLPController(predictor, gamma_max, compression, name=f"mlp:{args.export}")
     ctx = StepContext(
-        step=3, position=200, new_tokens=20, prev_gamma=4, prev_accepted=2, compression=compression
+        step=3,
+        position=200,
+        new_tokens=20,
+        prev_gamma=4,
+        prev_accepted=2,
+        compression=compression,
+        target_top1=0.8,
+        target_entropy=0.7,
+        target_recent=0.8,
     )
     rng = np.random.default_rng(0)
     tokens = [

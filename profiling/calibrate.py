@@ -123,8 +123,10 @@ def calibrate(
         else 0.0
     )
     modelled = steps["draft_ms"].sum() + steps["verify_ms"].sum() + prefill_ms
-    overhead_ms = max(0.0, (result.wall_s * 1e3 - modelled) / max(1, result.steps))
     signal_ms, target_signal_ms = signal_costs_ms(draft, target, repeats, warmup)
+    # the recorder makes the loop compute the target's confidence every step; that is charged separately
+    # (target_signal_ms, to the controllers that read it), not to every step's overhead
+    overhead_ms = max(0.0, (result.wall_s * 1e3 - modelled) / max(1, result.steps) - target_signal_ms)
     return CostModel(
         compression=compression,
         device=str(target.device),
