@@ -330,39 +330,11 @@ def mlp_versus(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) ->
 
 
 def decision_overhead_ms(export_dir: str, calls: int) -> float:
-    """ms per drafted token of the MLP controller's keep_drafting on the real export (as bench_overhead)."""
-    from predictor.bench_overhead import per_call_ms
-    from predictor.runtime import MLPController, load_export
-    from profiling.controllers import StepContext
-    from profiling.signals import TokenSignals
+    """ms per drafted token of the MLP controller's decisions on the real export (as bench_overhead)."""
+    from predictor.bench_overhead import decision_ms
+    from predictor.runtime import load_export
 
-    predictor = load_export(export_dir)
-    compression = sorted(predictor.stop_rule["step_ms"])[0]
-    gamma_max = int(predictor.stop_rule["gamma_max"])
-    controller = MLPController(predictor, gamma_max, compression, name="mlp")
-    ctx = StepContext(
-        step=3,
-        position=200,
-        new_tokens=20,
-        prev_gamma=4,
-        prev_accepted=2,
-        compression=compression,
-        target_top1=0.8,
-        target_entropy=0.7,
-        target_recent=0.8,
-    )
-    p = np.random.default_rng(0).uniform(0.2, 1.0, 4096)
-    tokens = [
-        TokenSignals(float(v), float(v), float(v) / 2, float(2 * (1 - v)), i % gamma_max, 200 + i % gamma_max)
-        for i, v in enumerate(p)
-    ]
-
-    def decide(i: int) -> None:
-        if i % gamma_max == 0:
-            controller.start_step(ctx)
-        controller.keep_drafting(tokens[i % len(tokens)])
-
-    return per_call_ms(decide, calls)
+    return decision_ms(load_export(export_dir), calls)
 
 
 def alias_version(alias: str, uri: str | None) -> str | None:

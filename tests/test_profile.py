@@ -123,13 +123,21 @@ def test_kill_and_resume_gives_the_same_rows(pair, tmp_path, monkeypatch):
     monkeypatch.setattr(prof, "write_part", real_write)
     counts = profile(pair, resumed, controllers=("fixed:6", "fixed:2"))
     assert counts["units_skipped"] == 1
+    same_tables(whole, resumed)
+
+
+def same_tables(a_dir, b_dir) -> None:
+    """Every table equal row for row after sorting (timings aside), no duplicate rows, the same part files
+    (so the same units and fingerprints)."""
     for table in ("tokens", "steps", "traces"):
-        a, b = read(whole, table), read(resumed, table)
+        a, b = read(a_dir, table), read(b_dir, table)
         cols = [c for c in a.columns if c not in TIMING]
         keys = [c for c in ("prompt_id", "controller", "step", "draft_index", "new_index") if c in cols]
         a = a[cols].sort_values(keys).reset_index(drop=True)
         b = b[cols].sort_values(keys).reset_index(drop=True)
+        assert len(a) == len(b) == len(a.drop_duplicates(keys)), table
         assert a.astype(str).equals(b.astype(str)), table
+    assert {p.name for p in a_dir.rglob("*.parquet")} == {p.name for p in b_dir.rglob("*.parquet")}
 
 
 def test_changed_settings_replace_stale_parts(pair, tmp_path):

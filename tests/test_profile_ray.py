@@ -3,7 +3,7 @@
 import pytest
 import ray
 import torch
-from test_profile import DECODE, META, PROMPTS, TIMING, read
+from test_profile import DECODE, META, PROMPTS, same_tables
 
 from profiling import profile as prof
 from profiling.errors import SpeckvError
@@ -57,19 +57,6 @@ def profile(pair, out, prompts, executor=None):
         )
     finally:
         torch.set_num_threads(threads)
-
-
-def same_tables(a_dir, b_dir) -> None:
-    for table in ("tokens", "steps", "traces"):
-        a, b = read(a_dir, table), read(b_dir, table)
-        cols = [c for c in a.columns if c not in TIMING]
-        keys = [c for c in ("prompt_id", "controller", "step", "draft_index", "new_index") if c in cols]
-        a = a[cols].sort_values(keys).reset_index(drop=True)
-        b = b[cols].sort_values(keys).reset_index(drop=True)
-        assert len(a) == len(b) == len(a.drop_duplicates(keys)), table
-        assert a.astype(str).equals(b.astype(str)), table
-    names = {p.name for p in a_dir.rglob("*.parquet")}
-    assert names == {p.name for p in b_dir.rglob("*.parquet")}  # same units, same fingerprints
 
 
 def test_ray_writes_the_local_tables(pair, tiny_pair_dir, tmp_path, local_ray):
