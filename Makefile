@@ -42,4 +42,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_decode.py
-	$(BIN)/python -m predictor.bench_overhead --export artifacts/predictor/export
+	$(BIN)/python -m speckv.predictor.bench_overhead --export artifacts/predictor/export

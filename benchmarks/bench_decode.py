@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from speckv.profiling.controllers import parse_controller  # noqa: E402
+from speckv.profiling.decode import DecodeConfig, speculative_generate  # noqa: E402
+from speckv.profiling.recorder import TableRecorder  # noqa: E402
 from tiny import perturbed_draft, tiny_config  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
-
-from profiling.controllers import parse_controller  # noqa: E402
-from profiling.decode import DecodeConfig, speculative_generate  # noqa: E402
-from profiling.recorder import TableRecorder  # noqa: E402
 
 
 def build_pair():
@@ -53,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.target:
-        from data.prompts import load_prompt_file
-        from profiling.models import load_pair
+        from speckv.data.prompts import load_prompt_file
+        from speckv.profiling.models import load_pair
 
         pair = load_pair(args.target, args.draft, "fp32")
         target, draft = pair.target, pair.draft

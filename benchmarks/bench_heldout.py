@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-
-from data.prompts import load_prompt_file
-from predictor.live import run_live
-from predictor.stats import paired_ratio
-from profiling.controllers import parse_controller
-from profiling.decode import DecodeConfig
-from profiling.models import eos_ids, load_pair
+from speckv.data.prompts import load_prompt_file
+from speckv.predictor.evaluation.live import run_live
+from speckv.predictor.stats import paired_ratio
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.decode import DecodeConfig
+from speckv.profiling.models import eos_ids, load_pair
 
 
 def main() -> int:

@@ -15,13 +15,12 @@ import logging
 import statistics
 
 import torch
-
-from data.prompts import load_prompt_file
-from profiling import kernels
-from profiling.calibrate import forward_ms
-from profiling.controllers import parse_controller
-from profiling.decode import DecodeConfig, speculative_generate
-from profiling.models import eos_ids, load_pair
+from speckv.data.prompts import load_prompt_file
+from speckv.profiling import kernels
+from speckv.profiling.calibrate import forward_ms
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.models import eos_ids, load_pair
 
 
 def main() -> None:

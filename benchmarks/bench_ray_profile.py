@@ -18,12 +18,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-from data.prompts import load_prompt_file
-from profiling.decode import DecodeConfig
-from profiling.models import eos_ids, load_pair
-from profiling.profile import run_profile
-from profiling.ray_executor import PairSpec, RayExecutor
+from speckv.data.prompts import load_prompt_file
+from speckv.profiling.decode import DecodeConfig
+from speckv.profiling.models import eos_ids, load_pair
+from speckv.profiling.profile import run_profile
+from speckv.profiling.ray_executor import PairSpec, RayExecutor
 
 
 def main() -> int:

@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 import torch
-
-from data.prompts import load_prompt_file
-from profiling.models import eos_ids, load_pair
-from profiling.traces import batched_traces, dense_trace
+from speckv.data.prompts import load_prompt_file
+from speckv.profiling.models import eos_ids, load_pair
+from speckv.profiling.traces import batched_traces, dense_trace
 
 
 def main() -> int:

@@ -47,11 +47,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from data.models import publish_dir, write_marker
-from data.prompts import load_prompt_file
-from profiling.cpu import cpu_info, resolve_auto_dtype
-from profiling.errors import SpeckvError
+from speckv.data.models import publish_dir, write_marker
+from speckv.data.prompts import load_prompt_file
+from speckv.profiling.cpu import cpu_info, resolve_auto_dtype
+from speckv.profiling.errors import SpeckvError
 
 __all__ = [
     "DistillConfig",
@@ -564,9 +563,8 @@ def distill(
     target_dir: Path, prompt_path: Path, out_dir: Path, teacher_path: Path, config: DistillConfig
 ) -> dict[str, Any]:
     """Distil a draft from the target in `target_dir`, write it to `out_dir` atomically, return metrics."""
+    from speckv.profiling.calibrate import forward_ms
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from profiling.calibrate import forward_ms
 
     check_config(config)
     config = resolve_config(config)

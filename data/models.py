@@ -1,6 +1,10 @@
 """The embedded default model pair: the SmolLM2-135M-Instruct target from a PyPI wheel, and name resolution.
 
-`resolve_model("default", role)` is the one entry point the decode engine uses; anything else passes through.
+`resolve_default(role)` is registered as the `speckv.models` entry point `default`: the engine resolves the
+name through it without importing this package. Where the models live: `$SPECKV_MODELS_DIR`, else `models/`
+in the checkout being worked in (the nearest directory above the working directory holding `dvc.yaml` and
+`params.yaml`), else the user's cache (`$XDG_CACHE_HOME/speckv/models`, `~/.cache/speckv/models`) — never
+inside the installed package.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from profiling.errors import SpeckvError
+from speckv.profiling.errors import SpeckvError
 
 __all__ = [
     "DRAFT_DIRNAME",
@@ -26,6 +30,7 @@ __all__ = [
     "fetch_target",
     "is_complete",
     "models_dir",
+    "resolve_default",
     "resolve_model",
 ]
 
@@ -39,10 +44,27 @@ DRAFT_DIRNAME = "draft-distilled"
 MARKER = "speckv.json"  # written last: its presence means the directory is complete
 
 
+def checkout_root(start: Path | None = None) -> Path | None:
+    """The nearest directory at or above `start` (default: the working directory) holding a SpecKV
+    checkout's `dvc.yaml` and `params.yaml`, or None."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return None
+
+
 def models_dir() -> Path:
-    """Where default models live: $SPECKV_MODELS_DIR, else `<repo root>/models` (gitignored)."""
+    """Where named models live: $SPECKV_MODELS_DIR, else the checkout's `models/` (gitignored), else the
+    user's cache directory."""
     env = os.environ.get("SPECKV_MODELS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+    if env:
+        return Path(env).expanduser()
+    root = checkout_root()
+    if root is not None:
+        return root / "models"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "speckv" / "models"
 
 
 def sha256_file(path: Path) -> str:
@@ -157,6 +179,11 @@ def fetch_target(
         publish_dir(build_dir, final_dir)
     log.info("default target ready at %s", final_dir)
     return final_dir
+
+
+def resolve_default(role: str) -> str:
+    """The `default` pair's model for `role`: the `speckv.models` entry point the engine calls."""
+    return resolve_model("default", role)
 
 
 def resolve_model(ref: str, role: str) -> str:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from profiling.atomic import write_text
-from profiling.errors import SpeckvError
+from speckv.profiling.atomic import write_text
+from speckv.profiling.errors import SpeckvError
 
 __all__ = [
     "SPLITS",

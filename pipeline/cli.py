@@ -7,17 +7,17 @@ import importlib
 import logging
 import sys
 
-from profiling.errors import SpeckvError
+from speckv.profiling.errors import SpeckvError
 
 # Each module defines `register(subparsers)`, which adds its subcommand and sets `func` on the parser.
 STAGE_MODULES = (
-    "pipeline.evaluate",
-    "pipeline.generate",
-    "pipeline.profile",
-    "pipeline.models",
-    "pipeline.prompts",
-    "pipeline.report",
-    "pipeline.train",
+    "speckv.pipeline.evaluate",
+    "speckv.pipeline.generate",
+    "speckv.pipeline.profile",
+    "speckv.pipeline.models",
+    "speckv.pipeline.prompts",
+    "speckv.pipeline.report",
+    "speckv.pipeline.train",
 )
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
-from profiling.errors import SpeckvError
+from speckv.profiling.errors import SpeckvError
 
 T = TypeVar("T")
 

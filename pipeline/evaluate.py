@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.config import load_section
-from predictor.evaluate import EvaluateConfig, run_evaluation
+from speckv.pipeline.config import load_section
+from speckv.predictor.evaluation.evaluate import EvaluateConfig, run_evaluation
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from data.models import resolve_model
-from profiling.controllers import CONTROLLER_SPECS, parse_controller
-from profiling.decode import DecodeConfig, speculative_generate
-from profiling.errors import SpeckvError
-from profiling.models import COMPRESSIONS, eos_ids, load_pair
+from speckv.data.models import resolve_model
+from speckv.profiling.controllers import CONTROLLER_SPECS, parse_controller
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.models import COMPRESSIONS, eos_ids, load_pair
+
+from speckv.api import encode_prompt
 
 
 def register(sub) -> None:
@@ -44,19 +46,6 @@ def register(sub) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise SpeckvError("--chat given but the target's tokenizer has no chat template")
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,9 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from data.distill import DistillConfig, distill
-from data.models import DRAFT_DIRNAME, fetch_target, models_dir
-from pipeline.config import load_section
+from speckv.data.distill import DistillConfig, distill
+from speckv.data.models import DRAFT_DIRNAME, fetch_target, models_dir
+from speckv.pipeline.config import load_section
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-
-from pipeline.config import load_section
-from profiling.costmodel import CostModel
-from profiling.decode import DecodeConfig
-from profiling.errors import SpeckvError
-from profiling.models import COMPRESSIONS, eos_ids, load_pair, model_fingerprint
+from speckv.pipeline.config import load_section
+from speckv.profiling.costmodel import CostModel
+from speckv.profiling.decode import DecodeConfig
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.models import COMPRESSIONS, eos_ids, load_pair, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +100,15 @@ def make_executor(cfg: ProfileConfig, compression: str, device: torch.device):
     """None (run_profile's local executor) or a RayExecutor whose tasks load the same pair."""
     if cfg.executor == "local":
         return None
-    from profiling.ray_executor import PairSpec, RayExecutor
+    from speckv.profiling.ray_executor import PairSpec, RayExecutor
 
     spec = PairSpec(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels, cfg.ray_threads)
     return RayExecutor(spec, cfg.ray_address, gpus_per_task=1.0 if device.type == "cuda" else 0.0)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from data.prompts import load_prompt_file
-    from profiling.calibrate import calibrate, plot_cost_models
+    from speckv.data.prompts import load_prompt_file
+    from speckv.profiling.calibrate import calibrate, plot_cost_models
 
     cfg = load_section(CalibrateConfig, "calibrate", args.params)
     compressions = _select(cfg.compressions, args.compression)
@@ -141,9 +140,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
 def run_profile_cmd(args: argparse.Namespace) -> int:
     import transformers
-
-    from data.prompts import load_prompt_file
-    from profiling.profile import run_profile
+    from speckv.data.prompts import load_prompt_file
+    from speckv.profiling.profile import run_profile
 
     cfg = load_section(ProfileConfig, "profile", args.params)
     compressions = _select(cfg.compressions, args.compression)

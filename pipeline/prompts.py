@@ -7,9 +7,9 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from data.models import resolve_model
-from data.prompts import PromptsConfig, build_prompt_file, check_splits
-from pipeline.config import load_section
+from speckv.data.models import resolve_model
+from speckv.data.prompts import PromptsConfig, build_prompt_file, check_splits
+from speckv.pipeline.config import load_section
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.config import load_section
-from predictor.provenance import collect
-from predictor.report import ReportConfig, build_report
+from speckv.pipeline.config import load_section
+from speckv.predictor.evaluation.provenance import collect
+from speckv.predictor.evaluation.report import ReportConfig, build_report
 
 log = logging.getLogger(__name__)
 

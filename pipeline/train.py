@@ -7,8 +7,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import load_section
-from predictor.train import TrainConfig, run_training
+from speckv.pipeline.config import load_section
+from speckv.predictor.train import TrainConfig, run_training
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
             scores["log_loss"],
             scores["brier"],
         )
-    from predictor.registry import MODEL_NAME, log_training_run  # MLflow is slow to import
+    from speckv.predictor.registry import MODEL_NAME, log_training_run  # MLflow is slow to import
 
     out_dir = Path(config.out_dir)
     run_id, version = log_training_run(

@@ -10,10 +10,9 @@ import argparse
 import time
 
 import numpy as np
-
-from predictor.runtime import MLPController, load_export
-from profiling.controllers import StepContext
-from profiling.signals import TokenSignals
+from speckv.predictor.runtime import MLPController, load_export
+from speckv.profiling.controllers import StepContext
+from speckv.profiling.signals import TokenSignals
 
 
 def per_call_ms(fn, calls: int) -> float:

@@ -14,10 +14,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
-
-from predictor.features import FEATURES, table_features
-from profiling.errors import SpeckvError
-from profiling.schema import TOKEN_SCHEMA
+from speckv.predictor.features import FEATURES, table_features
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.schema import TOKEN_SCHEMA
 
 SPLITS = ("train", "dev", "test")
 PARTITIONS = pa.schema([("compression", pa.string()), ("task", pa.string())])
@@ -129,7 +128,7 @@ def trace_token_frame(traces: list) -> pd.DataFrame:
     and accepted iff j < match_len: exact labels, whatever policy would have drafted there. Each position
     is one "step" (step = new_index) of a controller named `trace`, so running aggregates restart per draft.
     """
-    from profiling.signals import SIGNALS
+    from speckv.profiling.signals import SIGNALS
 
     frames = []
     for t in traces:

@@ -15,9 +15,8 @@ from typing import Any
 
 import numpy as np
 from sklearn.pipeline import Pipeline
-
-from predictor.features import COMPRESSIONS, FEATURES, START_FEATURES
-from predictor.runtime import (
+from speckv.predictor.features import COMPRESSIONS, FEATURES, START_FEATURES
+from speckv.predictor.runtime import (
     EXPORT_FORMAT,
     META_FILE,
     START_PREFIX,

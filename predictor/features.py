@@ -12,15 +12,13 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from profiling.errors import SpeckvError
-from profiling.signals import SIGNALS, running_columns
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.signals import SIGNALS, running_columns
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from profiling.controllers import StepContext
-    from profiling.signals import TokenSignals
+    from speckv.profiling.controllers import StepContext
+    from speckv.profiling.signals import TokenSignals
 
 # Fixed so that a model trained on CPU compressions still accepts a GPU one's vector (and rejects unknowns).
 COMPRESSIONS = ("fp32", "fp16", "bf16", "int8", "nf4")

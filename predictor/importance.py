@@ -17,11 +17,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.frozen import FrozenEstimator
 from sklearn.inspection import permutation_importance
-
-from predictor.features import COMPRESSIONS, FEATURES
-from predictor.model import scores
-from predictor.runtime import AcceptancePredictor
-from profiling.signals import AGGREGATES
+from speckv.predictor.features import COMPRESSIONS, FEATURES
+from speckv.predictor.model import scores
+from speckv.predictor.runtime import AcceptancePredictor
+from speckv.profiling.signals import AGGREGATES
 
 SCORINGS = ("roc_auc", "neg_log_loss")
 

@@ -16,9 +16,8 @@ from sklearn.metrics import brier_score_loss, log_loss, mean_absolute_error, r2_
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-from predictor.features import FEATURES
-from predictor.runtime import PROB_EPS, apply_calibration
+from speckv.predictor.features import FEATURES
+from speckv.predictor.runtime import PROB_EPS, apply_calibration
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
-
-from predictor.runtime import load_export
-from profiling.errors import SpeckvError
+from speckv.predictor.runtime import load_export
+from speckv.profiling.errors import SpeckvError
 
 
 class GammaPredictorModel(PythonModel):

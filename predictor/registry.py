@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from profiling.errors import SpeckvError
+from speckv.profiling.errors import SpeckvError
 
 MODEL_NAME = "speckv-gamma-predictor"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -69,7 +69,7 @@ def log_training_run(
         mlflow.create_experiment(experiment, artifact_location=location.as_uri())
     mlflow.set_experiment(experiment)
 
-    from predictor.runtime import load_export
+    from speckv.predictor.runtime import load_export
 
     predictor = load_export(export_dir)
     example = pd.DataFrame([[0.0] * len(predictor.features)], columns=list(predictor.features))

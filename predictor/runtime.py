@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from predictor.policy import keep_drafting
-from profiling.errors import SpeckvError
+from speckv.predictor.policy import keep_drafting
+from speckv.profiling.errors import SpeckvError
 
 if TYPE_CHECKING:
-    from profiling.controllers import StepContext
-    from profiling.signals import TokenSignals
+    from speckv.profiling.controllers import StepContext
+    from speckv.profiling.signals import TokenSignals
 
 EXPORT_FORMAT = 2  # 2: a step-start model (start_* weights, meta["start"]) and trim in the stop rule
 WEIGHTS_FILE = "weights.npz"
@@ -152,8 +151,8 @@ class MLPController:
     def __init__(self, predictor: AcceptancePredictor, gamma_max: int, compression: str, name: str) -> None:
         # profiling.signals imports torch (for distribution_signals), so it is imported only here, where a
         # decode loop already has torch loaded; load_export stays numpy-only.
-        from predictor.features import compression_one_hot, live_features, live_start_features
-        from profiling.signals import RunningStats
+        from speckv.predictor.features import compression_one_hot, live_features, live_start_features
+        from speckv.profiling.signals import RunningStats
 
         compression_one_hot(compression)  # an unknown compression fails here, not mid-generation
 
@@ -232,18 +231,3 @@ class MLPController:
 
     def observe(self, drafted: int, accepted: int) -> None:
         pass
-
-
-def resolve_export_dir(ref: str) -> Path:
-    """A local export directory, or `models:/NAME@ALIAS` downloaded from the MLflow registry."""
-    if ref.startswith(MODELS_URI_PREFIX):
-        from predictor.registry import download_export  # MLflow only for registry references
-
-        return download_export(ref)
-    return Path(ref)
-
-
-def load_mlp_controller(ref: str, gamma_max: int, compression: str) -> MLPController:
-    """The `mlp:REF` controller: REF is an export directory or `models:/speckv-gamma-predictor@ALIAS`."""
-    predictor = load_export(resolve_export_dir(ref))
-    return MLPController(predictor, gamma_max=gamma_max, compression=compression, name=f"mlp:{ref}")

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-
-from profiling.errors import SpeckvError
+from speckv.profiling.errors import SpeckvError
 
 
 @dataclass(frozen=True)

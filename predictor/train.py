@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
-from predictor import importance, model
-from predictor.dataset import (
+from speckv.predictor import importance, model
+from speckv.predictor.dataset import (
     Split,
     build_splits,
     split_drafts,
     trace_start_frame,
     trace_token_frame,
 )
-from predictor.export import build_meta, build_predictor, initial_stop_rule, write_export
-from predictor.features import (
+from speckv.predictor.export import build_meta, build_predictor, initial_stop_rule, write_export
+from speckv.predictor.features import (
     COMPRESSIONS,
     FEATURES,
     RUNNING,
@@ -37,11 +37,13 @@ from predictor.features import (
     STEP_KEYS,
     table_start_features,
 )
-from predictor.replay import Trace, load_traces, replay
-from predictor.runtime import AcceptancePredictor, MLPController
-from profiling.atomic import atomic_path, write_text
-from profiling.costmodel import CostModel, StepCosts
-from profiling.errors import SpeckvError
+from speckv.predictor.runtime import AcceptancePredictor, MLPController
+from speckv.predictor.stats import pooled_rate
+from speckv.profiling.atomic import atomic_path, write_text
+from speckv.profiling.controllers import Controller, parse_controller
+from speckv.profiling.costmodel import CostModel, StepCosts
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.replay import Trace, load_traces, replay
 
 log = logging.getLogger(__name__)
 
@@ -103,28 +105,21 @@ def load_step_costs(calibrate_dir: str | Path, compressions: list[str]) -> dict[
     return {c: CostModel.load(Path(calibrate_dir) / f"{c}.json").step_costs() for c in compressions}
 
 
-def replay_mlp(
-    predictor: AcceptancePredictor, traces: list[Trace], costs: dict[str, StepCosts], gamma_max: int
-) -> pd.DataFrame:
-    """The deployed controller (MLPController) replayed on traces: one row per trace, modelled time."""
-    rows = []
-    controllers = {c: MLPController(predictor, gamma_max, c, name="mlp") for c in costs}
-    for trace in traces:
-        result = replay(controllers[trace.compression], trace, costs[trace.compression])
-        rows.append(
-            {
-                "compression": trace.compression,
-                "prompt_id": trace.prompt_id,
-                "task": trace.task,
-                "new_tokens": result.new_tokens,
-                "model_ms": result.model_ms,
-            }
-        )
-    return pd.DataFrame(rows)
+def replayed_goodput(
+    controller_for: Callable[[str], Controller], traces: list[Trace], costs: dict[str, StepCosts]
+) -> float:
+    """Pooled modelled tokens/s of a policy replayed on traces; `controller_for(compression)` builds it
+    (once per compression: replay resets a controller before each trace)."""
+    controllers = {c: controller_for(c) for c in sorted({t.compression for t in traces})}
+    results = [replay(controllers[t.compression], t, costs[t.compression]) for t in traces]
+    return 1000.0 * pooled_rate(
+        np.array([r.new_tokens for r in results]), np.array([r.model_ms for r in results])
+    )
 
 
-def pooled_goodput(frame: pd.DataFrame) -> float:
-    return 1000.0 * float(frame["new_tokens"].sum() / frame["model_ms"].sum())
+def mlp_for(predictor: AcceptancePredictor, gamma_max: int) -> Callable[[str], Controller]:
+    """The deployed controller (MLPController) with the predictor's current stop rule, per compression."""
+    return lambda compression: MLPController(predictor, gamma_max, compression, name="mlp")
 
 
 def tune_stop_rule(
@@ -154,7 +149,7 @@ def tune_stop_rule(
         best, best_score = grid[0], -1.0
         for knobs in grid:
             rule.update(knobs)
-            score = pooled_goodput(replay_mlp(predictor, subset, costs, gamma_max))
+            score = replayed_goodput(mlp_for(predictor, gamma_max), subset, costs)
             key = (
                 f"discount_{knobs['discount']:g}/start_{knobs['start_discount']:g}/trim_{int(knobs['trim'])}"
             )
@@ -172,20 +167,6 @@ def tune_stop_rule(
     rule.update(chosen)
     rule["by_compression"] = by_compression
     return {**chosen, "by_compression": by_compression}, scores
-
-
-def fixed_replay(traces: list[Trace], costs: dict[str, StepCosts], gamma: int) -> pd.DataFrame:
-    """`none` (gamma 0) or fixed:gamma replayed on traces: the references the stop rule is compared with."""
-    from profiling.controllers import parse_controller
-
-    spec = "none" if gamma == 0 else f"fixed:{gamma}"
-    rows = []
-    for trace in traces:
-        result = replay(parse_controller(spec, trace.gamma_max), trace, costs[trace.compression])
-        rows.append(
-            {"compression": trace.compression, "new_tokens": result.new_tokens, "model_ms": result.model_ms}
-        )
-    return pd.DataFrame(rows)
 
 
 def paper_step_table(X: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.Series]:
@@ -340,10 +321,12 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     metrics["models"]["paper_step_regression"] = paper_reference(frame, spec)
     metrics["start_model"] = start_metrics
     metrics["replay_test_tokens_per_s"] = {
-        "mlp_stop_rule": pooled_goodput(replay_mlp(predictor, test_traces, step_costs, gamma_max)),
+        "mlp_stop_rule": replayed_goodput(mlp_for(predictor, gamma_max), test_traces, step_costs),
         **{
-            ("none" if g == 0 else f"fixed:{g}"): pooled_goodput(fixed_replay(test_traces, step_costs, g))
-            for g in range(gamma_max + 1)
+            fixed: replayed_goodput(
+                lambda c, fixed=fixed: parse_controller(fixed, gamma_max), test_traces, step_costs
+            )
+            for fixed in ["none", *(f"fixed:{g}" for g in range(1, gamma_max + 1))]
         },
     }
     metrics["calibration"] = {"chosen": kind, "dev_log_loss": dev_losses}

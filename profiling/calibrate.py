@@ -11,13 +11,12 @@ import statistics
 import time
 
 import torch
+from speckv.profiling.controllers import FixedGamma
+from speckv.profiling.costmodel import CostModel
+from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.models import synchronize, vocab_size
+from speckv.profiling.recorder import TableRecorder
 from transformers import DynamicCache
-
-from profiling.controllers import FixedGamma
-from profiling.costmodel import CostModel
-from profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
-from profiling.models import synchronize, vocab_size
-from profiling.recorder import TableRecorder
 
 
 def _median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
@@ -68,7 +67,7 @@ def signal_costs_ms(draft, target, repeats: int, warmup: int) -> tuple[float, fl
     """What signal-driven controllers add to the forwards: the draft's signals of one drafted token (softmax,
     top-2, entropy over its vocabulary, as the decode loop computes them), and the target's confidence in the
     tokens a step commits (2 rows of its vocabulary: the mean commit here is 1-2 tokens)."""
-    from profiling.signals import distribution_signals, target_signals
+    from speckv.profiling.signals import distribution_signals, target_signals
 
     device = target.device
     generator = torch.Generator(device="cpu").manual_seed(0)

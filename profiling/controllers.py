@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from profiling.errors import SpeckvError
-from profiling.signals import TokenSignals
+from speckv.profiling import plugins
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.signals import TokenSignals
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,8 +214,21 @@ def parse_controller(spec: str, gamma_max: int, compression: str = "fp32") -> Co
         if h < 0:
             raise SpeckvError(f"controller {spec!r}: the entropy threshold must be >= 0 nats")
         return EntropyStop(h, gamma_max, trim)
-    if kind == "mlp" and arg:
-        from predictor.runtime import load_mlp_controller  # numpy-only; imported on demand
-
-        return load_mlp_controller(arg, gamma_max=gamma_max, compression=compression)
+    plugin = plugins.find(plugins.CONTROLLERS, kind) if arg else None
+    if (
+        plugin is not None
+    ):  # e.g. mlp:PATH from speckv.predictor (an entry point: the engine never imports it)
+        return plugin(arg, gamma_max, compression)
     raise SpeckvError(f"unknown controller {spec!r}; expected one of: {CONTROLLER_SPECS}")
+
+
+def draft_budget(controller: Controller, ctx: StepContext, gamma_max: int, tokens_left: int) -> int:
+    """The step's draft budget: what the controller asks for, capped by gamma_max and by `tokens_left - 1`
+    (a step always yields one target token, so drafting past that would be wasted). The decode loop and its
+    model-free twin, the replay, both call this."""
+    return max(0, min(controller.start_step(ctx), gamma_max, tokens_left - 1))
+
+
+def submitted(controller: Controller, drafted: int) -> int:
+    """How many of `drafted` tokens go to the verify: the controller's `submit`, clamped to 0..drafted."""
+    return min(max(controller.submit(drafted), 0), drafted) if drafted else 0

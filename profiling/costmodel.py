@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from profiling.atomic import write_text
-from profiling.errors import SpeckvError
+from speckv.profiling.atomic import write_text
+from speckv.profiling.errors import SpeckvError
 
 
 class StepCosts(list):

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from speckv.profiling.controllers import Controller, StepContext, draft_budget, submitted
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.models import synchronize
+from speckv.profiling.signals import RECENT_TOKENS, TokenSignals, distribution_signals, target_signals
 from transformers import DynamicCache
-
-from profiling.controllers import Controller, StepContext
-from profiling.errors import SpeckvError
-from profiling.models import synchronize
-from profiling.signals import RECENT_TOKENS, TokenSignals, distribution_signals, target_signals
 
 
 @dataclass(frozen=True)
@@ -245,10 +244,7 @@ def speculative_generate(
             target_entropy=confidence[1],
             target_recent=sum(recent) / len(recent) if recent else float("nan"),
         )
-        # a step always yields one target token, so drafting past max_new_tokens - 1 would be wasted
-        budget = min(
-            controller.start_step(ctx), config.gamma_max, config.max_new_tokens - result.new_tokens - 1
-        )
+        budget = draft_budget(controller, ctx, config.gamma_max, config.max_new_tokens - result.new_tokens)
         if budget > 0 and draft is None:
             raise SpeckvError(f"controller {controller.name!r} drafts tokens but no draft model was given")
 
@@ -300,7 +296,7 @@ def speculative_generate(
 
         # Trim: the controller may verify fewer tokens than it drafted (their draft forwards are sunk).
         if drafted:
-            n_submit = min(max(controller.submit(len(drafted)), 0), len(drafted))
+            n_submit = submitted(controller, len(drafted))
             if n_submit < len(drafted):
                 del drafted[n_submit:], draft_probs[n_submit:], signals[n_submit:], draft_ms[n_submit:]
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from profiling.errors import SpeckvError
-from profiling.invariant import install as install_rowwise
-from profiling.invariant import needs_rowwise
+from speckv.profiling import plugins
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.invariant import install as install_rowwise
+from speckv.profiling.invariant import needs_rowwise
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,13 @@ class ModelSource:
 
 
 def resolve_source(ref: str, role: str) -> ModelSource:
-    """Turn a user reference (`default`, HF id, local directory, .gguf file) into a ModelSource."""
-    if ref == "default":
-        from data.models import resolve_model  # fetches or distils the embedded pair on first use
-
-        ref_path = resolve_model(ref, role)
-        return ModelSource(ref, ref_path)
+    """Turn a user reference (a model name such as `default`, HF id, local directory, .gguf file) into a
+    ModelSource. Names come from `speckv.models` entry points (`default` fetches the embedded target on first
+    use), so the engine resolves them without importing the package that builds them."""
     path = Path(ref).expanduser()
+    named = plugins.find(plugins.MODELS, ref) if "/" not in ref and not path.exists() else None
+    if named is not None:
+        return ModelSource(ref, named(role))
     if ref.endswith(".gguf"):
         if not path.is_file():
             raise SpeckvError(f"{role} GGUF file not found: {ref}")
@@ -192,7 +192,7 @@ def load_pair(
         install_rowwise(target_model)
         log.info("%s target on %s: row-wise attention, so verifying equals decoding", compression, dev.type)
     if cpu_kernels and dev.type == "cpu":
-        from profiling import kernels
+        from speckv.profiling import kernels
 
         patched = sum(kernels.install(m) for m in (target_model, draft_model) if m is not None)
         log.info("few-row CPU kernels on %d fp32 linear layers", patched)

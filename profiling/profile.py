@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from profiling.atomic import atomic_path
-from profiling.controllers import parse_controller
-from profiling.decode import DecodeConfig, speculative_generate
-from profiling.errors import SpeckvError
-from profiling.recorder import TableRecorder
-from profiling.schema import PARTITION_KEYS, STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
-from profiling.traces import batched_traces
+from speckv.profiling.atomic import atomic_path
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.recorder import TableRecorder
+from speckv.profiling.schema import PARTITION_KEYS, STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
+from speckv.profiling.traces import batched_traces
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from profiling.errors import SpeckvError
-from profiling.profile import Job, run_job
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.profile import Job, run_job
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class PairSpec:
 
 def _worker_pair(spec: PairSpec):
     import torch
-
-    from profiling.models import load_pair
+    from speckv.profiling.models import load_pair
 
     torch.set_num_threads(spec.threads)
     if spec not in _PAIRS:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pyarrow as pa
-
-from profiling.decode import StepOutcome
-from profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA
-from profiling.signals import SIGNALS, RunningStats
+from speckv.profiling.decode import StepOutcome
+from speckv.profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA
+from speckv.profiling.signals import SIGNALS, RunningStats
 
 
 class TableRecorder:

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
-
-from profiling.errors import SpeckvError
-from profiling.signals import SIGNALS, running_columns
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.signals import SIGNALS, running_columns
 
 # Columns that identify a run; every table carries them.
 RUN_FIELDS = [

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
+from speckv.profiling.controllers import NoDraft
+from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.schema import TRACE_SCHEMA
+from speckv.profiling.signals import SIGNALS, distribution_signals, target_signals
 from transformers import DynamicCache
-
-from profiling.controllers import NoDraft
-from profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
-from profiling.schema import TRACE_SCHEMA
-from profiling.signals import SIGNALS, distribution_signals, target_signals
 
 
 def match_length(drafted: list[int], continuation: list[int]) -> int:

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from profiling.costmodel import CostModel
-from profiling.schema import TRACE_SCHEMA
+from speckv.profiling.costmodel import CostModel
+from speckv.profiling.schema import TRACE_SCHEMA
 
 GAMMA_MAX = 6
 
@@ -86,9 +85,9 @@ def write_mlp_export(
 ) -> Path:
     """A small random MLP export whose output rises with draft_prob, so it behaves like a confidence stop,
     and a step-start model whose output rises with the target's confidence."""
-    from predictor.export import build_meta, initial_stop_rule, write_export
-    from predictor.features import FEATURES, START_FEATURES
-    from predictor.runtime import START_PREFIX
+    from speckv.predictor.export import build_meta, initial_stop_rule, write_export
+    from speckv.predictor.features import FEATURES, START_FEATURES
+    from speckv.predictor.runtime import START_PREFIX
 
     rng = np.random.default_rng(seed)
     weights = {}

@@ -11,10 +11,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from profiling.costmodel import CostModel
-from profiling.schema import TOKEN_SCHEMA
-from profiling.signals import RunningStats, TokenSignals
+from speckv.profiling.costmodel import CostModel
+from speckv.profiling.schema import TOKEN_SCHEMA
+from speckv.profiling.signals import RunningStats, TokenSignals
 
 GAMMA_MAX = 8
 COMPRESSIONS = ("fp32", "int8")

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 from eval_synthetic import write_costs, write_mlp_export, write_traces
-
-from predictor.evaluate import EvaluateConfig, run_evaluation
-from predictor.report import ReportConfig
+from speckv.predictor.evaluation.evaluate import EvaluateConfig, run_evaluation
+from speckv.predictor.evaluation.report import ReportConfig
 
 COMPRESSIONS = ("fp32", "int8")
 TASKS = ("chat", "code")  # eval_synthetic's tasks

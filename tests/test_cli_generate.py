@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from speckv.pipeline.cli import main
 from tiny import save_pair
-
-from pipeline.cli import main
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

@@ -8,13 +8,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import speckv.data.distill as distill_mod
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-import data.distill as distill_mod
-from data.distill import DistillConfig, distill
-from data.models import (
+from speckv.data.distill import DistillConfig, distill
+from speckv.data.models import (
     DRAFT_DIRNAME,
     TARGET_DIRNAME,
     TARGET_GGUF_NAME,
@@ -22,7 +19,9 @@ from data.models import (
     is_complete,
     resolve_model,
 )
-from profiling.errors import SpeckvError
+from speckv.profiling.errors import SpeckvError
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 GGUF_BYTES = b"not really a gguf"
 GGUF_SHA = hashlib.sha256(GGUF_BYTES).hexdigest()

@@ -7,10 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-from data.prompts import (
+from speckv.data.prompts import (
     SUMMARY_INSTRUCTION,
     assign_split,
     build_prompt_file,
@@ -20,7 +17,9 @@ from data.prompts import (
     make_splits,
     write_splits,
 )
-from profiling.errors import SpeckvError
+from speckv.profiling.errors import SpeckvError
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 WORDS = [f"w{i}" for i in range(40)]
 CHAT_TEMPLATE = (

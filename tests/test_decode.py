@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.decode import DecodeConfig, _truncate, speculative_generate, verify_sampling
+from speckv.profiling.models import load_pair
 from tiny import char_tokenizer, perturbed_draft, tiny_target
-
-from profiling.controllers import parse_controller
-from profiling.decode import DecodeConfig, _truncate, speculative_generate, verify_sampling
-from profiling.models import load_pair
 
 CONTROLLERS = ["none", "fixed:1", "fixed:4", "fixed:8", "heuristic", "threshold:0.4", "entropy:1.5"]
 PROMPTS = ["def add(a, b):", "The quick brown fox", "x = [i * i for i in range(10)]"]
@@ -168,7 +167,7 @@ def test_sampled_sequences_follow_the_target():
 
 
 def test_top_k_top_p_restrict_support():
-    from profiling.decode import logits_to_probs
+    from speckv.profiling.decode import logits_to_probs
 
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
     probs = logits_to_probs(logits, DecodeConfig(temperature=1.0, top_k=2))
@@ -178,7 +177,7 @@ def test_top_k_top_p_restrict_support():
 
 
 def test_recorder_matches_the_loop(tiny_pair_dir):
-    from profiling.recorder import TableRecorder
+    from speckv.profiling.recorder import TableRecorder
 
     target = tiny_target()
     draft = perturbed_draft(target, 0.04)

@@ -17,69 +17,36 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
+from repo_modules import (
+    FOLDERS,
+    PLUGIN_MODULES,
+    PLUGINS_MODULE,
+    ROOT,
+    imports,
+    is_type_checking,
+    module_file,
+    package_of,
+    rel,
+    walk,
+)
+from speckv.pipeline.cli import build_parser
 
-from pipeline.cli import build_parser
-
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "profiling", "predictor", "data")
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 # Modules a stage imports but leaves out of its deps on purpose (their own imports are not walked either).
 LEFT_OUT = {
     # Only times the model card's 1-token forwards; a change to the decode loop must not retrain the draft.
     "distill": {"profiling/calibrate.py"},
-    # Calibration builds FixedGamma itself and never parses a controller spec, so parse_controller's lazy
-    # import of the MLP runtime cannot run here (profile, whose controllers come from params, lists it).
-    "calibrate": {"predictor/runtime.py"},
 }
 # Files other than Python that a module reads at run time.
-RESOURCES = {"predictor/report.py": ("predictor/templates/report.html.j2",)}
-
-
-def module_file(name: str) -> Path | None:
-    """The repo file that `import name` executes, or None when `name` is not a module of the repo."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    base = ROOT.joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def _rel(path: Path) -> str:
-    return path.relative_to(ROOT).as_posix()
-
-
-def _imports(node: ast.AST, package: str) -> Iterator[str]:
-    """Module names an Import / ImportFrom node loads (`from a import b` yields a.b when b is a module)."""
-    if isinstance(node, ast.Import):
-        yield from (alias.name for alias in node.names)
-    elif isinstance(node, ast.ImportFrom):
-        base = node.module or ""
-        if node.level:
-            parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-            base = ".".join(p for p in [*parent, base] if p)
-        yield base
-        yield from (f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
-
-
-def _is_type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
-def _walk(node: ast.AST) -> Iterator[ast.AST]:
-    """ast.walk without `if TYPE_CHECKING:` bodies."""
-    stack = [node]
-    while stack:
-        current = stack.pop()
-        yield current
-        stack.extend(c for c in ast.iter_child_nodes(current) if not _is_type_checking(c))
+RESOURCES = {"predictor/evaluation/report.py": ("predictor/evaluation/templates/report.html.j2",)}
+_rel = rel
+_imports = imports
+_walk = walk
 
 
 def _files(names: set[str]) -> set[str]:
@@ -114,7 +81,7 @@ def handler_imports(module_name: str, func_name: str) -> set[str]:
                 for name in ast.walk(target):
                     if isinstance(name, ast.Name):
                         defined[name.id] = node
-        elif isinstance(node, ast.Import | ast.ImportFrom) and not _is_type_checking(node):
+        elif isinstance(node, ast.Import | ast.ImportFrom) and not is_type_checking(node):
             for alias in node.names:
                 bound = alias.asname or alias.name.split(".")[0]
                 imported.setdefault(bound, set()).update(_imports(node, package))
@@ -158,12 +125,15 @@ def stage_imports(stage: str) -> set[str]:
         seen.add(name)
         new = _files({name}) - left_out
         files |= new
-        for rel in new:
-            tree = ast.parse((ROOT / rel).read_text())
-            package = rel.rpartition("/")[0].replace("/", ".")
-            queue += [m for node in _walk(tree) for m in _imports(node, package) if module_file(m)]
-    for rel in list(files):
-        files.update(RESOURCES.get(rel, ()))
+        for path in new:
+            tree = ast.parse((ROOT / path).read_text())
+            found = [
+                m for node in walk(tree) for m in imports(node, package_of(ROOT / path)) if module_file(m)
+            ]
+            # the engine reaches entry-point modules by name (`mlp:` controllers, the `default` models)
+            queue += found + (list(PLUGIN_MODULES) if PLUGINS_MODULE in found else [])
+    for path in list(files):
+        files.update(RESOURCES.get(path, ()))
     return files
 
 
@@ -185,7 +155,7 @@ def test_deps_hold_every_module_the_stage_imports(stage):
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_deps_hold_no_code_the_stage_never_imports(stage):
     imports = stage_imports(stage) | LEFT_OUT.get(stage, set())
-    code = [d for d in STAGES[stage].get("deps", []) if d.split("/")[0] in PACKAGES]
+    code = [d for d in STAGES[stage].get("deps", []) if d.split("/")[0] in FOLDERS]
     listed = {
         _rel(p)
         for d in code
@@ -248,8 +218,8 @@ def test_the_walk_sees_lazy_imports_and_skips_other_handlers():
     assert "profiling/profile.py" in stage_imports("profile")
     # models fetch shares pipeline/models.py with distill but never reaches data/distill.py
     assert "data/distill.py" not in stage_imports("fetch")
-    # transitive: the report's cost-model plot loads profiling/costmodel.py through predictor/report.py
-    assert {"predictor/report.py", "profiling/costmodel.py"} <= stage_imports("report")
+    # transitive: the report's cost-model plot loads profiling/costmodel.py through its report module
+    assert {"predictor/evaluation/report.py", "profiling/costmodel.py"} <= stage_imports("report")
 
 
 def _stand_in(path: Path) -> None:
@@ -269,7 +239,7 @@ def test_dvc_status_flags_exactly_the_stages_that_import_an_edited_module(tmp_pa
     """Real DVC on a copy of the code, dvc.yaml and params.yaml with stand-in artifacts: once committed every
     stage is up to date, and one edited line of predictor/policy.py changes exactly the stages importing it."""
     repo = tmp_path / "repo"
-    for package in PACKAGES:
+    for package in FOLDERS:
         shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)

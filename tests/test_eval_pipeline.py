@@ -4,14 +4,13 @@ import pandas as pd
 import pytest
 import yaml
 from eval_synthetic import write_costs, write_mlp_export, write_traces
+from speckv.pipeline.cli import main
+from speckv.pipeline.config import ConfigError, from_dict
+from speckv.predictor.evaluation.evaluate import EvaluateConfig, alias_version, promotion
+from speckv.predictor.evaluation.report import ReportConfig, build_report
+from speckv.predictor.registry import log_training_run, promote
+from speckv.profiling.errors import SpeckvError
 from tiny import char_tokenizer
-
-from pipeline.cli import main
-from pipeline.config import ConfigError, from_dict
-from predictor.evaluate import EvaluateConfig, alias_version, promotion
-from predictor.registry import log_training_run, promote
-from predictor.report import ReportConfig, build_report
-from profiling.errors import SpeckvError
 
 
 def write_prompts(path, tasks=("code", "chat"), per_split=2):
@@ -202,7 +201,7 @@ def test_bad_inputs_fail_clearly(tmp_path, monkeypatch):
 
 
 def test_replay_only_with_a_smaller_gamma_max(tmp_path):
-    from predictor.evaluate import run_evaluation
+    from speckv.predictor.evaluation.evaluate import run_evaluation
 
     write_traces(tmp_path / "traces", per_split=2, compressions=("fp32",))
     write_costs(tmp_path / "calibrate", compressions=("fp32",))

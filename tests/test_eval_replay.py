@@ -2,19 +2,18 @@ import numpy as np
 import pytest
 import torch
 from eval_synthetic import GAMMA_MAX, write_mlp_export, write_traces
+from speckv.predictor.evaluation.live import hf_role, run_live
+from speckv.predictor.evaluation.paper import PaperController
+from speckv.predictor.features import RUNNING
+from speckv.predictor.runtime import MLPController, load_export
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.costmodel import StepCosts
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.models import ModelPair, load_model
+from speckv.profiling.replay import Trace, load_traces, oracle, replay, traces_from_frame
+from speckv.profiling.signals import SIGNALS
 from tiny import char_tokenizer
-
-from predictor.features import RUNNING
-from predictor.live import hf_role, run_live
-from predictor.paper import PaperController
-from predictor.replay import Trace, load_traces, oracle, replay, traces_from_frame
-from predictor.runtime import MLPController, load_export
-from profiling.controllers import parse_controller
-from profiling.costmodel import StepCosts
-from profiling.decode import DecodeConfig, speculative_generate
-from profiling.errors import SpeckvError
-from profiling.models import ModelPair, load_model
-from profiling.signals import SIGNALS
 
 POLICIES = [
     "none",
@@ -106,7 +105,7 @@ def tiny_models(tiny_pair_dir):
 
 
 def test_replay_equals_live_loop(tiny_models, tmp_path):
-    from profiling.traces import dense_trace
+    from speckv.profiling.traces import dense_trace
 
     target, draft = tiny_models
     tok = char_tokenizer()

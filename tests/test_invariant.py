@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from speckv.profiling import invariant
+from speckv.profiling.decode import _truncate
+from speckv.profiling.models import load_pair
 from tiny import tiny_target
 from transformers import DynamicCache
-
-from profiling import invariant
-from profiling.decode import _truncate
-from profiling.models import load_pair
 
 
 def decode_then_verify(model, prompt: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from profiling import kernels
+from speckv.profiling import kernels
 
 
 @pytest.mark.parametrize("bias", [False, True])

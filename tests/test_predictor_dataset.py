@@ -1,9 +1,8 @@
 import numpy as np
 import pytest
 from predictor_synthetic import token_frame, write_tokens
-
-from predictor.dataset import build_splits, load_tokens, select_runs, token_labels
-from profiling.errors import SpeckvError
+from speckv.predictor.dataset import build_splits, load_tokens, select_runs, token_labels
+from speckv.profiling.errors import SpeckvError
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
 from predictor_synthetic import token_frame
-
-from predictor.features import FEATURES, STEP_KEYS, live_features, table_features
-from profiling.controllers import StepContext
-from profiling.errors import SpeckvError
-from profiling.signals import SIGNALS, RunningStats, TokenSignals
+from speckv.predictor.features import FEATURES, STEP_KEYS, live_features, table_features
+from speckv.profiling.controllers import StepContext
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.signals import SIGNALS, RunningStats, TokenSignals
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@ import math
 
 import numpy as np
 import pytest
-
-from predictor.features import FEATURES, START_FEATURES
-from predictor.policy import keep_drafting, stop_index
-from predictor.runtime import AcceptancePredictor, MLPController
-from profiling.controllers import Controller, StepContext
-from profiling.errors import SpeckvError
-from profiling.signals import TokenSignals
+from speckv.predictor.features import FEATURES, START_FEATURES
+from speckv.predictor.policy import keep_drafting, stop_index
+from speckv.predictor.runtime import AcceptancePredictor, MLPController
+from speckv.profiling.controllers import Controller, StepContext
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.signals import TokenSignals
 
 STEP_MS = [10.0 + 2.0 * k for k in range(9)]  # draft 1 ms + verify growth 1 ms per token
 
@@ -44,7 +43,7 @@ def _one_unit(names: tuple[str, ...], feature: str, scale: float, bias: float) -
 
 def toy_predictor(trim: bool = False, start_discount: float = 1.0) -> AcceptancePredictor:
     """Token model p = sigmoid(10 * (draft_prob - 0.5)); step-start model p0 = sigmoid(10 * (top1 - 0.5))."""
-    from predictor.runtime import start_predictor
+    from speckv.predictor.runtime import start_predictor
 
     weights = _one_unit(FEATURES, "draft_prob", 10.0, -5.0)
     weights.update({f"start_{k}": v for k, v in _one_unit(START_FEATURES, "target_top1", 10.0, -5.0).items()})

@@ -2,11 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from eval_synthetic import write_costs, write_traces
-
-from predictor.registry import MODEL_NAME, log_training_run, promote
-from predictor.runtime import load_export, load_mlp_controller
-from predictor.train import TrainConfig, run_training
-from profiling.errors import SpeckvError
+from speckv.predictor.controller import load_mlp_controller
+from speckv.predictor.registry import MODEL_NAME, log_training_run, promote
+from speckv.predictor.runtime import load_export
+from speckv.predictor.train import TrainConfig, run_training
+from speckv.profiling.errors import SpeckvError
 
 
 @pytest.mark.slow  # MLflow round trips

@@ -6,13 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from eval_synthetic import write_costs, write_traces
-
-from predictor import model
-from predictor.dataset import build_splits, trace_token_frame
-from predictor.replay import load_traces
-from predictor.runtime import WEIGHTS_FILE, load_export
-from predictor.train import TrainConfig, run_training
-from profiling.errors import SpeckvError
+from speckv.predictor import model
+from speckv.predictor.dataset import build_splits, trace_token_frame
+from speckv.predictor.runtime import WEIGHTS_FILE, load_export
+from speckv.predictor.train import TrainConfig, run_training
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.replay import load_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pyarrow.dataset as ds
 import pytest
 import yaml
-
-from pipeline.cli import main
-from profiling import profile as prof
-from profiling.controllers import parse_controller
-from profiling.decode import DecodeConfig, speculative_generate
-from profiling.errors import SpeckvError
-from profiling.models import load_pair
-from profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA, read_table
+from speckv.pipeline.cli import main
+from speckv.profiling import profile as prof
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.models import load_pair
+from speckv.profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA, read_table
 
 PROMPTS = [
     {"prompt_id": "code/a", "task": "code", "split": "train", "input_ids": list(range(10, 30))},
@@ -187,7 +186,7 @@ def test_cli_bad_inputs(tiny_pair_dir, tmp_path, capsys):
 
 
 def test_cost_model_is_monotone_in_verified_tokens():
-    from profiling.calibrate import monotone
+    from speckv.profiling.calibrate import monotone
 
     assert monotone([60.0, 66.0, 70.0]) == [60.0, 66.0, 70.0]
     assert monotone([60.0, 80.0, 70.0, 90.0]) == [60.0, 75.0, 75.0, 90.0]
@@ -197,7 +196,7 @@ def test_cost_model_is_monotone_in_verified_tokens():
 
 
 def test_calibrate_on_a_tiny_pair(pair):
-    from profiling.calibrate import calibrate
+    from speckv.profiling.calibrate import calibrate
 
     model = calibrate(
         pair.target, pair.draft, "fp32", list(range(10, 40)), gamma_max=4, repeats=3, warmup=1, loop_tokens=8

@@ -3,12 +3,11 @@
 import pytest
 import ray
 import torch
+from speckv.profiling import profile as prof
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.models import load_pair
+from speckv.profiling.ray_executor import PairSpec, RayExecutor
 from test_profile import DECODE, META, PROMPTS, same_tables
-
-from profiling import profile as prof
-from profiling.errors import SpeckvError
-from profiling.models import load_pair
-from profiling.ray_executor import PairSpec, RayExecutor
 
 pytestmark = pytest.mark.slow  # a local Ray instance takes seconds to start
 

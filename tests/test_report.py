@@ -12,9 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from report_synthetic import write_evaluation
-
-from predictor.provenance import collect, cpu_flags, git_state, params_hash
-from predictor.report import build_report, verdict
+from speckv.predictor.evaluation.provenance import collect, cpu_flags, git_state, params_hash
+from speckv.predictor.evaluation.report import build_report, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,15 +4,14 @@ import math
 
 import pytest
 import torch
-from tiny import EOS_ID
-
-from profiling.models import load_pair
-from profiling.traces import (
+from speckv.profiling.models import load_pair
+from speckv.profiling.traces import (
     continuation_incremental,
     draft_path,
     draft_path_incremental,
     target_continuations,
 )
+from tiny import EOS_ID
 
 PROMPTS = [[1, 5, 9, 40, 41, 12], [1, 7], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38, 70], [1, 22, 23, 24], [9]]
 

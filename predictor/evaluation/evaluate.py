@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from predictor.replay import ReplayResult, Trace, load_traces, oracle, replay
-from predictor.stats import gap_share, paired_ratio, pooled_rate
-from profiling.atomic import atomic_path, write_text
-from profiling.controllers import Controller, parse_controller
-from profiling.costmodel import CostModel, StepCosts
-from profiling.errors import SpeckvError
+from speckv.predictor.stats import gap_share, paired_ratio, pooled_rate
+from speckv.profiling.atomic import atomic_path, write_text
+from speckv.profiling.controllers import Controller, parse_controller
+from speckv.profiling.costmodel import CostModel, StepCosts
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.replay import ReplayResult, Trace, load_traces, oracle, replay
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,9 @@ def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 
 class PolicyFactory:
-    """Builds fresh controllers from specs; the MLP export is loaded once and shared."""
+    """Builds fresh controllers for evaluation roles. Every controller spec is read by the engine's one
+    `parse_controller` (the MLP as `mlp:<export_dir>`, its export loaded once); the roles only evaluation
+    knows — the paper's formulation and the first-token oracle's hindsight wrapper — are built here."""
 
     def __init__(
         self, gamma_max: int, export_dir: str | None, costs: dict[str, list[float]], paper=None
@@ -103,21 +104,18 @@ class PolicyFactory:
         self.export_dir = export_dir
         self.costs = costs
         self.paper = paper  # (regressor, default aggregates) of the paper's formulation, or None
-        self._predictor = None
 
     def __call__(self, spec: str, compression: str) -> Controller:
         if spec == "mlp":
-            from predictor.runtime import MLPController, load_export
-
-            if self._predictor is None:
-                self._predictor = load_export(self.export_dir)
-            return MLPController(self._predictor, self.gamma_max, compression, name="mlp")
+            controller = parse_controller(f"mlp:{self.export_dir}", self.gamma_max, compression)
+            controller.name = "mlp"  # the role's name in every table
+            return controller
         if spec.startswith(FIRST_TOKEN_ORACLE + ":"):
-            from predictor.replay import FirstTokenOracle
+            from speckv.profiling.replay import FirstTokenOracle
 
-            return FirstTokenOracle(parse_controller(spec.split(":", 1)[1], self.gamma_max, compression))
+            return FirstTokenOracle(self(spec.split(":", 1)[1], compression))
         if spec == "paper":
-            from predictor.paper import PaperController
+            from speckv.predictor.evaluation.paper import PaperController
 
             if self.paper is None:
                 raise SpeckvError("the paper controller needs train traces (its regressor's training data)")
@@ -277,12 +275,18 @@ def compare(
     return out
 
 
+def report_groups(frame: pd.DataFrame, tasks: bool) -> list[tuple[str, pd.DataFrame]]:
+    """("all", frame), then one group per compression, then (with `tasks`) per compression/task."""
+    groups = [("all", frame)] + [(str(c), g) for c, g in frame.groupby("compression")]
+    if tasks:
+        groups += [(f"{c}/{t}", g) for (c, t), g in frame.groupby(["compression", "task"])]
+    return groups
+
+
 def gap_shares(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) -> dict[str, dict[str, dict]]:
     """Per policy: the share of the oracle-over-best-fixed gap it closes, over all test traces, per
     compression and per compression/task (paired bootstrap over prompts)."""
-    groups = [("all", frame)]
-    groups += [(str(c), g) for c, g in frame.groupby("compression")]
-    groups += [(f"{c}/{t}", g) for (c, t), g in frame.groupby(["compression", "task"])]
+    groups = report_groups(frame, tasks=True)
     out: dict[str, dict[str, dict]] = {}
     for role in roles:
         if role in ("best-fixed", "oracle") or role not in set(frame["policy"]):
@@ -310,7 +314,7 @@ CAUSAL_RIVALS += ("entropy:tuned+trim", "paper")
 
 def mlp_versus(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) -> dict[str, dict[str, dict]]:
     """MLP ÷ each causal rival on test replay (paired bootstrap over prompts), overall and per compression."""
-    groups = [("all", frame)] + [(str(c), g) for c, g in frame.groupby("compression")]
+    groups = report_groups(frame, tasks=False)
     rivals = [r for r in CAUSAL_RIVALS if r in roles and r in set(frame["policy"])]
     return {
         name: {
@@ -331,8 +335,8 @@ def mlp_versus(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) ->
 
 def decision_overhead_ms(export_dir: str, calls: int) -> float:
     """ms per drafted token of the MLP controller's decisions on the real export (as bench_overhead)."""
-    from predictor.bench_overhead import decision_ms
-    from predictor.runtime import load_export
+    from speckv.predictor.bench_overhead import decision_ms
+    from speckv.predictor.runtime import load_export
 
     return decision_ms(load_export(export_dir), calls)
 
@@ -340,8 +344,7 @@ def decision_overhead_ms(export_dir: str, calls: int) -> float:
 def alias_version(alias: str, uri: str | None) -> str | None:
     """The registered version of speckv-gamma-predictor that `alias` points at, or None."""
     from mlflow import MlflowClient
-
-    from predictor.registry import MODEL_NAME, tracking_uri
+    from speckv.predictor.registry import MODEL_NAME, tracking_uri
 
     resolved = tracking_uri(uri)
     try:
@@ -376,7 +379,7 @@ def promotion(dev_frame: pd.DataFrame, config: EvaluateConfig) -> dict[str, Any]
             f"MLP beats best fixed on dev ({ci}) but promotion is switched off (evaluate.promote)"
         )
         return decision
-    from predictor.registry import MODEL_NAME, promote
+    from speckv.predictor.registry import MODEL_NAME, promote
 
     version = alias_version("candidate", config.tracking_uri)
     if version is None:
@@ -402,11 +405,10 @@ def load_costs(calibrate_dir: str, compressions: list[str], gamma_max: int) -> d
 def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
     """Live runs on test prompts for every compression in live_controllers; empty when nothing is asked."""
     import torch
-
-    from data.prompts import load_prompt_file
-    from predictor.live import HF_ROLES, HFAssisted, hf_role, run_live
-    from profiling.decode import DecodeConfig
-    from profiling.models import eos_ids, load_pair
+    from speckv.data.prompts import load_prompt_file
+    from speckv.predictor.evaluation.live import HF_ROLES, HFAssisted, hf_role, run_live
+    from speckv.profiling.decode import DecodeConfig
+    from speckv.profiling.models import eos_ids, load_pair
 
     if config.live_per_task == 0 or not config.live_controllers:
         return pd.DataFrame()
@@ -459,7 +461,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         raise SpeckvError(f"no predictor export at {config.export_dir} (run `speckv train`)")
     paper = None
     if config.paper and any(t.split == "train" for t in traces):
-        from predictor.paper import fit_paper_regressor
+        from speckv.predictor.evaluation.paper import fit_paper_regressor
 
         paper = fit_paper_regressor(traces, config.seed)
     make = PolicyFactory(gamma_max, config.export_dir, costs, paper)

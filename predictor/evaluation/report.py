@@ -20,8 +20,7 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader
 from markupsafe import Markup
-
-from predictor.report_plots import (
+from speckv.predictor.evaluation.report_plots import (
     acceptance_by_position,
     acceptance_figure,
     cost_figure,
@@ -29,8 +28,8 @@ from predictor.report_plots import (
     goodput_figure,
     to_png,
 )
-from profiling.atomic import write_bytes
-from profiling.errors import SpeckvError
+from speckv.profiling.atomic import write_bytes
+from speckv.profiling.errors import SpeckvError
 
 LIVE_BASES = {
     "best-fixed": "best_fixed",

@@ -16,10 +16,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
-from profiling.controllers import Controller
-from profiling.decode import DecodeConfig, speculative_generate
-from profiling.models import ModelPair, synchronize
+from speckv.profiling.controllers import Controller
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.models import ModelPair, synchronize
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from profiling.controllers import Controller, StepContext
-from profiling.errors import SpeckvError
-from profiling.schema import read_table
-from profiling.signals import RECENT_TOKENS, SIGNALS, TokenSignals, recent_mean
+from speckv.profiling.controllers import Controller, StepContext, draft_budget, submitted
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.schema import read_table
+from speckv.profiling.signals import RECENT_TOKENS, SIGNALS, TokenSignals, recent_mean
 
 TRACE_KEYS = ("compression", "task", "split", "prompt_id")
 TARGET_COLUMNS = ("target_top1", "target_entropy")
@@ -165,7 +164,7 @@ def replay(
         )
         if peek is not None:
             peek(int(trace.match_len[i]))
-        budget = max(0, min(controller.start_step(ctx), gamma_max, limit - i - 1))
+        budget = draft_budget(controller, ctx, gamma_max, limit - i)
         k = budget
         if controller.needs_signals:
             # as in the loop: after each drafted token but the budget's last, ask whether to go on
@@ -177,7 +176,7 @@ def replay(
                 if not controller.keep_drafting(signals):
                     k = j + 1
                     break
-        n = min(max(controller.submit(k), 0), k) if k else 0
+        n = submitted(controller, k)
         accepted = min(int(trace.match_len[i]), n)
         result.gammas.append(n)
         result.accepts.append(accepted)

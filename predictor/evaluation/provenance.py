@@ -71,8 +71,7 @@ def _versions() -> dict[str, str | None]:
 def collect(root: str | Path, params_file: str | Path) -> dict[str, Any]:
     """Everything above for the checkout at `root` run with `params_file`, on this machine, now."""
     import torch
-
-    from profiling.cpu import cpu_info
+    from speckv.profiling.cpu import cpu_info
 
     try:
         flags = cpu_flags(Path("/proc/cpuinfo").read_text())

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
-from predictor.features import RUNNING, compression_one_hot
-from profiling.controllers import StepContext
-from profiling.signals import RunningStats, TokenSignals
+from speckv.predictor.features import RUNNING, compression_one_hot
+from speckv.profiling.controllers import StepContext
+from speckv.profiling.signals import RunningStats, TokenSignals
 
 
 def fit_paper_regressor(traces: list, seed: int):
@@ -24,9 +23,9 @@ def fit_paper_regressor(traces: list, seed: int):
 
     Returns (fitted pipeline, mean step feature row: the input before any step has been observed).
     """
-    from predictor.dataset import split_drafts, trace_token_frame
-    from predictor.model import MLPSpec, fit_step_regressor
-    from predictor.train import paper_step_table
+    from speckv.predictor.dataset import split_drafts, trace_token_frame
+    from speckv.predictor.model import MLPSpec, fit_step_regressor
+    from speckv.predictor.train import paper_step_table
 
     X, rows = split_drafts(trace_token_frame([t for t in traces if t.split == "train"]), "train")
     X_steps, rate, _ = paper_step_table(X, rows)

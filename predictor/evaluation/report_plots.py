@@ -11,8 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
-from profiling.costmodel import CostModel
+from speckv.profiling.costmodel import CostModel
 
 # Policies shown in the per-policy plots, in order (gamma histograms skip `none`, which never drafts).
 SHOWN = (
