@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import speckv.data.distill as distill_mod
+import speckv.data.distill_loss as loss_mod
+import speckv.data.draft_training as training_mod
+import speckv.data.teacher as teacher_mod
 import torch
 from speckv.data.distill import DistillConfig, distill
 from speckv.data.models import (
@@ -188,7 +191,7 @@ def test_distill_tiny_target_writes_a_loadable_draft(tmp_path: Path, monkeypatch
     def no_generation(*args: object, **kwargs: object) -> None:
         raise AssertionError("teacher data regenerated")
 
-    monkeypatch.setattr(distill_mod, "generate_teacher_data", no_generation)
+    monkeypatch.setattr(teacher_mod, "generate_teacher_data", no_generation)
     again = distill(target_dir, prompts, out_dir, teacher, config)
     assert again["n_train_response_tokens"] == metrics["n_train_response_tokens"]
 
@@ -197,7 +200,7 @@ def test_teacher_hidden_states_line_up_with_tokens(tmp_path: Path) -> None:
     """The hooked hidden state at position i must be the target's own state predicting token i + 1."""
     target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
     rows = [{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 9]}]
-    for row, seq in zip(rows, distill_mod.generate_batch(target, rows, 4, 2, 2), strict=True):
+    for row, seq in zip(rows, teacher_mod.generate_batch(target, rows, 4, 2, 2), strict=True):
         tokens = seq["tokens"].long()
         assert seq["hidden"].shape[0] == len(tokens) - 1 and seq["n_prompt"] == len(row["input_ids"])
         with torch.no_grad():
@@ -219,13 +222,13 @@ def test_distill_rejects_an_empty_split(tmp_path: Path) -> None:
 def record_generation(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Patch teacher generation to log the key of every row it generates; returns that (live) log."""
     generated: list[str] = []
-    real = distill_mod.generate_teacher_data
+    real = teacher_mod.generate_teacher_data
 
     def counting(target: object, rows: list[dict], *args: object) -> list[dict]:
-        generated.extend(distill_mod.row_key(r) for r in rows)
+        generated.extend(teacher_mod.row_key(r) for r in rows)
         return real(target, rows, *args)
 
-    monkeypatch.setattr(distill_mod, "generate_teacher_data", counting)
+    monkeypatch.setattr(teacher_mod, "generate_teacher_data", counting)
     return generated
 
 
@@ -235,12 +238,12 @@ def test_teacher_cache_generates_only_new_prompts(tmp_path: Path, monkeypatch: p
     config = DistillConfig(max_new_tokens=3, gen_batch_size=2)
     generated = record_generation(monkeypatch)
     path = tmp_path / "teacher.pt"
-    first = distill_mod.load_or_generate_teacher(path, target, rows[:2], config, 2, 2)
-    both = distill_mod.load_or_generate_teacher(path, target, rows, config, 2, 2)
+    first = teacher_mod.load_or_generate_teacher(path, target, rows[:2], config, 2, 2)
+    both = teacher_mod.load_or_generate_teacher(path, target, rows, config, 2, 2)
     assert generated == ["math/0", "math/1", "math/2"]
     assert torch.equal(first[0]["tokens"], both[0]["tokens"]) and len(both) == 3
     changed = [{**rows[0], "input_ids": [1, 7, 7]}]
-    distill_mod.load_or_generate_teacher(path, target, changed, config, 2, 2)
+    teacher_mod.load_or_generate_teacher(path, target, changed, config, 2, 2)
     assert generated[-1] == "math/0"
 
 
@@ -252,15 +255,15 @@ def test_distill_loss_head_terms_see_only_response_positions() -> None:
     target_hidden, draft_hidden = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     weight = torch.tensor([[0.5, 1.0, 1.0]])  # position 0 is a prompt position
     config = DistillConfig(cosine_weight=0.0, ce_weight=1.0, prompt_head_weight=0.0)
-    loss = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
+    loss = loss_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
     moved = draft_hidden.clone()
     moved[0, 0] += 10.0
-    assert torch.isclose(loss, distill_mod.distill_loss(moved, target_hidden, weight, head_rows, config))
+    assert torch.isclose(loss, loss_mod.distill_loss(moved, target_hidden, weight, head_rows, config))
 
     def ce_term(hidden: torch.Tensor) -> torch.Tensor:
         no_ce = DistillConfig(cosine_weight=0.0, ce_weight=0.0, prompt_head_weight=0.0)
-        with_ce = distill_mod.distill_loss(hidden, target_hidden, weight, head_rows, config)
-        return with_ce - distill_mod.distill_loss(hidden, target_hidden, weight, head_rows, no_ce)
+        with_ce = loss_mod.distill_loss(hidden, target_hidden, weight, head_rows, config)
+        return with_ce - loss_mod.distill_loss(hidden, target_hidden, weight, head_rows, no_ce)
 
     top = (target_hidden[0, 1:] @ head_rows.T).argmax(-1)
     towards_top, away = draft_hidden.clone(), draft_hidden.clone()
@@ -275,13 +278,13 @@ def test_distill_loss_prompt_head_weight_labels_prompt_positions_with_the_target
     target_hidden, draft_hidden = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
     weight = torch.tensor([[0.5, 1.0, 1.0]])
     config = DistillConfig(cosine_weight=0.0, ce_weight=1.0, prompt_head_weight=0.5)
-    base = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
+    base = loss_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
     target_choice = int((target_hidden[0, 0] @ head_rows.T).argmax())
     agree, disagree = draft_hidden.clone(), draft_hidden.clone()
     agree[0, 0] = 5.0 * head_rows[target_choice]
     disagree[0, 0] = 5.0 * head_rows[(target_choice + 1) % 8]
-    with_agree = distill_mod.distill_loss(agree, target_hidden, weight, head_rows, config)
-    with_disagree = distill_mod.distill_loss(disagree, target_hidden, weight, head_rows, config)
+    with_agree = loss_mod.distill_loss(agree, target_hidden, weight, head_rows, config)
+    with_disagree = loss_mod.distill_loss(disagree, target_hidden, weight, head_rows, config)
     assert not torch.isclose(base, with_agree)  # the prompt position now counts
     assert with_agree < with_disagree
 
@@ -293,24 +296,24 @@ def test_distill_loss_under_bf16_autocast_keeps_the_teacher_in_float32() -> None
     target_hidden, draft_hidden = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
     weight = torch.tensor([[0.5, 1.0, 1.0, 1.0, 0.0], [0.0, 0.5, 1.0, 1.0, 1.0]])
     config = DistillConfig()
-    exact = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
+    exact = loss_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = distill_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
+        mixed = loss_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
     assert mixed.dtype == torch.float32 and torch.isclose(mixed, exact, rtol=2e-2)
     # Precomputed float32 labels give the same loss as labels computed inside.
     flat = [target_hidden[i].to(torch.float16) for i in range(2)]
-    labels = torch.stack(distill_mod.teacher_labels([{"hidden": h} for h in flat], head_rows))
+    labels = torch.stack(loss_mod.teacher_labels([{"hidden": h} for h in flat], head_rows))
     hidden16 = torch.stack(flat).float()
     assert torch.isclose(
-        distill_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config, labels),
-        distill_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config),
+        loss_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config, labels),
+        loss_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config),
     )
 
 
 def test_plan_teacher_rows_fills_small_tasks_with_sampled_repeats() -> None:
     rows = [{"prompt_id": f"chat/{i}", "task": "chat", "input_ids": [1]} for i in range(2)]
     rows += [{"prompt_id": f"math/{i}", "task": "math", "input_ids": [1]} for i in range(5)]
-    plan = distill_mod.plan_teacher_rows(rows, 3)
+    plan = teacher_mod.plan_teacher_rows(rows, 3)
     assert [(r["key"], r["sample"]) for r in plan] == [
         ("chat/0", 0),
         ("chat/1", 0),
@@ -328,7 +331,7 @@ def test_collate_drops_the_duplicate_prompt_of_a_sampled_repeat() -> None:
         "n_prompt": 3,
     }
     seqs = [{**seq, "sample": 0}, {**seq, "sample": 1}]
-    _, _, weight, top = distill_mod.collate(seqs, [0, 1], prompt_weight=0.5)
+    _, _, weight, top = training_mod.collate(seqs, [0, 1], prompt_weight=0.5)
     assert top is None
     assert weight.tolist() == [[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
 
@@ -340,9 +343,9 @@ def test_sampled_teacher_data_is_seeded_and_cached_apart_from_greedy(
     target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
     rows = [{"prompt_id": f"math/{i}", "task": "math", "input_ids": [1, 4 + i, 9]} for i in range(2)]
     config = DistillConfig(max_new_tokens=6, gen_batch_size=4, sequences_per_task=4, sample_temperature=1.5)
-    plan = distill_mod.plan_teacher_rows(rows, config.sequences_per_task)
-    first = distill_mod.load_or_generate_teacher(tmp_path / "a.pt", target, plan, config, 2, 2)
-    second = distill_mod.load_or_generate_teacher(tmp_path / "b.pt", target, plan, config, 2, 2)
+    plan = teacher_mod.plan_teacher_rows(rows, config.sequences_per_task)
+    first = teacher_mod.load_or_generate_teacher(tmp_path / "a.pt", target, plan, config, 2, 2)
+    second = teacher_mod.load_or_generate_teacher(tmp_path / "b.pt", target, plan, config, 2, 2)
     assert [s["sample"] for s in first] == [0, 0, 1, 1]
     assert [s["temperature"] for s in first] == [0.0, 0.0, 1.5, 1.5]
     for a, b in zip(first, second, strict=True):
@@ -350,10 +353,10 @@ def test_sampled_teacher_data_is_seeded_and_cached_apart_from_greedy(
     # A new temperature regenerates the sampled repeats only; a new target dtype regenerates everything.
     generated = record_generation(monkeypatch)
     hotter = DistillConfig(max_new_tokens=6, gen_batch_size=4, sequences_per_task=4, sample_temperature=2.0)
-    distill_mod.load_or_generate_teacher(tmp_path / "a.pt", target, plan, hotter, 2, 2)
+    teacher_mod.load_or_generate_teacher(tmp_path / "a.pt", target, plan, hotter, 2, 2)
     assert sorted(generated) == ["math/0#s1", "math/1#s1"]
     generated.clear()
-    distill_mod.load_or_generate_teacher(tmp_path / "a.pt", target.to(torch.bfloat16), plan, hotter, 2, 2)
+    teacher_mod.load_or_generate_teacher(tmp_path / "a.pt", target.to(torch.bfloat16), plan, hotter, 2, 2)
     assert len(generated) == 4
 
 

@@ -43,7 +43,7 @@ LEFT_OUT = {
     "distill": {"profiling/calibrate.py"},
 }
 # Files other than Python that a module reads at run time.
-RESOURCES = {"predictor/evaluation/report.py": ("predictor/evaluation/templates/report.html.j2",)}
+RESOURCES = {"predictor/evaluation/report_render.py": ("predictor/evaluation/templates/report.html.j2",)}
 _rel = rel
 _imports = imports
 _walk = walk
