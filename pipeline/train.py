@@ -40,6 +40,17 @@ def run(args: argparse.Namespace) -> int:
         register=config.register,
     )
     log.info("MLflow run %s%s", run_id, f"; registered {MODEL_NAME} v{version} @candidate" if version else "")
+    if version:
+        from speckv.serving_registry import GENERATOR_NAME, register_generator
+
+        # the default pair serving this predictor (pinned to the version just registered); nothing loads here
+        _, served = register_generator(
+            f"models:/{MODEL_NAME}@candidate",
+            uri=config.tracking_uri,
+            experiment=config.experiment,
+            artifact_location=config.artifact_location,
+        )
+        log.info("registered %s v%s @candidate (serves %s v%s)", GENERATOR_NAME, served, MODEL_NAME, version)
     return 0
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from speckv.data.models import DRAFT_DIRNAME, MARKER, TARGET_DIRNAME, checkout_root, models_dir
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.models import resolve_source
