@@ -11,6 +11,9 @@ The public surface below is imported lazily, so `import speckv` stays cheap unti
     pair = speckv.load_pair("default", "default", compression="fp32")
     speckv.generate(pair, "Explain KV caches.", controller="mlp:artifacts/predictor/export").text
     target.generate(**inputs, custom_generate=speckv.assisted(draft, "mlp:artifacts/predictor/export"))
+
+`speckv.assisted(draft, controller)` (speckv/hf.py) plugs the same loop and controllers into transformers'
+`generate()` as its `custom_generate`, in place of `assistant_model=draft`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ _PUBLIC = {
     "encode_prompt": "speckv.api",
     "Generation": "speckv.api",
     "SpeckvError": "speckv.profiling.errors",
+    "register_generator": "speckv.serving_registry",
+    "assisted": "speckv.hf",
 }
 
 __all__ = sorted(_PUBLIC)
