@@ -7,11 +7,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from speckv.data.models import resolve_model
 from speckv.profiling.controllers import CONTROLLER_SPECS, parse_controller
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.models import COMPRESSIONS, eos_ids, load_pair
+from speckv.profiling.models import COMPRESSIONS, eos_ids, load_pair, resolve_source
 
 from speckv.api import encode_prompt
 
@@ -70,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if controller.name != "none" and not args.draft:
         raise SpeckvError(f"controller {args.controller!r} needs --draft")
     draft = args.draft if controller.name != "none" else None
-    if draft is not None:  # a missing default draft fails here, before anything loads or downloads
-        resolve_model(draft, "draft")
+    if draft is not None:  # a missing named draft fails here, before anything loads or downloads
+        resolve_source(draft, "draft")
     pair = load_pair(
         args.target,
         draft,

@@ -7,19 +7,17 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from speckv.data.models import resolve_model
 from speckv.data.prompts import PromptsConfig, build_prompt_file, check_splits
 from speckv.pipeline.config import load_section
+from speckv.profiling.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     config = load_section(PromptsConfig, "prompts", args.params)
     check_splits()
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.target, "target"))
+    tokenizer = load_tokenizer(config.target)  # any model reference: a pair name, directory, .gguf or hub id
     rows = build_prompt_file(tokenizer, Path(config.out), config.chat, config.max_prompt_tokens, config.tasks)
     counts = Counter((r["task"], r["split"]) for r in rows)
     truncated = sum(r["truncated"] for r in rows)

@@ -21,14 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 _PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE_DIRS: dict[str, str] = _PYPROJECT["tool"]["setuptools"]["package-dir"]  # import name -> folder
 FOLDERS = tuple(sorted(PACKAGE_DIRS.values()))  # code folders at the repository root
-# Modules the engine reaches by name through entry points (speckv.profiling.plugins), never by an import.
-PLUGIN_MODULES = tuple(
-    sorted(
-        ref.split(":")[0]
-        for group in _PYPROJECT["project"].get("entry-points", {}).values()
-        for ref in group.values()
-    )
-)
+# Modules the engine reaches by name through entry points (speckv.profiling.plugins), never by an import:
+# per group, and per the constant a module passes to `plugins.find` (plugins.MODELS, plugins.CONTROLLERS).
+PLUGIN_GROUPS: dict[str, tuple[str, ...]] = {
+    group: tuple(sorted({ref.split(":")[0] for ref in refs.values()}))
+    for group, refs in _PYPROJECT["project"].get("entry-points", {}).items()
+}
+PLUGIN_CONSTANTS = {"plugins.MODELS": "speckv.models", "plugins.CONTROLLERS": "speckv.controllers"}
+PLUGIN_MODULES = tuple(sorted({m for mods in PLUGIN_GROUPS.values() for m in mods}))
 PLUGINS_MODULE = "speckv.profiling.plugins"
 
 
@@ -107,5 +107,15 @@ def file_imports(path: Path, plugins: bool = True) -> set[str]:
     tree = ast.parse(path.read_text())
     found = {m for node in walk(tree) for m in imports(node, package_of(path)) if module_file(m)}
     if plugins and PLUGINS_MODULE in found:
-        found |= set(PLUGIN_MODULES)
+        found |= plugin_modules(path.read_text())
     return found
+
+
+def plugin_modules(source: str) -> set[str]:
+    """Entry-point modules a module's source reaches: those of each group whose constant it names."""
+    return {
+        m
+        for const, group in PLUGIN_CONSTANTS.items()
+        if const in source
+        for m in PLUGIN_GROUPS.get(group, ())
+    }

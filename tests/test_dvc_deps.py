@@ -23,13 +23,13 @@ import pytest
 import yaml
 from repo_modules import (
     FOLDERS,
-    PLUGIN_MODULES,
     PLUGINS_MODULE,
     ROOT,
     imports,
     is_type_checking,
     module_file,
     package_of,
+    plugin_modules,
     rel,
     walk,
 )
@@ -126,12 +126,13 @@ def stage_imports(stage: str) -> set[str]:
         new = _files({name}) - left_out
         files |= new
         for path in new:
-            tree = ast.parse((ROOT / path).read_text())
+            tree_source = (ROOT / path).read_text()
+            tree = ast.parse(tree_source)
             found = [
                 m for node in walk(tree) for m in imports(node, package_of(ROOT / path)) if module_file(m)
             ]
             # the engine reaches entry-point modules by name (`mlp:` controllers, the `default` models)
-            queue += found + (list(PLUGIN_MODULES) if PLUGINS_MODULE in found else [])
+            queue += found + sorted(plugin_modules(tree_source) if PLUGINS_MODULE in found else ())
     for path in list(files):
         files.update(RESOURCES.get(path, ()))
     return files
