@@ -1,0 +1,139 @@
+"""Which fixed gamma a pair wants at each compression: exact replay of dense greedy traces under this
+machine's calibrated cost models (none, fixed:1..gamma_max, the hindsight oracle), per compression and task,
+plus acceptance by draft position.
+
+    speckv models fetch qwen-coder
+    python benchmarks/bench_gamma_by_compression.py --params benchmarks/qwen_coder_gamma.yaml
+
+Runs `speckv prompts`, `speckv calibrate` and `speckv profile` with the params file when their outputs are
+missing (`--rerun` forces them), then replays. Descriptive: the best gamma is read off the same traces it is
+scored on (no dev/test split) — the pipeline's evaluate stage is the honest comparison; this answers "where
+does the pair sit" in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from speckv.predictor.stats import paired_ratio
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.costmodel import CostModel
+from speckv.profiling.replay import load_traces, oracle, replay
+
+
+def run_stages(params: Path, config: dict, rerun: bool) -> None:
+    speckv = str(Path(sys.executable).with_name("speckv"))
+    outputs = {
+        "prompts": Path(config["prompts"]["out"]),
+        "calibrate": Path(config["calibrate"]["out_dir"]) / f"{config['calibrate']['compressions'][-1]}.json",
+        "profile": Path(config["profile"]["out_dir"]) / "traces",
+    }
+    for stage, out in outputs.items():
+        if rerun or not out.exists():
+            print(f"running speckv {stage} --params {params}", flush=True)
+            subprocess.run([speckv, stage, "--params", str(params)], check=True)
+
+
+def sweep(traces, costs, gamma_max: int) -> dict:
+    specs = ["none"] + [f"fixed:{k}" for k in range(1, gamma_max + 1)]
+    out = {}
+    for c in sorted(costs):
+        ts = [t for t in traces if t.compression == c]
+        rows = [
+            {
+                "compression": c,
+                "prompt_id": t.prompt_id,
+                "task": t.task,
+                "policy": s,
+                "new_tokens": r.new_tokens,
+                "model_ms": r.model_ms,
+            }
+            for s in specs
+            for t in ts
+            for r in [replay(parse_controller(s, gamma_max, c), t, costs[c])]
+        ]
+        rows += [
+            {
+                "compression": c,
+                "prompt_id": t.prompt_id,
+                "task": t.task,
+                "policy": "oracle",
+                "new_tokens": r.new_tokens,
+                "model_ms": r.model_ms,
+            }
+            for t in ts
+            for r in [oracle(t, costs[c])]
+        ]
+        frame = pd.DataFrame(rows)
+        pooled = frame.groupby("policy")[["new_tokens", "model_ms"]].sum()
+        rate = (1000 * pooled["new_tokens"] / pooled["model_ms"]).to_dict()
+        best = max(specs, key=rate.get)
+        by_task = {}
+        for task, g in frame.groupby("task"):
+            p = g.groupby("policy")[["new_tokens", "model_ms"]].sum()
+            r = (p["new_tokens"] / p["model_ms"]).drop("oracle")
+            by_task[task] = {"best": r.idxmax(), "best_vs_none": float(r.max() / r["none"])}
+        match = np.concatenate([t.match_len for t in ts])
+        out[c] = {
+            "traces": len(ts),
+            "positions": int(len(match)),
+            "target_ms": costs[c][0],
+            "draft_ms": costs[c].draft_ms,
+            "tokens_per_s": {k: round(v, 3) for k, v in rate.items()},
+            "best_fixed": best,
+            "best_vs_none": paired_ratio(frame, best, "none", time_col="model_ms").as_dict(),
+            "fixed4_vs_none": paired_ratio(frame, "fixed:4", "none", time_col="model_ms").as_dict(),
+            "oracle_vs_best": paired_ratio(frame, "oracle", best, time_col="model_ms").as_dict(),
+            "accepted_at_least": [round(float((match >= j).mean()), 3) for j in range(1, gamma_max + 1)],
+            "best_by_task": by_task,
+        }
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("benchmarks/qwen_coder_gamma.yaml"))
+    parser.add_argument(
+        "--rerun", action="store_true", help="rerun prompts/calibrate/profile even if present"
+    )
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    config = yaml.safe_load(args.params.read_text())
+    run_stages(args.params, config, args.rerun)
+    gamma_max = int(config["profile"]["gamma_max"])
+    traces = load_traces(Path(config["profile"]["out_dir"]) / "traces")
+    cal = Path(config["calibrate"]["out_dir"])
+    costs = {
+        c: CostModel.load(cal / f"{c}.json").step_costs(gamma_max)
+        for c in sorted({t.compression for t in traces})
+    }
+    result = sweep(traces, costs, gamma_max)
+    for c, v in result.items():
+        ci = v["best_vs_none"]
+        print(
+            f"{c}: target-alone step {v['target_ms']:.0f} ms, draft {v['draft_ms']:.0f} ms/token; best fixed "
+            f"{v['best_fixed']} = {ci['ratio']:.3f}x none [{ci['low']:.3f}, {ci['high']:.3f}]; fixed:4 "
+            f"{v['fixed4_vs_none']['ratio']:.3f}x none; oracle {v['oracle_vs_best']['ratio']:.3f}x best "
+            f"({v['traces']} traces, {v['positions']} positions)"
+        )
+        print(f"    accepted at least j drafted tokens, j=1..{gamma_max}: {v['accepted_at_least']}")
+        print(
+            "    best by task: "
+            + ", ".join(
+                f"{t}: {b['best']} ({b['best_vs_none']:.2f}x none)" for t, b in v["best_by_task"].items()
+            )
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
