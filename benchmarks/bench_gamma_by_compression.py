@@ -6,7 +6,11 @@ plus acceptance by draft position.
     python benchmarks/bench_gamma_by_compression.py --params benchmarks/qwen_coder_gamma.yaml
 
 Runs `speckv prompts`, `speckv calibrate` and `speckv profile` with the params file when their outputs are
-missing (`--rerun` forces them), then replays. Descriptive: the best gamma is read off the same traces it is
+missing (`--rerun` forces them), then replays. `--draft-compression int8|nf4|same` compresses the draft too
+(the pipeline compresses the target only): the benchmark then loads each pair itself, calibrates and traces
+the params' test prompts with the library functions the stages call, and keeps nothing on disk. A quantized
+draft's teacher-forced batched passes may differ in the last bits from its one-token decoding: acceptance
+stays exact for the tokens traced, the draft's own tokens could differ rarely from a live run's. Descriptive: the best gamma is read off the same traces it is
 scored on (no dev/test split) — the pipeline's evaluate stage is the honest comparison; this answers "where
 does the pair sit" in minutes.
 """
@@ -39,6 +43,67 @@ def run_stages(params: Path, config: dict, rerun: bool) -> None:
         if rerun or not out.exists():
             print(f"running speckv {stage} --params {params}", flush=True)
             subprocess.run([speckv, stage, "--params", str(params)], check=True)
+
+
+def measure_with_compressed_draft(config: dict, draft_compression: str) -> tuple[list, dict]:
+    """Traces and cost models of the params' pair with the draft loaded at `draft_compression` (`same`: the
+    target's), per target compression, measured in this process."""
+    import torch
+    from speckv.data.prompts import load_prompt_file
+    from speckv.profiling import kernels
+    from speckv.profiling.calibrate import calibrate
+    from speckv.profiling.invariant import install as install_rowwise
+    from speckv.profiling.invariant import needs_rowwise
+    from speckv.profiling.models import eos_ids, load_model, load_tokenizer, pick_device
+    from speckv.profiling.replay import traces_from_frame
+    from speckv.profiling.traces import batched_traces
+
+    cal, prof = config["calibrate"], config["profile"]
+    torch.set_num_threads(int(prof["threads"]))
+    device = pick_device(prof["device"])
+    context = load_prompt_file(Path(cal["prompts"]), splits=["dev"], per_task=1)[0]["input_ids"]
+    tests = load_prompt_file(
+        Path(prof["prompts"]), splits=["test"], per_task=int(prof["trace_per_task"]["test"])
+    )
+    tokenizer = load_tokenizer(prof["target"])
+    frames, costs = [], {}
+    for compression in prof["compressions"]:
+        target = load_model(prof["target"], "target", device, compression)
+        draft = load_model(
+            prof["draft"], "draft", device, compression if draft_compression == "same" else draft_compression
+        )
+        if needs_rowwise(compression, device):
+            install_rowwise(target)
+        if prof["cpu_kernels"] and device.type == "cpu":
+            for model in (target, draft):
+                kernels.install(model)
+        print(f"{compression} target, {draft_compression} draft: calibrating and tracing", flush=True)
+        costs[compression] = calibrate(
+            target,
+            draft,
+            compression,
+            context,
+            int(prof["gamma_max"]),
+            int(cal["repeats"]),
+            int(cal["warmup"]),
+        ).step_costs(int(prof["gamma_max"]))
+        runs = [
+            {"prompt_id": p["prompt_id"], "task": p["task"], "split": "test", "compression": compression}
+            for p in tests
+        ]
+        tables = batched_traces(
+            target,
+            draft,
+            [p["input_ids"] for p in tests],
+            int(prof["gamma_max"]),
+            int(prof["max_new_tokens"]),
+            eos_ids(tokenizer, target),
+            runs,
+            batch_size=int(prof["trace_batch"]),
+        )
+        frames += [t.to_pandas() for t in tables]
+        del target, draft
+    return traces_from_frame(pd.concat(frames, ignore_index=True)), costs
 
 
 def sweep(traces, costs, gamma_max: int) -> dict:
@@ -104,16 +169,24 @@ def main() -> int:
         "--rerun", action="store_true", help="rerun prompts/calibrate/profile even if present"
     )
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--draft-compression",
+        choices=["int8", "nf4", "same"],
+        help="compress the draft too (default: its own dtype, as the pipeline runs it)",
+    )
     args = parser.parse_args()
     config = yaml.safe_load(args.params.read_text())
-    run_stages(args.params, config, args.rerun)
     gamma_max = int(config["profile"]["gamma_max"])
-    traces = load_traces(Path(config["profile"]["out_dir"]) / "traces")
-    cal = Path(config["calibrate"]["out_dir"])
-    costs = {
-        c: CostModel.load(cal / f"{c}.json").step_costs(gamma_max)
-        for c in sorted({t.compression for t in traces})
-    }
+    if args.draft_compression:
+        traces, costs = measure_with_compressed_draft(config, args.draft_compression)
+    else:
+        run_stages(args.params, config, args.rerun)
+        traces = load_traces(Path(config["profile"]["out_dir"]) / "traces")
+        cal = Path(config["calibrate"]["out_dir"])
+        costs = {
+            c: CostModel.load(cal / f"{c}.json").step_costs(gamma_max)
+            for c in sorted({t.compression for t in traces})
+        }
     result = sweep(traces, costs, gamma_max)
     for c, v in result.items():
         ci = v["best_vs_none"]
