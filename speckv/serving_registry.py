@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from speckv.predictor.runtime import META_FILE
+from speckv.predictor.runtime import MODELS_URI_PREFIX as MODELS_URI
 from speckv.profiling.errors import SpeckvError
 
 GENERATOR_NAME = "speckv-generator"
 SERVING_CODE = Path(__file__).with_name("serving.py")  # the pyfunc model from code, loaded by MLflow by path
-MODELS_URI = "models:/"
 PROMPT = "prompt"  # the one input column
 # Output columns of predict, one row per prompt, with their MLflow types.
 OUTPUT_COLUMNS = {
@@ -223,8 +224,8 @@ def resolve_predictor(ref: str, uri: str) -> dict[str, str | None]:
     """Config fields for the predictor `ref`: a registry URI pinned to its version, or an export directory."""
     if not ref.startswith(MODELS_URI):
         path = Path(ref).expanduser().resolve()
-        if not (path / "model.json").is_file():
-            raise SpeckvError(f"no predictor export at {ref} (expected a directory with model.json)")
+        if not (path / META_FILE).is_file():
+            raise SpeckvError(f"no predictor export at {ref} (expected a directory with {META_FILE})")
         return {"controller": f"mlp:{path}", "predictor": str(path)}
     body = ref[len(MODELS_URI) :]
     name, alias, version = body, None, None

@@ -28,7 +28,6 @@ PLUGIN_GROUPS: dict[str, tuple[str, ...]] = {
     for group, refs in _PYPROJECT["project"].get("entry-points", {}).items()
 }
 PLUGIN_CONSTANTS = {"plugins.MODELS": "speckv.models", "plugins.CONTROLLERS": "speckv.controllers"}
-PLUGIN_MODULES = tuple(sorted({m for mods in PLUGIN_GROUPS.values() for m in mods}))
 PLUGINS_MODULE = "speckv.profiling.plugins"
 
 
