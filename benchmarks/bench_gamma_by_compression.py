@@ -50,33 +50,28 @@ def measure_with_compressed_draft(config: dict, draft_compression: str) -> tuple
     target's), per target compression, measured in this process."""
     import torch
     from speckv.data.prompts import load_prompt_file
-    from speckv.profiling import kernels
     from speckv.profiling.calibrate import calibrate
-    from speckv.profiling.invariant import install as install_rowwise
-    from speckv.profiling.invariant import needs_rowwise
-    from speckv.profiling.models import eos_ids, load_model, load_tokenizer, pick_device
+    from speckv.profiling.models import eos_ids, load_pair
     from speckv.profiling.replay import traces_from_frame
     from speckv.profiling.traces import batched_traces
 
     cal, prof = config["calibrate"], config["profile"]
     torch.set_num_threads(int(prof["threads"]))
-    device = pick_device(prof["device"])
     context = load_prompt_file(Path(cal["prompts"]), splits=["dev"], per_task=1)[0]["input_ids"]
     tests = load_prompt_file(
         Path(prof["prompts"]), splits=["test"], per_task=int(prof["trace_per_task"]["test"])
     )
-    tokenizer = load_tokenizer(prof["target"])
     frames, costs = [], {}
     for compression in prof["compressions"]:
-        target = load_model(prof["target"], "target", device, compression)
-        draft = load_model(
-            prof["draft"], "draft", device, compression if draft_compression == "same" else draft_compression
+        pair = load_pair(
+            prof["target"],
+            prof["draft"],
+            compression,
+            prof["device"],
+            prof["cpu_kernels"],
+            draft_compression=compression if draft_compression == "same" else draft_compression,
         )
-        if needs_rowwise(compression, device):
-            install_rowwise(target)
-        if prof["cpu_kernels"] and device.type == "cpu":
-            for model in (target, draft):
-                kernels.install(model)
+        target, draft = pair.target, pair.draft
         print(f"{compression} target, {draft_compression} draft: calibrating and tracing", flush=True)
         costs[compression] = calibrate(
             target,
@@ -97,12 +92,12 @@ def measure_with_compressed_draft(config: dict, draft_compression: str) -> tuple
             [p["input_ids"] for p in tests],
             int(prof["gamma_max"]),
             int(prof["max_new_tokens"]),
-            eos_ids(tokenizer, target),
+            eos_ids(pair.tokenizer, target),
             runs,
             batch_size=int(prof["trace_batch"]),
         )
         frames += [t.to_pandas() for t in tables]
-        del target, draft
+        del pair, target, draft
     return traces_from_frame(pd.concat(frames, ignore_index=True)), costs
 
 

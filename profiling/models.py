@@ -167,9 +167,11 @@ def load_pair(
     compression: str = "fp32",
     device: str | None = None,
     cpu_kernels: bool = True,
+    draft_compression: str | None = None,
 ) -> ModelPair:
     """Target at `compression`, draft (optional) at its own dtype, refusing pairs with different vocabularies.
 
+    `draft_compression` loads the draft compressed too (None: its own dtype, as the pipeline runs it).
     `cpu_kernels` routes fp32 linear layers on CPU through few-row kernels (profiling/kernels.py) in both
     models; every policy, the target-alone baseline and transformers' generate share them."""
     if compression not in COMPRESSIONS:
@@ -180,7 +182,7 @@ def load_pair(
     if compression == "fp16" and dev.type == "cpu":
         log.warning("fp16 on CPU is slow and less exact; fp32 or bf16 suit a CPU better")
     target_model = load_model(target, "target", dev, compression)
-    draft_model = load_model(draft, "draft", dev) if draft else None
+    draft_model = load_model(draft, "draft", dev, draft_compression) if draft else None
     if draft_model is not None:
         tv, dv = vocab_size(target_model), vocab_size(draft_model)
         if tv != dv:
