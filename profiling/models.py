@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from speckv.profiling import plugins
 from speckv.profiling.errors import SpeckvError
+from speckv.profiling.feature_draft import check_target, is_feature_draft_dir, load_feature_draft
 from speckv.profiling.invariant import install as install_rowwise
 from speckv.profiling.invariant import needs_rowwise
 
@@ -56,6 +57,8 @@ def resolve_source(ref: str, role: str) -> ModelSource:
             raise SpeckvError(f"{role} GGUF file not found: {ref}")
         return ModelSource(ref, str(path.parent), path.name)
     if path.exists():
+        if path.is_dir() and role == "draft" and is_feature_draft_dir(path):
+            return ModelSource(ref, str(path))
         if not path.is_dir() or not (path / "config.json").is_file():
             raise SpeckvError(f"{role} {ref!r} is not a transformers model directory (no config.json)")
         return ModelSource(ref, str(path))
@@ -110,6 +113,13 @@ def load_model(ref: str, role: str, device: torch.device, compression: str | Non
     from transformers import AutoModelForCausalLM
 
     source = resolve_source(ref, role)
+    if role == "draft" and is_feature_draft_dir(source.path):
+        if compression is not None:
+            raise SpeckvError(
+                f"the feature draft {ref!r} runs at its own dtype; it cannot be loaded at {compression}"
+            )
+        log.info("loading feature draft %s", source.ref)
+        return load_feature_draft(source.path, device)
     kwargs: dict = {"trust_remote_code": False}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
@@ -147,6 +157,8 @@ def load_tokenizer(ref: str):
 
 
 def vocab_size(model) -> int:
+    if getattr(model, "is_feature_draft", False):
+        return model.config.vocab_size
     return int(model.get_output_embeddings().weight.shape[0])
 
 
@@ -190,6 +202,8 @@ def load_pair(
                 f"draft and target do not share a vocabulary: target {target!r} has {tv} tokens, "
                 f"draft {draft!r} has {dv}"
             )
+        if getattr(draft_model, "is_feature_draft", False):
+            check_target(draft_model, target_model)
     if needs_rowwise(compression, dev):
         install_rowwise(target_model)
         log.info("%s target on %s: row-wise attention, so verifying equals decoding", compression, dev.type)

@@ -24,17 +24,15 @@ import pyarrow as pa
 import torch
 from speckv.profiling.controllers import NoDraft
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.feature_traces import (
+    feature_draft_path,
+    feature_draft_path_incremental,
+    target_features,
+)
 from speckv.profiling.schema import TRACE_SCHEMA
 from speckv.profiling.signals import SIGNALS, distribution_signals, target_signals
+from speckv.profiling.trace_types import DraftPath, match_length
 from transformers import DynamicCache
-
-
-def match_length(drafted: list[int], continuation: list[int]) -> int:
-    """Leading drafted tokens equal to the target's continuation from the same position."""
-    n = 0
-    while n < len(drafted) and n < len(continuation) and drafted[n] == continuation[n]:
-        n += 1
-    return n
 
 
 @dataclass
@@ -45,15 +43,6 @@ class Continuation:
     tokens: list[int]
     target_top1: list[float]
     target_entropy: list[float]
-
-
-@dataclass
-class DraftPath:
-    """The draft's greedy gamma_max tokens and their signals at every position of a continuation."""
-
-    draft_tokens: list[list[int]]
-    match_len: list[int]
-    signals: list[list[tuple[float, ...]]]  # [position][draft index] -> SIGNALS values
 
 
 def _stack_left_padded(caches: list[DynamicCache], n_layers: int) -> tuple[DynamicCache, list[int]]:
@@ -297,7 +286,11 @@ def dense_trace(
 ) -> pa.Table:
     """The incremental reference trace of one prompt (TRACE_SCHEMA rows)."""
     continuation = continuation_incremental(target, prompt_ids, max_new_tokens, eos_token_ids)
-    path = draft_path_incremental(draft, prompt_ids, continuation.tokens, gamma_max)
+    if getattr(draft, "is_feature_draft", False):
+        features = target_features(target, list(prompt_ids) + continuation.tokens)
+        path = feature_draft_path_incremental(draft, features, prompt_ids, continuation.tokens, gamma_max)
+    else:
+        path = draft_path_incremental(draft, prompt_ids, continuation.tokens, gamma_max)
     return trace_table(run, continuation, path, len(prompt_ids))
 
 
@@ -314,10 +307,15 @@ def batched_traces(
     """Trace tables of many prompts: batched target continuations, teacher-forced draft paths."""
     continuations = target_continuations(target, prompts, max_new_tokens, eos_token_ids, batch_size)
     tracer = tracing_copy(draft)
-    return [
-        trace_table(run, c, draft_path(tracer, ids, c.tokens, gamma_max), len(ids))
-        for ids, c, run in zip(prompts, continuations, runs, strict=True)
-    ]
+    tables = []
+    for ids, c, run in zip(prompts, continuations, runs, strict=True):
+        if getattr(draft, "is_feature_draft", False):
+            features = target_features(target, list(ids) + c.tokens)
+            path = feature_draft_path(tracer, features, ids, c.tokens, gamma_max)
+        else:
+            path = draft_path(tracer, ids, c.tokens, gamma_max)
+        tables.append(trace_table(run, c, path, len(ids)))
+    return tables
 
 
 def tracing_copy(draft):

@@ -58,6 +58,18 @@ def tiny_target(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
     return model.eval()
 
 
+def mostly_bigram_target(seed: int = 0, vocab_size: int = 128, mixing: float = 0.02) -> LlamaForCausalLM:
+    """A tiny target whose next token depends mostly on the current one: its layers write into the residual
+    stream at `mixing` scale, so a one-layer feature draft can learn it in a few steps (a random target's
+    continuations carry no pattern a draft could learn)."""
+    model = tiny_target(seed, vocab_size)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(mixing)
+            layer.mlp.down_proj.weight.mul_(mixing)
+    return model
+
+
 def perturbed_draft(target: LlamaForCausalLM, noise: float, seed: int = 1) -> LlamaForCausalLM:
     """A draft that agrees with `target` often but not always: its weights plus Gaussian noise."""
     draft = LlamaForCausalLM(copy.deepcopy(target.config))
@@ -78,3 +90,27 @@ def save_pair(root: Path, noise: float = 0.04, vocab_size: int = 128) -> tuple[P
         model.save_pretrained(path)
         tok.save_pretrained(path)
     return paths
+
+
+def trained_feature_draft(
+    target: LlamaForCausalLM, steps: int = 150, head_size: int = 96, seed: int = 0, prompts: int = 256
+):
+    """A feature draft for `target` trained a few steps on the target's own greedy responses to random
+    prompts (its restricted head keeps `head_size` of the vocabulary, so -inf rows are exercised)."""
+    from speckv.data.distill import DistillConfig
+    from speckv.data.feature_draft_training import build_feature_draft, train_feature_draft
+    from speckv.data.teacher import generate_batch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = [
+        {"input_ids": torch.randint(3, target.config.vocab_size, (8,), generator=gen).tolist()}
+        for _ in range(48)
+    ]
+    seqs = generate_batch(target, rows, max_new_tokens=24, pad_id=0, eos_id=EOS_ID)
+    counts = torch.bincount(torch.cat([s["tokens"].long() for s in seqs]), minlength=target.config.vocab_size)
+    vocab_ids = torch.sort(torch.argsort(counts, descending=True)[:head_size]).values
+    torch.manual_seed(seed)
+    draft = build_feature_draft(target, vocab_ids, 0, "tiny")
+    config = DistillConfig(lr=1e-2, batch_tokens=512, warmup_steps=10, train_autocast="float32", seed=seed)
+    train_feature_draft(draft, seqs, config, steps, feature_noise=0.0)
+    return draft.eval().requires_grad_(False)

@@ -1,0 +1,192 @@
+"""The feature-conditioned (EAGLE-style) draft: lossless in the one decode loop at every compression, its
+cache rolled back to the committed prefix, its batched dense traces equal to incremental drafting, saved and
+loaded like any draft."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.feature_draft import load_feature_draft
+from speckv.profiling.feature_traces import (
+    feature_draft_path,
+    feature_draft_path_incremental,
+    target_features,
+)
+from speckv.profiling.models import load_pair
+from speckv.profiling.traces import batched_traces, dense_trace, target_continuations
+from tiny import char_tokenizer, mostly_bigram_target, tiny_target, trained_feature_draft
+
+CONTROLLERS = ["none", "fixed:1", "fixed:4", "fixed:8", "heuristic", "threshold:0.4", "entropy:1.5"]
+PROMPTS = ["def add(a, b):", "The quick brown fox", "x = [i * i for i in range(10)]"]
+
+
+@pytest.fixture(scope="module")
+def feature_pair_dir(tmp_path_factory):
+    """(target_dir, feature_draft_dir) saved like real checkpoints."""
+    root = tmp_path_factory.mktemp("feature_pair")
+    target = mostly_bigram_target()  # a random target's continuations have no pattern a draft could learn
+    draft = trained_feature_draft(target)
+    target.save_pretrained(root / "target")
+    char_tokenizer().save_pretrained(root / "target")
+    draft.save(root / "draft")
+    return root / "target", root / "draft"
+
+
+def reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
+def test_greedy_is_lossless_for_every_controller(feature_pair_dir, compression):
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), compression, "cpu")
+    assert pair.draft.is_feature_draft
+    tokenizer = char_tokenizer()
+    accepted = rejected = 0
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        expected = reference(pair.target, ids, 24)
+        for spec in CONTROLLERS:
+            result = speculative_generate(
+                pair.target,
+                pair.draft,
+                ids,
+                parse_controller(spec, 8),
+                DecodeConfig(max_new_tokens=24),
+                compression,
+            )
+            assert result.token_ids == expected, f"{compression} {spec} {prompt!r}"
+            accepted += result.accepted
+            rejected += result.drafted - result.accepted
+    # both paths exercised, or the test proves nothing about rollback
+    assert accepted > 20 and rejected > 20
+
+
+def test_a_trained_head_drafts_better_than_chance(feature_pair_dir):
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), "fp32", "cpu")
+    ids = char_tokenizer()("The quick brown fox")["input_ids"]
+    result = speculative_generate(
+        pair.target, pair.draft, ids, parse_controller("fixed:1", 8), DecodeConfig(max_new_tokens=40)
+    )
+    assert result.acceptance_rate > 0.3  # chance over a 128-token vocabulary is < 0.01
+
+
+@pytest.mark.parametrize("gamma_max", [1, 4])
+def test_batched_feature_traces_equal_incremental_drafting(feature_pair_dir, gamma_max):
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), "fp32", "cpu")
+    for prompt in PROMPTS:
+        ids = char_tokenizer()(prompt)["input_ids"]
+        continuation = target_continuations(pair.target, [ids], 30, (2,))[0].tokens
+        features = target_features(pair.target, ids + continuation)
+        fast = feature_draft_path(pair.draft, features, ids, continuation, gamma_max)
+        slow = feature_draft_path_incremental(pair.draft, features, ids, continuation, gamma_max)
+        assert fast.draft_tokens == slow.draft_tokens
+        assert fast.match_len == slow.match_len
+        np.testing.assert_allclose(np.array(fast.signals), np.array(slow.signals), atol=1e-4)
+        assert sum(fast.match_len) > 0
+
+
+def test_decode_loop_drafts_what_the_trace_says(feature_pair_dir):
+    """Every step's drafted tokens, after any number of rejections, equal the trace's drafts at that position:
+    the draft's cache holds exactly the committed prefix (target features), never stale drafted entries."""
+    from speckv.profiling.recorder import TableRecorder
+
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), "fp32", "cpu")
+    ids = char_tokenizer()("x = [i * i for i in range(10)]")["input_ids"]
+    run = {"prompt_id": "p", "task": "code", "split": "test", "compression": "fp32"}
+    (trace,) = batched_traces(pair.target, pair.draft, [ids], 4, 40, (2,), [run])
+    trace = trace.to_pandas()
+    recorder = TableRecorder({**run, "controller": "fixed:4", "mode": "greedy"}, prompt_len=len(ids))
+    result = speculative_generate(
+        pair.target,
+        pair.draft,
+        ids,
+        parse_controller("fixed:4", 4),
+        DecodeConfig(max_new_tokens=40),
+        recorder=recorder,
+    )
+    assert result.drafted > result.accepted > 0
+    tokens = recorder.token_table().to_pandas()
+    by_position = trace.set_index("position")
+    for _, row in tokens.iterrows():
+        step_start = row["position"] - row["draft_index"]
+        expected = by_position.loc[step_start, "draft_prob"][row["draft_index"]]
+        assert row["draft_prob"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_incremental_reference_trace_matches(feature_pair_dir):
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), "fp32", "cpu")
+    ids = char_tokenizer()("def add(a, b):")["input_ids"]
+    run = {"prompt_id": "p", "task": "code", "split": "test", "compression": "fp32"}
+    (fast,) = batched_traces(pair.target, pair.draft, [ids], 4, 30, (2,), [run])
+    slow = dense_trace(pair.target, pair.draft, ids, 4, 30, (2,), run)
+    assert fast.column("draft_tokens").to_pylist() == slow.column("draft_tokens").to_pylist()
+    assert fast.column("match_len").to_pylist() == slow.column("match_len").to_pylist()
+
+
+@pytest.mark.slow  # ~1 min: 1,500 sampled generations for the chi-square test
+def test_sampled_sequences_follow_the_target():
+    """The law of the first two generated tokens equals the target's, with a restricted-head feature draft."""
+    from scipy.stats import chisquare
+
+    vocab = 32
+    target = mostly_bigram_target(vocab_size=vocab)
+    draft = trained_feature_draft(target, steps=60, head_size=24)
+    ids = [5, 9, 13]
+    with torch.no_grad():
+        first = torch.softmax(target(torch.tensor([ids])).logits[0, -1], -1)
+        second_given = torch.softmax(
+            target(torch.tensor([ids + [t] for t in range(vocab)])).logits[:, -1], -1
+        )
+    law = (first[:, None] * second_given).double().numpy()
+    law /= law.sum()
+    runs = 1500
+    counts = np.zeros((vocab, vocab))
+    controller = parse_controller("fixed:3", 8)
+    for seed in range(runs):
+        result = speculative_generate(
+            target, draft, ids, controller, DecodeConfig(max_new_tokens=2, temperature=1.0, seed=seed)
+        )
+        counts[result.token_ids[0], result.token_ids[1]] += 1
+    expected = law * runs
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    assert chisquare(obs, exp).pvalue > 0.001
+
+
+def test_feature_draft_refuses_another_target(feature_pair_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+    from tiny import tiny_config
+
+    _, draft_dir = feature_pair_dir
+    config = tiny_config(hidden=128)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
+    char_tokenizer().save_pretrained(tmp_path / "wide")
+    with pytest.raises(SpeckvError, match="hidden size 64"):
+        load_pair(str(tmp_path / "wide"), str(draft_dir), "fp32", "cpu")
+    target_dir, _ = feature_pair_dir
+    with pytest.raises(SpeckvError, match="own dtype"):
+        load_pair(str(target_dir), str(draft_dir), "fp32", "cpu", draft_compression="int8")
+
+
+def test_save_and_load_round_trip(feature_pair_dir):
+    _, draft_dir = feature_pair_dir
+    draft = load_feature_draft(draft_dir, torch.device("cpu"))
+    again = load_feature_draft(draft_dir, torch.device("cpu"))
+    for (name, a), (_, b) in zip(draft.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    broken = draft_dir.parent / "broken"
+    broken.mkdir()
+    (broken / "feature_draft.json").write_text("{}")
+    with pytest.raises(SpeckvError, match="cannot load the feature draft"):
+        load_feature_draft(broken, torch.device("cpu"))
