@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from speckv.profiling.controllers import Controller, StepContext, draft_budget, submitted
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.feature_draft import FeatureCache
+from speckv.profiling.feature_draft import FeatureCache, TargetFeatures, forward_with_features
 from speckv.profiling.models import synchronize
 from speckv.profiling.signals import RECENT_TOKENS, TokenSignals, distribution_signals, target_signals
 from transformers import DynamicCache
@@ -150,41 +150,6 @@ def _forward(model, ids: list[int], cache: DynamicCache, device: torch.device, a
     return out.logits[0] if all_logits else out.logits[0, -1]
 
 
-def _forward_features(model, ids: list[int], cache: DynamicCache, device: torch.device, all_logits: bool):
-    """`_forward` that also returns the final (normed) hidden state of every fed position, [len(ids), H]:
-    the features a feature draft reads. The head is applied here, as the model's own forward applies it."""
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    hidden = model.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
-    logits = model.get_output_embeddings()(hidden if all_logits else hidden[-1:])
-    return (logits if all_logits else logits[-1]), hidden
-
-
-class _Features:
-    """The target's features of committed positions that a feature draft has not read yet.
-
-    Invariant: features of positions 0 .. n-2 are known when n tokens are committed (the last token's
-    feature comes with the next verify); rows before `start` were read and are dropped."""
-
-    def __init__(self, hidden_size: int, device: torch.device) -> None:
-        self.rows = torch.zeros(0, hidden_size, device=device)
-        self.start = 0  # position of rows[0]
-
-    def extend(self, rows: torch.Tensor) -> None:
-        self.rows = torch.cat([self.rows, rows.float()])
-
-    def inputs(self, first: int, end: int) -> torch.Tensor:
-        """Input features of positions first..end-1: f_{j-1} for position j, zeros for position 0."""
-        rows = self.rows[max(first - 1, 0) - self.start : end - 1 - self.start]
-        if first == 0:
-            rows = torch.cat([rows.new_zeros(1, rows.shape[1]), rows])
-        return rows
-
-    def drop_before(self, position: int) -> None:
-        if position > self.start:
-            self.rows = self.rows[position - self.start :]
-            self.start = position
-
-
 def _truncate(cache: DynamicCache, length: int) -> None:
     """Drop cached positions beyond `length` (DynamicCache.crop takes a negative count in transformers 5)."""
     excess = cache.get_seq_length() - length
@@ -253,7 +218,7 @@ def speculative_generate(
     wants_target = controller.needs_target_signals or recorder is not None
     # a feature draft reads the target's final hidden states, which every target forward then returns
     feature_draft = getattr(draft, "is_feature_draft", False)
-    target_forward = _forward_features if feature_draft else _forward
+    target_forward = forward_with_features if feature_draft else _forward
 
     synchronize(device)
     start = time.perf_counter()
@@ -263,7 +228,7 @@ def speculative_generate(
         draft_cache = None
     else:
         draft_cache = FeatureCache() if feature_draft else DynamicCache(config=draft.config)
-    features = _Features(target.config.hidden_size, device) if feature_draft else None
+    features = TargetFeatures(target.config.hidden_size, device) if feature_draft else None
     confidence = (float("nan"), float("nan"))  # the target's (top1, entropy) where it chose tokens[-1]
     recent: deque[float] = deque(maxlen=RECENT_TOKENS)  # its top-1 for the last committed tokens
     if len(tokens) > 1:

@@ -223,6 +223,42 @@ class FeatureDraft(nn.Module):
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def forward_with_features(model, ids: list[int], cache, device: torch.device, all_logits: bool):
+    """The decode loop's target forward (`decode._forward`) that also returns the final (normed) hidden state
+    of every fed position, [len(ids), H]: the features a feature draft reads. The head is applied here, as
+    the model's own forward applies it (Llama-style targets: logits = head(final hidden))."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    hidden = model.model(input_ids=input_ids, past_key_values=cache, use_cache=True).last_hidden_state[0]
+    logits = model.get_output_embeddings()(hidden if all_logits else hidden[-1:])
+    return (logits if all_logits else logits[-1]), hidden
+
+
+class TargetFeatures:
+    """The target's features of committed positions that a feature draft has not read yet.
+
+    Invariant: features of positions 0 .. n-2 are known when n tokens are committed (the last token's
+    feature comes with the next verify); rows before `start` were read and are dropped."""
+
+    def __init__(self, hidden_size: int, device: torch.device) -> None:
+        self.rows = torch.zeros(0, hidden_size, device=device)
+        self.start = 0  # position of rows[0]
+
+    def extend(self, rows: torch.Tensor) -> None:
+        self.rows = torch.cat([self.rows, rows.float()])
+
+    def inputs(self, first: int, end: int) -> torch.Tensor:
+        """Input features of positions first..end-1: f_{j-1} for position j, zeros for position 0."""
+        rows = self.rows[max(first - 1, 0) - self.start : end - 1 - self.start]
+        if first == 0:
+            rows = torch.cat([rows.new_zeros(1, rows.shape[1]), rows])
+        return rows
+
+    def drop_before(self, position: int) -> None:
+        if position > self.start:
+            self.rows = self.rows[position - self.start :]
+            self.start = position
+
+
 def is_feature_draft_dir(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
