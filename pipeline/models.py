@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from speckv.data.distill import DistillConfig, distill
+from speckv.data.feature_distill import FEATURE_DRAFT_DIRNAME, distill_features
 from speckv.data.models import DRAFT_DIRNAME, fetch_target, models_dir
 from speckv.data.pairs import PAIRS, fetch_pair
 from speckv.pipeline.config import load_section
@@ -36,6 +37,24 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_distill_features(args: argparse.Namespace) -> int:
+    config = load_section(DistillConfig, "distill", args.params)
+    root = models_dir()
+    out = Path(args.out) if args.out else root / FEATURE_DRAFT_DIRNAME
+    distill_features(
+        fetch_target(root),
+        PROMPT_FILE,
+        out,
+        TEACHER_FILE,
+        config,
+        args.steps,
+        args.feature_noise,
+        args.init_layer,
+    )
+    print(out)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("models", help="fetch a named model pair or distil the default draft")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -60,3 +79,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     dist.add_argument("--params", default="params.yaml", help="params file (section `distill:`)")
     dist.set_defaults(func=run_distill)
+    feat = actions.add_parser(
+        "distill-features",
+        help="distil a feature-conditioned (EAGLE-style) draft for the default target",
+        description="Train a one-layer draft that reads the target's final hidden states, from the distill "
+        "stage's teacher cache and settings (section `distill:`), into the models dir (draft-features). "
+        "Use it with `--draft <dir>`; the pipeline's default draft stays the standalone one.",
+    )
+    feat.add_argument("--params", default="params.yaml", help="params file (section `distill:`)")
+    feat.add_argument("--steps", type=int, default=2000, help="AdamW steps (default 2000: ~0.25 s each here)")
+    feat.add_argument("--feature-noise", type=float, default=0.0, help="uniform noise on input features")
+    feat.add_argument("--init-layer", type=int, default=0, help="target layer the draft layer starts from")
+    feat.add_argument("--out", default=None, help="output directory (default: <models dir>/draft-features)")
+    feat.set_defaults(func=run_distill_features)

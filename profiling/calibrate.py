@@ -14,6 +14,7 @@ import torch
 from speckv.profiling.controllers import FixedGamma
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.feature_draft import FeatureCache
 from speckv.profiling.models import synchronize, vocab_size
 from speckv.profiling.recorder import TableRecorder
 from transformers import DynamicCache
@@ -63,6 +64,23 @@ def forward_ms(model, context: list[int], n_tokens: int, repeats: int, warmup: i
 
 
 @torch.inference_mode()
+def draft_ms_per_token(draft, context: list[int], repeats: int, warmup: int) -> float:
+    """Median ms of one drafted token after a cached `context`, as the decode loop drafts it (a feature draft:
+    one `step` reading a feature; a standalone draft: one 1-token forward)."""
+    if not getattr(draft, "is_feature_draft", False):
+        return forward_ms(draft, context, 1, repeats, warmup)
+    cache = FeatureCache()
+    features = torch.zeros(len(context), draft.config.hidden_size, device=draft.device)
+    draft.step(context, features, cache)
+
+    def once() -> None:
+        draft.step(context[-1:], features[-1:], cache)
+        cache.crop(len(context))
+
+    return _median_ms(once, repeats, warmup, draft.device)
+
+
+@torch.inference_mode()
 def signal_costs_ms(draft, target, repeats: int, warmup: int) -> tuple[float, float]:
     """What signal-driven controllers add to the forwards: the draft's signals of one drafted token (softmax,
     top-2, entropy over its vocabulary, as the decode loop computes them), and the target's confidence in the
@@ -95,7 +113,7 @@ def calibrate(
     loop_tokens: int = 48,
 ) -> CostModel:
     """A CostModel measured with `context` (prompt token ids) as the cached prefix."""
-    draft_ms = forward_ms(draft, context, 1, repeats, warmup)
+    draft_ms = draft_ms_per_token(draft, context, repeats, warmup)
     raw_verify_ms = [forward_ms(target, context, k + 1, repeats, warmup) for k in range(gamma_max + 1)]
     verify_ms = monotone(raw_verify_ms)
     run = {

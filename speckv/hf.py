@@ -56,6 +56,7 @@ from speckv.profiling import plugins
 from speckv.profiling.controllers import Controller, parse_controller
 from speckv.profiling.decode import DecodeConfig, GenerationResult, speculative_generate
 from speckv.profiling.errors import SpeckvError
+from speckv.profiling.feature_draft import check_target
 from speckv.profiling.invariant import NAME as ROWWISE
 from speckv.profiling.invariant import install as install_rowwise
 from speckv.profiling.invariant import needs_rowwise
@@ -285,6 +286,11 @@ class AssistedGenerate:
                 raise GenerateError(
                     f"draft on {self.draft.device} but target on {model.device}: use one device"
                 )
+            if getattr(self.draft, "is_feature_draft", False):
+                try:
+                    check_target(self.draft, model)
+                except SpeckvError as exc:
+                    raise GenerateError(str(exc)) from exc
 
     @staticmethod
     def _sampling(config, processors) -> tuple[float, int, float]:

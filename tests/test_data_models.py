@@ -369,3 +369,39 @@ def test_distill_rejects_a_bad_dtype_before_loading_anything(tmp_path: Path) -> 
             tmp_path / "t.pt",
             DistillConfig(teacher_dtype="int8"),
         )
+
+
+def test_distill_features_tiny_target_writes_a_loadable_feature_draft(tmp_path: Path) -> None:
+    from speckv.data.feature_distill import distill_features
+    from speckv.profiling.controllers import parse_controller
+    from speckv.profiling.decode import DecodeConfig, speculative_generate
+    from speckv.profiling.models import load_pair
+
+    target_dir = tiny_target(tmp_path / "target")
+    prompts = tiny_prompt_file(tmp_path / "prompts.jsonl")
+    config = DistillConfig(
+        sequences_per_task=3,
+        dev_per_task=1,
+        test_per_task=1,
+        max_new_tokens=5,
+        gen_batch_size=2,
+        restricted_vocab=16,
+        batch_tokens=32,
+        warmup_steps=1,
+        threads=1,
+        save_dtype="float32",
+    )
+    out_dir = tmp_path / "models" / "draft-features"
+    metrics = distill_features(target_dir, prompts, out_dir, tmp_path / "teacher.pt", config, steps=3)
+    assert is_complete(out_dir) and metrics["kind"] == "feature" and metrics["steps"] == 3
+    assert set(metrics["agreement_test"]["per_task"]) == {"code", "math"}
+    assert metrics["cost_ratio"] > 0 and "First-token agreement" in (out_dir / "README.md").read_text()
+    pair = load_pair(str(target_dir), str(out_dir), "fp32", "cpu")
+    assert pair.draft.is_feature_draft and pair.draft.head_ids.numel() == 16
+    result = speculative_generate(
+        pair.target, pair.draft, [1, 5, 6, 7], parse_controller("fixed:3", 3), DecodeConfig(max_new_tokens=8)
+    )
+    assert result.new_tokens == 8 and result.drafted > 0
+    with pytest.raises(SpeckvError, match="init layer"):
+        distill_features(target_dir, prompts, out_dir, tmp_path / "teacher.pt", config, steps=3, init_layer=9)
+    assert is_complete(out_dir)  # a refused run leaves the finished draft alone

@@ -165,8 +165,8 @@ def test_sampled_sequences_follow_the_target():
 
 
 def test_feature_draft_refuses_another_target(feature_pair_dir, tmp_path):
-    from transformers import LlamaForCausalLM
     from tiny import tiny_config
+    from transformers import LlamaForCausalLM
 
     _, draft_dir = feature_pair_dir
     config = tiny_config(hidden=128)
@@ -190,3 +190,24 @@ def test_save_and_load_round_trip(feature_pair_dir):
     (broken / "feature_draft.json").write_text("{}")
     with pytest.raises(SpeckvError, match="cannot load the feature draft"):
         load_feature_draft(broken, torch.device("cpu"))
+
+
+def test_transformers_generate_with_a_feature_draft(feature_pair_dir):
+    """`target.generate(custom_generate=speckv.assisted(feature_draft, spec))` is the target's own greedy output."""
+    from speckv.hf import GenerateError, assisted
+
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), "fp32", "cpu")
+    inputs = char_tokenizer()("The quick brown fox", return_tensors="pt")
+    expected = pair.target.generate(**inputs, do_sample=False, max_new_tokens=24, pad_token_id=0)
+    for spec in ["fixed:4", "threshold:0.4+trim"]:
+        method = assisted(pair.draft, spec)
+        out = pair.target.generate(**inputs, max_new_tokens=24, pad_token_id=0, custom_generate=method)
+        assert torch.equal(out, expected), spec
+        assert method.last_result.accepted > 0
+    wide = tiny_target()
+    wide.config.hidden_size = 128  # what check_target reads; the forward never runs
+    with pytest.raises(GenerateError, match="hidden size"):
+        wide.generate(
+            **inputs, max_new_tokens=4, pad_token_id=0, custom_generate=assisted(pair.draft, "fixed:2")
+        )
