@@ -98,6 +98,11 @@ class DistillConfig:
     train_autocast: str = "auto"  # training autocast; auto: bf16 on native-bf16 CPUs; "float32": off
     save_dtype: str = "float16"  # halves the head's memory traffic: 1-token forward ~15 -> ~9 ms on this CPU
     threads: int = 2  # torch CPU threads; use 1 when other jobs share the cores (2 then ran 10x slower)
+    feature_steps: int = (
+        2000  # AdamW steps of the feature draft (data/feature_distill.py), same data and schedule
+    )
+    feature_noise: float = 0.0  # uniform noise on the feature draft's input features (x their RMS)
+    feature_init_layer: int = 0  # target layer the feature draft's one layer is initialised from
 
 
 def save_dtype(name: str, what: str = "save_dtype") -> torch.dtype:
@@ -124,6 +129,8 @@ def check_config(config: DistillConfig) -> None:
         raise SpeckvError(f"train_autocast must be float32 or bfloat16, got {config.train_autocast!r}")
     if config.sequences_per_task < 1 or config.steps < 1 or config.max_new_tokens < 1:
         raise SpeckvError("sequences_per_task, steps and max_new_tokens must be positive")
+    if config.feature_steps < 1 or config.feature_noise < 0:
+        raise SpeckvError("feature_steps must be >= 1 and feature_noise >= 0")
     if not config.sample_temperature > 0:
         raise SpeckvError(f"sample_temperature must be positive, got {config.sample_temperature}")
 

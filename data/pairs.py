@@ -1,7 +1,8 @@
 """Named target/draft pairs: `default` and `qwen-coder`, each name valid for both roles.
 
-- `default`: the SmolLM2-135M-Instruct target (fetched from a PyPI wheel on first use) and the draft distilled
-  from it (data/models.py; built only by the distill stage).
+- `default`: the SmolLM2-135M-Instruct target (fetched from a PyPI wheel on first use) and the feature draft
+  distilled from it (data/models.py; built only by the distill stage); `default-standalone` names the same
+  target and the standalone distilled draft, which transformers' assisted generation can run.
 - `qwen-coder`: Qwen2.5-Coder-1.5B-Instruct as target, Qwen2.5-Coder-0.5B-Instruct as draft, both from Q4
   GGUFs split across PyPI packages (data/gguf_parts.py), dequantized to fp32 transformers directories
   `qwen2.5-coder-1.5b-instruct` and `qwen2.5-coder-0.5b-instruct` under the models dir.
@@ -109,7 +110,7 @@ PAIRS: dict[str, Pair] = {
     for pair in (
         Pair(
             "default",
-            "SmolLM2-135M-Instruct target + the draft distilled from it",
+            "SmolLM2-135M-Instruct target + the drafts distilled from it (feature draft; default-standalone)",
             resolve_default,
             _fetch_default,
         ),

@@ -1,4 +1,4 @@
-"""`speckv models fetch [NAME]|distill`: fetch a named pair's models; distil the default draft."""
+"""`speckv models fetch [NAME]|distill|distill-features`: fetch a named pair's models; distil the default drafts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 from speckv.data.distill import DistillConfig, distill
-from speckv.data.feature_distill import FEATURE_DRAFT_DIRNAME, distill_features
-from speckv.data.models import DRAFT_DIRNAME, fetch_target, models_dir
+from speckv.data.feature_distill import distill_features
+from speckv.data.models import DRAFT_DIRNAME, FEATURE_DRAFT_DIRNAME, fetch_target, models_dir
 from speckv.data.pairs import PAIRS, fetch_pair
 from speckv.pipeline.config import load_section
 
@@ -29,7 +29,13 @@ def run_fetch(args: argparse.Namespace) -> int:
 def run_distill(args: argparse.Namespace) -> int:
     config = load_section(DistillConfig, "distill", args.params)
     root = models_dir()
-    metrics = distill(fetch_target(root), PROMPT_FILE, root / DRAFT_DIRNAME, TEACHER_FILE, config)
+    target = fetch_target(root)
+    metrics = distill(target, PROMPT_FILE, root / DRAFT_DIRNAME, TEACHER_FILE, config)
+    feature = distill_features(target, PROMPT_FILE, root / FEATURE_DRAFT_DIRNAME, TEACHER_FILE, config)
+    metrics["feature_draft"] = {
+        k: feature[k] for k in ("agreement", "agreement_test", "train_s", "cost_ratio")
+    }
+    metrics["feature_draft"].update(draft_token_ms=feature["draft_token_ms"], steps=feature["steps"])
     METRICS_FILE.parent.mkdir(parents=True, exist_ok=True)
     tmp = METRICS_FILE.with_name(f".{METRICS_FILE.name}.tmp")
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -75,20 +81,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     fetch.set_defaults(func=run_fetch)
     dist = actions.add_parser(
-        "distill", help="distil the default draft from the target (distill-split prompts only)"
+        "distill",
+        help="distil the default drafts from the target (distill-split prompts only): the standalone one "
+        "(default-standalone), then the feature draft (default)",
     )
     dist.add_argument("--params", default="params.yaml", help="params file (section `distill:`)")
     dist.set_defaults(func=run_distill)
     feat = actions.add_parser(
         "distill-features",
-        help="distil a feature-conditioned (EAGLE-style) draft for the default target",
-        description="Train a one-layer draft that reads the target's final hidden states, from the distill "
+        help="distil only the feature-conditioned (EAGLE-style) draft, the `default` draft",
+        description="Train the one-layer draft that reads the target's final hidden states, from the distill "
         "stage's teacher cache and settings (section `distill:`), into the models dir (draft-features). "
-        "Use it with `--draft <dir>`; the pipeline's default draft stays the standalone one.",
+        "`speckv models distill` (the DVC stage) builds it after the standalone draft; this trains it alone, "
+        "e.g. with other settings into --out.",
     )
     feat.add_argument("--params", default="params.yaml", help="params file (section `distill:`)")
-    feat.add_argument("--steps", type=int, default=2000, help="AdamW steps (default 2000: ~0.25 s each here)")
-    feat.add_argument("--feature-noise", type=float, default=0.0, help="uniform noise on input features")
-    feat.add_argument("--init-layer", type=int, default=0, help="target layer the draft layer starts from")
+    feat.add_argument("--steps", type=int, default=None, help="AdamW steps (default: distill.feature_steps)")
+    feat.add_argument("--feature-noise", type=float, default=None, help="default: distill.feature_noise")
+    feat.add_argument("--init-layer", type=int, default=None, help="default: distill.feature_init_layer")
     feat.add_argument("--out", default=None, help="output directory (default: <models dir>/draft-features)")
     feat.set_defaults(func=run_distill_features)

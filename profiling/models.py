@@ -215,6 +215,28 @@ def load_pair(
     return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft)
 
 
+def standalone_assistant(pair: ModelPair, ref: str, pair_draft_ref: str | None, cpu_kernels: bool = True):
+    """The draft transformers' assisted generation runs beside `pair`: `ref` loaded like the pair's draft (its
+    own dtype, the same CPU kernels), or the pair's own draft when `ref` names it. transformers can run only a
+    standalone causal LM, so a feature draft is refused with the way out."""
+    if ref == pair_draft_ref:
+        model = pair.draft
+    else:
+        model = load_model(ref, "draft", pair.device)
+        if vocab_size(model) != vocab_size(pair.target):
+            raise SpeckvError(f"draft {ref!r} does not share the target's vocabulary")
+        if cpu_kernels and pair.device.type == "cpu" and not getattr(model, "is_feature_draft", False):
+            from speckv.profiling import kernels
+
+            kernels.install(model)
+    if model is None or getattr(model, "is_feature_draft", False):
+        raise SpeckvError(
+            f"transformers' assisted generation needs a standalone draft, not {ref!r}: name one as the "
+            "transformers draft (evaluate.hf_draft, e.g. default-standalone)"
+        )
+    return model
+
+
 def eos_ids(tokenizer, model) -> tuple[int, ...]:
     """Every token that ends generation: the tokenizer's EOS and the model's generation_config EOS ids."""
     ids = set()

@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "load_pair": "speckv.api",
+    "load_draft": "speckv.api",
     "controller": "speckv.api",
     "generate": "speckv.api",
     "encode_prompt": "speckv.api",

@@ -18,7 +18,15 @@ from speckv.profiling.decode import DecodeConfig, GenerationResult, speculative_
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.models import ModelPair, eos_ids, load_pair
 
-__all__ = ["Generation", "controller", "encode_prompt", "generate", "load_pair"]
+__all__ = ["Generation", "controller", "encode_prompt", "generate", "load_draft", "load_pair"]
+
+
+def load_draft(ref: str, device: str | None = None):
+    """A draft by reference (`default`, `default-standalone`, a directory, .gguf file or hub id) at its own
+    dtype: a feature (EAGLE-style) draft or a transformers causal LM, as `speckv.assisted` takes either."""
+    from speckv.profiling.models import load_model, pick_device
+
+    return load_model(ref, "draft", pick_device(device))
 
 
 def controller(spec: str | Controller, gamma_max: int = 8, compression: str = "fp32") -> Controller:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from speckv.data.distill import DistillConfig, distill
 from speckv.data.models import (
     DRAFT_DIRNAME,
+    FEATURE_DRAFT_DIRNAME,
     TARGET_DIRNAME,
     TARGET_GGUF_NAME,
     fetch_target,
@@ -72,9 +74,12 @@ def test_fetch_is_cached_and_resolve_uses_the_models_dir(
     assert [p.name for p in tmp_path.iterdir()] == [TARGET_DIRNAME]  # no temp directories left behind
     monkeypatch.setenv("SPECKV_MODELS_DIR", str(tmp_path))
     assert resolve_model("default", "target") == str(out)  # complete: nothing downloaded
-    (tmp_path / DRAFT_DIRNAME).mkdir()
-    (tmp_path / DRAFT_DIRNAME / "speckv.json").write_text("{}")
-    assert resolve_model("default", "draft") == str(tmp_path / DRAFT_DIRNAME)
+    for name in (DRAFT_DIRNAME, FEATURE_DRAFT_DIRNAME):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "speckv.json").write_text("{}")
+    assert resolve_model("default", "draft") == str(tmp_path / FEATURE_DRAFT_DIRNAME)
+    assert resolve_model("default-standalone", "draft") == str(tmp_path / DRAFT_DIRNAME)
+    assert resolve_model("default-standalone", "target") == str(out)
 
 
 def test_a_missing_default_draft_is_an_error_not_a_distillation(
@@ -86,12 +91,13 @@ def test_a_missing_default_draft_is_an_error_not_a_distillation(
         raise AssertionError("resolve_model started a distillation")
 
     monkeypatch.setattr(distill_mod, "distill", no_training)
-    (tmp_path / DRAFT_DIRNAME).mkdir()  # an interrupted run: files but no completion marker
-    with pytest.raises(SpeckvError) as err:
-        resolve_model("default", "draft")
-    assert "dvc repro distill" in str(err.value) and "speckv models distill" in str(err.value)
-    assert [p.name for p in tmp_path.iterdir()] == [DRAFT_DIRNAME]
-    assert list((tmp_path / DRAFT_DIRNAME).iterdir()) == []
+    (tmp_path / FEATURE_DRAFT_DIRNAME).mkdir()  # an interrupted run: files but no completion marker
+    for name in ("default", "default-standalone"):
+        with pytest.raises(SpeckvError) as err:
+            resolve_model(name, "draft")
+        assert "dvc repro distill" in str(err.value) and "speckv models distill" in str(err.value)
+    assert [p.name for p in tmp_path.iterdir()] == [FEATURE_DRAFT_DIRNAME]
+    assert list((tmp_path / FEATURE_DRAFT_DIRNAME).iterdir()) == []
 
 
 def test_checksum_mismatch_fails_clearly_and_deletes_nothing(tmp_path: Path) -> None:
@@ -392,7 +398,8 @@ def test_distill_features_tiny_target_writes_a_loadable_feature_draft(tmp_path: 
         save_dtype="float32",
     )
     out_dir = tmp_path / "models" / "draft-features"
-    metrics = distill_features(target_dir, prompts, out_dir, tmp_path / "teacher.pt", config, steps=3)
+    config = replace(config, feature_steps=3)
+    metrics = distill_features(target_dir, prompts, out_dir, tmp_path / "teacher.pt", config)
     assert is_complete(out_dir) and metrics["kind"] == "feature" and metrics["steps"] == 3
     assert set(metrics["agreement_test"]["per_task"]) == {"code", "math"}
     assert metrics["cost_ratio"] > 0 and "First-token agreement" in (out_dir / "README.md").read_text()
@@ -403,5 +410,7 @@ def test_distill_features_tiny_target_writes_a_loadable_feature_draft(tmp_path: 
     )
     assert result.new_tokens == 8 and result.drafted > 0
     with pytest.raises(SpeckvError, match="init layer"):
-        distill_features(target_dir, prompts, out_dir, tmp_path / "teacher.pt", config, steps=3, init_layer=9)
+        distill_features(
+            target_dir, prompts, out_dir, tmp_path / "teacher.pt", replace(config, feature_init_layer=9)
+        )
     assert is_complete(out_dir)  # a refused run leaves the finished draft alone

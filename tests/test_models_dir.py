@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from speckv.data.models import DRAFT_DIRNAME, MARKER, TARGET_DIRNAME, checkout_root, models_dir
+from speckv.data.models import (
+    DRAFT_DIRNAME,
+    FEATURE_DRAFT_DIRNAME,
+    MARKER,
+    TARGET_DIRNAME,
+    checkout_root,
+    models_dir,
+)
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.models import resolve_source
 
@@ -47,12 +54,13 @@ def test_outside_a_checkout_models_go_to_the_user_cache(tmp_path, monkeypatch):
 
 def test_the_engine_resolves_default_through_the_entry_point(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECKV_MODELS_DIR", str(tmp_path))
-    for name in (TARGET_DIRNAME, DRAFT_DIRNAME):
+    for name in (TARGET_DIRNAME, DRAFT_DIRNAME, FEATURE_DRAFT_DIRNAME):
         (tmp_path / name).mkdir()
         (tmp_path / name / MARKER).write_text("{}\n")
     assert resolve_source("default", "target").path == str(tmp_path / TARGET_DIRNAME)
-    assert resolve_source("default", "draft").path == str(tmp_path / DRAFT_DIRNAME)
-    (tmp_path / DRAFT_DIRNAME / MARKER).unlink()
+    assert resolve_source("default", "draft").path == str(tmp_path / FEATURE_DRAFT_DIRNAME)
+    assert resolve_source("default-standalone", "draft").path == str(tmp_path / DRAFT_DIRNAME)
+    (tmp_path / FEATURE_DRAFT_DIRNAME / MARKER).unlink()
     with pytest.raises(SpeckvError, match="dvc repro distill"):
         resolve_source("default", "draft")
 

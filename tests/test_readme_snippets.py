@@ -40,8 +40,11 @@ def test_the_section_has_the_three_routes():
 def checkout(tmp_path_factory, tiny_pair_dir):
     """dvc.yaml + params.yaml (so `default` models live in its models/), the tiny pair as the default pair,
     an MLP export and a registry holding the predictor and the generator, as `make repro` leaves them."""
-    from speckv.data.models import DRAFT_DIRNAME, MARKER, TARGET_DIRNAME
+    import torch
+    from speckv.data.feature_draft_training import build_feature_draft
+    from speckv.data.models import DRAFT_DIRNAME, FEATURE_DRAFT_DIRNAME, MARKER, TARGET_DIRNAME
     from speckv.predictor.registry import log_training_run
+    from transformers import AutoModelForCausalLM
 
     from speckv.serving_registry import register_generator
 
@@ -51,6 +54,11 @@ def checkout(tmp_path_factory, tiny_pair_dir):
     for src, name in zip(tiny_pair_dir, (TARGET_DIRNAME, DRAFT_DIRNAME), strict=True):
         shutil.copytree(src, root / "models" / name)
         (root / "models" / name / MARKER).write_text("{}\n")
+    # the default draft is a feature draft of the tiny target (untrained: the snippets test plumbing)
+    target = AutoModelForCausalLM.from_pretrained(tiny_pair_dir[0])
+    feature_dir = root / "models" / FEATURE_DRAFT_DIRNAME
+    build_feature_draft(target, torch.arange(target.config.vocab_size), 0).save(feature_dir)
+    (feature_dir / MARKER).write_text("{}\n")
     export = write_mlp_export(
         root / "artifacts" / "predictor" / "export", ("fp32", "int8", "nf4"), gamma_max=8
     )

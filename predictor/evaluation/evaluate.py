@@ -50,6 +50,7 @@ class EvaluateConfig:
     out_dir: str = "artifacts/eval"
     target: str = "default"
     draft: str = "default"
+    hf_draft: str | None = None  # the standalone draft transformers' assisted generation runs (None: `draft`)
     device: str | None = None
     paper: bool = True  # replay the paper's formulation (its regressor refitted on the train traces)
     gamma_max: int = 8
@@ -121,7 +122,7 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
     from speckv.data.prompts import load_prompt_file
     from speckv.predictor.evaluation.live import HF_ROLES, HFAssisted, hf_role, run_live
     from speckv.profiling.decode import DecodeConfig
-    from speckv.profiling.models import eos_ids, load_pair
+    from speckv.profiling.models import eos_ids, load_pair, standalone_assistant
 
     if config.live_per_task == 0 or not config.live_controllers:
         return pd.DataFrame()
@@ -138,19 +139,22 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
             eos_token_ids=eos_ids(pair.tokenizer, pair.target),
         )
         roles: dict[str, Controller | HFAssisted] = {}
+        assistant = None
+        if any(spec in HF_ROLES for spec in specs):
+            assistant = standalone_assistant(pair, config.hf_draft or config.draft, config.draft, config.cpu_kernels)
         for spec in specs:
             if spec in HF_ROLES:
                 # hf-threshold: transformers' own confidence stop at our dev-tuned threshold
                 tuned_threshold = tuned.get(compression, {}).get("threshold:tuned", "threshold:")
                 value = tuned_threshold.split(":", 1)[1].removesuffix("+trim")
-                roles[spec] = hf_role(spec, config.gamma_max, float(value) if value else None)
+                roles[spec] = hf_role(spec, config.gamma_max, float(value) if value else None, assistant)
             else:
                 concrete = tuned.get(compression, {}).get(spec, spec) if spec in TUNED_ROLES else spec
                 if spec in TUNED_ROLES and spec != "mlp" and compression not in tuned:
                     raise SpeckvError(f"live {spec} on {compression} needs dev traces of {compression}")
                 roles[spec] = make(concrete, compression)
         rows += run_live(pair, prompts, roles, decode, config.warmup_tokens)
-        del pair
+        del pair, assistant
     return pd.DataFrame(rows)
 
 
@@ -229,7 +233,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 live_frame.loc[live_frame["policy"].str.startswith("hf-"), "matches_none"].all()
             ),
         }
-        for base in ("best-fixed", "none", "threshold:best", "hf-assisted", "hf-threshold", "fixed:4"):
+        for base in ("best-fixed", "none", "threshold:best", "hf-assisted", "hf-heuristic", "hf-threshold", "fixed:4"):
             if "mlp" in live_roles and base in live_roles:
                 ci = paired_ratio(
                     live_frame,

@@ -30,38 +30,40 @@ class HFAssisted:
 
     name: str
     settings: dict = field(default_factory=dict)
+    assistant: object | None = field(default=None, compare=False)  # None: the pair's draft
 
 
-def hf_role(name: str, gamma_max: int, threshold: float | None = None) -> HFAssisted:
+def hf_role(name: str, gamma_max: int, threshold: float | None = None, assistant=None) -> HFAssisted:
     """`hf-assisted`: transformers' defaults (20 tokens, confidence stop 0.4 in transformers 5);
     `hf-heuristic`: its heuristic schedule; `hf-threshold`: its confidence stop at the dev-tuned threshold,
     drafting at most gamma_max tokens like our controllers."""
     if name == "hf-assisted":
-        return HFAssisted(name)
+        return HFAssisted(name, assistant=assistant)
     if name == "hf-heuristic":
-        return HFAssisted(name, {"num_assistant_tokens_schedule": "heuristic"})
+        return HFAssisted(name, {"num_assistant_tokens_schedule": "heuristic"}, assistant)
     if name == "hf-threshold" and threshold is not None:
         settings = {
             "num_assistant_tokens_schedule": "constant",
             "num_assistant_tokens": gamma_max,
             "assistant_confidence_threshold": threshold,
         }
-        return HFAssisted(name, settings)
+        return HFAssisted(name, settings, assistant)
     raise ValueError(f"unknown transformers role {name!r} (hf-threshold needs a tuned threshold)")
 
 
 HF_ROLES = ("hf-assisted", "hf-heuristic", "hf-threshold")
 
 
-def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, settings: dict):
-    """Greedy `target.generate(assistant_model=draft)`; returns (new token ids, wall seconds).
+def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, settings: dict, assistant=None):
+    """Greedy `target.generate(assistant_model=assistant or the pair's draft)`; (new token ids, wall seconds).
 
     The draft's generation_config is restored afterwards: the heuristic schedule writes its state back
     into it, which would leak from one prompt into the next.
     """
-    saved = copy.deepcopy(pair.draft.generation_config)
+    draft = assistant if assistant is not None else pair.draft
+    saved = copy.deepcopy(draft.generation_config)
     for key, value in settings.items():
-        setattr(pair.draft.generation_config, key, value)
+        setattr(draft.generation_config, key, value)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=pair.device)
     try:
         synchronize(pair.device)
@@ -70,7 +72,7 @@ def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, se
             out = pair.target.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                assistant_model=pair.draft,
+                assistant_model=draft,
                 do_sample=False,
                 max_new_tokens=config.max_new_tokens,
                 eos_token_id=list(config.eos_token_ids) or None,
@@ -79,7 +81,7 @@ def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, se
         synchronize(pair.device)
         wall_s = time.perf_counter() - start
     finally:
-        pair.draft.generation_config = saved
+        draft.generation_config = saved
     return out[0, len(prompt_ids) :].tolist(), wall_s
 
 
@@ -104,7 +106,7 @@ def run_prompt(
     for name in order:
         role = roles[name]
         if isinstance(role, HFAssisted):
-            tokens, wall_s = hf_assisted(pair, prompt_ids, config, role.settings)
+            tokens, wall_s = hf_assisted(pair, prompt_ids, config, role.settings, role.assistant)
             tokens = _trim_after_eos(tokens, config.eos_token_ids)
             out[name] = {"new_tokens": len(tokens), "wall_s": wall_s, "tokens_per_s": len(tokens) / wall_s}
             out[name]["token_ids"] = tokens

@@ -28,6 +28,7 @@ LIVE_BASES = {
     "none": "none",
     "threshold:best": "threshold_best",
     "hf-assisted": "hf_assisted",
+    "hf-heuristic": "hf_heuristic",
     "hf-threshold": "hf_threshold",
     "fixed:4": "fixed4",
 }
