@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from speckv.data.distill import DistillConfig, distill
@@ -47,16 +48,13 @@ def run_distill_features(args: argparse.Namespace) -> int:
     config = load_section(DistillConfig, "distill", args.params)
     root = models_dir()
     out = Path(args.out) if args.out else root / FEATURE_DRAFT_DIRNAME
-    distill_features(
-        fetch_target(root),
-        PROMPT_FILE,
-        out,
-        TEACHER_FILE,
-        config,
-        args.steps,
-        args.feature_noise,
-        args.init_layer,
-    )
+    overrides = {
+        "feature_steps": args.steps,
+        "feature_noise": args.feature_noise,
+        "feature_init_layer": args.init_layer,
+    }
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    distill_features(fetch_target(root), PROMPT_FILE, out, TEACHER_FILE, config)
     print(out)
     return 0
 

@@ -414,3 +414,42 @@ def test_distill_features_tiny_target_writes_a_loadable_feature_draft(tmp_path: 
             target_dir, prompts, out_dir, tmp_path / "teacher.pt", replace(config, feature_init_layer=9)
         )
     assert is_complete(out_dir)  # a refused run leaves the finished draft alone
+
+
+def test_distill_features_cli_applies_its_flags_and_refuses_bad_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`speckv models distill-features`: params.yaml's `distill:` section, overridden by the flags."""
+    import yaml
+    from speckv.data.models import MARKER
+    from speckv.pipeline.cli import main
+
+    models = tmp_path / "models"
+    tiny_target(models / TARGET_DIRNAME)
+    (models / TARGET_DIRNAME / MARKER).write_text("{}\n")
+    monkeypatch.setenv("SPECKV_MODELS_DIR", str(models))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "artifacts" / "prompts").mkdir(parents=True)
+    tiny_prompt_file(tmp_path / "artifacts" / "prompts" / "prompts.jsonl")
+    distill = {
+        "sequences_per_task": 3,
+        "dev_per_task": 1,
+        "test_per_task": 1,
+        "max_new_tokens": 5,
+        "gen_batch_size": 2,
+        "restricted_vocab": 16,
+        "batch_tokens": 32,
+        "warmup_steps": 1,
+        "threads": 1,
+        "save_dtype": "float32",
+        "feature_steps": 50,
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"distill": distill}))
+    out = tmp_path / "feature-out"
+    assert main(["models", "distill-features", "--steps", "2", "--init-layer", "1", "--out", str(out)]) == 0
+    card = json.loads((out / "agreement.json").read_text())
+    assert is_complete(out) and card["steps"] == 2 and card["init_layer"] == 1  # the flags beat params.yaml
+    assert str(out) in capsys.readouterr().out
+    assert main(["models", "distill-features", "--steps", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "feature_steps must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
