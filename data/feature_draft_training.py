@@ -19,12 +19,12 @@ import torch
 from speckv.data.distill_loss import distill_loss, teacher_labels
 from speckv.data.draft_training import collate, lr_at, make_batches
 from speckv.profiling.cpu import resolve_auto_dtype
-from speckv.profiling.feature_draft import FeatureDraft, FeatureDraftConfig
+from speckv.profiling.feature_draft import FeatureDraft, FeatureDraftConfig, shifted_features
 
 if TYPE_CHECKING:
     from speckv.data.distill import DistillConfig
 
-__all__ = ["build_feature_draft", "feature_agreement_by_task", "shifted_features", "train_feature_draft"]
+__all__ = ["build_feature_draft", "feature_agreement_by_task", "train_feature_draft"]
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ def build_feature_draft(
                 getattr(draft, ours).weight.copy_(layer.get_submodule(theirs).weight.detach().float())
         draft.norm.weight.copy_(target.model.norm.weight.detach().float())
     return draft
-
-
-def shifted_features(hidden: torch.Tensor) -> torch.Tensor:
-    """Input features [B, T, H] from target features [B, T, H]: position t gets f_{t-1}, position 0 zeros."""
-    return torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
 
 
 def train_feature_draft(

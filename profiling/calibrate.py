@@ -14,7 +14,7 @@ import torch
 from speckv.profiling.controllers import FixedGamma
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
-from speckv.profiling.feature_draft import FeatureCache
+from speckv.profiling.feature_draft import FeatureCache, is_feature_draft
 from speckv.profiling.models import synchronize, vocab_size
 from speckv.profiling.recorder import TableRecorder
 from transformers import DynamicCache
@@ -67,7 +67,7 @@ def forward_ms(model, context: list[int], n_tokens: int, repeats: int, warmup: i
 def draft_ms_per_token(draft, context: list[int], repeats: int, warmup: int) -> float:
     """Median ms of one drafted token after a cached `context`, as the decode loop drafts it (a feature draft:
     one `step` reading a feature; a standalone draft: one 1-token forward)."""
-    if not getattr(draft, "is_feature_draft", False):
+    if not is_feature_draft(draft):
         return forward_ms(draft, context, 1, repeats, warmup)
     cache = FeatureCache()
     features = torch.zeros(len(context), draft.config.hidden_size, device=draft.device)

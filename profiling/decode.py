@@ -20,7 +20,12 @@ from typing import Protocol
 import torch
 from speckv.profiling.controllers import Controller, StepContext, draft_budget, submitted
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.feature_draft import FeatureCache, TargetFeatures, forward_with_features
+from speckv.profiling.feature_draft import (
+    FeatureCache,
+    TargetFeatures,
+    forward_with_features,
+    is_feature_draft,
+)
 from speckv.profiling.models import synchronize
 from speckv.profiling.signals import RECENT_TOKENS, TokenSignals, distribution_signals, target_signals
 from transformers import DynamicCache
@@ -217,7 +222,7 @@ def speculative_generate(
     controller.reset()
     wants_target = controller.needs_target_signals or recorder is not None
     # a feature draft reads the target's final hidden states, which every target forward then returns
-    feature_draft = getattr(draft, "is_feature_draft", False)
+    feature_draft = is_feature_draft(draft)
     target_forward = forward_with_features if feature_draft else _forward
 
     synchronize(device)

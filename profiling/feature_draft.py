@@ -105,8 +105,6 @@ class FeatureCache:
 class FeatureDraft(nn.Module):
     """Embedding + target feature -> fuse -> one decoder layer -> norm -> restricted head."""
 
-    is_feature_draft = True
-
     def __init__(self, config: FeatureDraftConfig) -> None:
         super().__init__()
         self.config = config
@@ -257,6 +255,16 @@ class TargetFeatures:
         if position > self.start:
             self.rows = self.rows[position - self.start :]
             self.start = position
+
+
+def is_feature_draft(model) -> bool:
+    """Whether `model` is a feature draft (it reads the target's hidden states) rather than a causal LM."""
+    return isinstance(model, FeatureDraft)
+
+
+def shifted_features(features: torch.Tensor) -> torch.Tensor:
+    """Input features [..., T, H] from target features [..., T, H]: position t reads f_{t-1}, position 0 zeros."""
+    return torch.cat([torch.zeros_like(features[..., :1, :]), features[..., :-1, :]], dim=-2)
 
 
 def is_feature_draft_dir(path: str | Path) -> bool:

@@ -16,7 +16,7 @@ the two equal on a tiny pair.
 from __future__ import annotations
 
 import torch
-from speckv.profiling.feature_draft import FeatureCache, FeatureDraft
+from speckv.profiling.feature_draft import FeatureCache, FeatureDraft, shifted_features
 from speckv.profiling.signals import distribution_signals
 from speckv.profiling.trace_types import DraftPath, match_length
 
@@ -42,7 +42,7 @@ def feature_draft_path(
     seq = list(prompt_ids) + list(continuation)
     length = len(seq)
     ids = torch.tensor([seq], device=device)
-    inputs = torch.cat([features.new_zeros(1, features.shape[1]), features[:-1]])[None].to(draft.dtype)
+    inputs = shifted_features(features)[None].to(draft.dtype)
     positions = torch.arange(length, device=device)[None]
     x, q, k, v = draft.project(ids, inputs, positions)
     # steps start at positions p = n_prompt + i; their first token comes from position p - 1
@@ -85,7 +85,7 @@ def feature_draft_path_incremental(
 ) -> DraftPath:
     """The reference: the decode loop's `step` calls at every position, the drafted positions rolled back."""
     seq = list(prompt_ids) + list(continuation)
-    inputs = torch.cat([features.new_zeros(1, features.shape[1]), features[:-1]]).to(draft.dtype)
+    inputs = shifted_features(features).to(draft.dtype)
     n_prompt = len(prompt_ids)
     cache = FeatureCache()
     tokens, match, signals = [], [], []

@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 from speckv.profiling import plugins
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.feature_draft import check_target, is_feature_draft_dir, load_feature_draft
+from speckv.profiling.feature_draft import (
+    check_target,
+    is_feature_draft,
+    is_feature_draft_dir,
+    load_feature_draft,
+)
 from speckv.profiling.invariant import install as install_rowwise
 from speckv.profiling.invariant import needs_rowwise
 
@@ -157,7 +162,7 @@ def load_tokenizer(ref: str):
 
 
 def vocab_size(model) -> int:
-    if getattr(model, "is_feature_draft", False):
+    if is_feature_draft(model):
         return model.config.vocab_size
     return int(model.get_output_embeddings().weight.shape[0])
 
@@ -196,14 +201,7 @@ def load_pair(
     target_model = load_model(target, "target", dev, compression)
     draft_model = load_model(draft, "draft", dev, draft_compression) if draft else None
     if draft_model is not None:
-        tv, dv = vocab_size(target_model), vocab_size(draft_model)
-        if tv != dv:
-            raise SpeckvError(
-                f"draft and target do not share a vocabulary: target {target!r} has {tv} tokens, "
-                f"draft {draft!r} has {dv}"
-            )
-        if getattr(draft_model, "is_feature_draft", False):
-            check_target(draft_model, target_model)
+        check_draft(draft_model, target_model, draft, target)
     if needs_rowwise(compression, dev):
         install_rowwise(target_model)
         log.info("%s target on %s: row-wise attention, so verifying equals decoding", compression, dev.type)
@@ -215,6 +213,18 @@ def load_pair(
     return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft)
 
 
+def check_draft(draft_model, target_model, draft_ref: str, target_ref: str) -> None:
+    """Refuse a draft that cannot serve this target: another vocabulary, or a feature draft of another target."""
+    tv, dv = vocab_size(target_model), vocab_size(draft_model)
+    if tv != dv:
+        raise SpeckvError(
+            f"draft and target do not share a vocabulary: target {target_ref!r} has {tv} tokens, "
+            f"draft {draft_ref!r} has {dv}"
+        )
+    if is_feature_draft(draft_model):
+        check_target(draft_model, target_model)
+
+
 def standalone_assistant(pair: ModelPair, ref: str, pair_draft_ref: str | None, cpu_kernels: bool = True):
     """The draft transformers' assisted generation runs beside `pair`: `ref` loaded like the pair's draft (its
     own dtype, the same CPU kernels), or the pair's own draft when `ref` names it. transformers can run only a
@@ -223,13 +233,12 @@ def standalone_assistant(pair: ModelPair, ref: str, pair_draft_ref: str | None, 
         model = pair.draft
     else:
         model = load_model(ref, "draft", pair.device)
-        if vocab_size(model) != vocab_size(pair.target):
-            raise SpeckvError(f"draft {ref!r} does not share the target's vocabulary")
-        if cpu_kernels and pair.device.type == "cpu" and not getattr(model, "is_feature_draft", False):
+        check_draft(model, pair.target, ref, pair.target_ref)
+        if cpu_kernels and pair.device.type == "cpu" and not is_feature_draft(model):
             from speckv.profiling import kernels
 
             kernels.install(model)
-    if model is None or getattr(model, "is_feature_draft", False):
+    if model is None or is_feature_draft(model):
         raise SpeckvError(
             f"transformers' assisted generation needs a standalone draft, not {ref!r}: name one as the "
             "transformers draft (evaluate.hf_draft, e.g. default-standalone)"

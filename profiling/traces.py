@@ -24,6 +24,7 @@ import pyarrow as pa
 import torch
 from speckv.profiling.controllers import NoDraft
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.feature_draft import is_feature_draft
 from speckv.profiling.feature_traces import (
     feature_draft_path,
     feature_draft_path_incremental,
@@ -286,7 +287,7 @@ def dense_trace(
 ) -> pa.Table:
     """The incremental reference trace of one prompt (TRACE_SCHEMA rows)."""
     continuation = continuation_incremental(target, prompt_ids, max_new_tokens, eos_token_ids)
-    if getattr(draft, "is_feature_draft", False):
+    if is_feature_draft(draft):
         features = target_features(target, list(prompt_ids) + continuation.tokens)
         path = feature_draft_path_incremental(draft, features, prompt_ids, continuation.tokens, gamma_max)
     else:
@@ -307,9 +308,10 @@ def batched_traces(
     """Trace tables of many prompts: batched target continuations, teacher-forced draft paths."""
     continuations = target_continuations(target, prompts, max_new_tokens, eos_token_ids, batch_size)
     tracer = tracing_copy(draft)
+    reads_features = is_feature_draft(draft)
     tables = []
     for ids, c, run in zip(prompts, continuations, runs, strict=True):
-        if getattr(draft, "is_feature_draft", False):
+        if reads_features:
             features = target_features(target, list(ids) + c.tokens)
             path = feature_draft_path(tracer, features, ids, c.tokens, gamma_max)
         else:

@@ -56,7 +56,7 @@ from speckv.profiling import plugins
 from speckv.profiling.controllers import Controller, parse_controller
 from speckv.profiling.decode import DecodeConfig, GenerationResult, speculative_generate
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.feature_draft import check_target
+from speckv.profiling.feature_draft import check_target, is_feature_draft
 from speckv.profiling.invariant import NAME as ROWWISE
 from speckv.profiling.invariant import install as install_rowwise
 from speckv.profiling.invariant import needs_rowwise
@@ -286,7 +286,7 @@ class AssistedGenerate:
                 raise GenerateError(
                     f"draft on {self.draft.device} but target on {model.device}: use one device"
                 )
-            if getattr(self.draft, "is_feature_draft", False):
+            if is_feature_draft(self.draft):
                 try:
                     check_target(self.draft, model)
                 except SpeckvError as exc:

@@ -381,6 +381,7 @@ def test_distill_features_tiny_target_writes_a_loadable_feature_draft(tmp_path: 
     from speckv.data.feature_distill import distill_features
     from speckv.profiling.controllers import parse_controller
     from speckv.profiling.decode import DecodeConfig, speculative_generate
+    from speckv.profiling.feature_draft import is_feature_draft
     from speckv.profiling.models import load_pair
 
     target_dir = tiny_target(tmp_path / "target")
@@ -404,7 +405,7 @@ def test_distill_features_tiny_target_writes_a_loadable_feature_draft(tmp_path: 
     assert set(metrics["agreement_test"]["per_task"]) == {"code", "math"}
     assert metrics["cost_ratio"] > 0 and "First-token agreement" in (out_dir / "README.md").read_text()
     pair = load_pair(str(target_dir), str(out_dir), "fp32", "cpu")
-    assert pair.draft.is_feature_draft and pair.draft.head_ids.numel() == 16
+    assert is_feature_draft(pair.draft) and pair.draft.head_ids.numel() == 16
     result = speculative_generate(
         pair.target, pair.draft, [1, 5, 6, 7], parse_controller("fixed:3", 3), DecodeConfig(max_new_tokens=8)
     )

@@ -10,7 +10,7 @@ import torch
 from speckv.profiling.controllers import parse_controller
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.feature_draft import load_feature_draft
+from speckv.profiling.feature_draft import is_feature_draft, load_feature_draft
 from speckv.profiling.feature_traces import (
     feature_draft_path,
     feature_draft_path_incremental,
@@ -45,7 +45,7 @@ def reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
 def test_greedy_is_lossless_for_every_controller(feature_pair_dir, compression):
     target_dir, draft_dir = feature_pair_dir
     pair = load_pair(str(target_dir), str(draft_dir), compression, "cpu")
-    assert pair.draft.is_feature_draft
+    assert is_feature_draft(pair.draft)
     tokenizer = char_tokenizer()
     accepted = rejected = 0
     for prompt in PROMPTS:
