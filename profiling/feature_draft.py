@@ -278,10 +278,10 @@ def load_feature_draft(path: str | Path, device: torch.device) -> FeatureDraft:
     try:
         config = FeatureDraftConfig(**json.loads((path / CONFIG_FILE).read_text()))
         state = load_file(str(path / WEIGHTS_FILE))
-    except (OSError, TypeError, ValueError) as exc:
+        model = FeatureDraft(config).to(state["fuse.weight"].dtype)
+        model.load_state_dict(state)  # RuntimeError on missing, unexpected or mis-shaped weights
+    except (OSError, TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise SpeckvError(f"cannot load the feature draft in {path}: {exc}") from exc
-    model = FeatureDraft(config).to(state["fuse.weight"].dtype)
-    model.load_state_dict(state)
     model.to(device).eval().requires_grad_(False)
     return model
 

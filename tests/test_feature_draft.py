@@ -4,6 +4,9 @@ loaded like any draft."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -190,6 +193,15 @@ def test_save_and_load_round_trip(feature_pair_dir):
     (broken / "feature_draft.json").write_text("{}")
     with pytest.raises(SpeckvError, match="cannot load the feature draft"):
         load_feature_draft(broken, torch.device("cpu"))
+    # a config that does not match the weights (another head size) is one clear error too
+    mismatched = draft_dir.parent / "mismatched"
+    shutil.copytree(draft_dir, mismatched)
+    config = json.loads((mismatched / "feature_draft.json").read_text())
+    (mismatched / "feature_draft.json").write_text(
+        json.dumps({**config, "head_size": config["head_size"] + 1})
+    )
+    with pytest.raises(SpeckvError, match="cannot load the feature draft"):
+        load_feature_draft(mismatched, torch.device("cpu"))
 
 
 def test_transformers_generate_with_a_feature_draft(feature_pair_dir):
