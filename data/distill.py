@@ -139,6 +139,58 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class TeacherSplits:
+    """Teacher sequences: `train` from the distill prompts (target in teacher_dtype), `dev`/`test` the float32
+    target's greedy responses; seconds spent on train and on all three (cached sequences cost none)."""
+
+    train: list[dict[str, Any]]
+    dev: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    train_s: float
+    total_s: float
+
+
+def teacher_splits(
+    target_dir: Path,
+    target: Any,
+    tokenizer: Any,
+    prompt_path: Path,
+    teacher_path: Path,
+    config: DistillConfig,
+) -> TeacherSplits:
+    """The teacher data both drafts train and are measured on, cached at `teacher_path` (train) and beside it
+    (`-dev`, `-test`); `target` is the float32 target, `config` already resolved and checked."""
+    from transformers import AutoModelForCausalLM
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    train_rows = plan_teacher_rows(
+        load_prompt_file(prompt_path, splits=["distill"]), config.sequences_per_task
+    )
+    dev_rows = load_prompt_file(prompt_path, splits=["dev"], per_task=config.dev_per_task)
+    test_rows = load_prompt_file(prompt_path, splits=["test"], per_task=config.test_per_task)
+    if not train_rows or not dev_rows or not test_rows:
+        raise SpeckvError(f"{prompt_path} lacks distill, dev or test prompts")
+    t0 = time.perf_counter()
+    teacher = target
+    if config.teacher_dtype != "float32":
+        teacher = AutoModelForCausalLM.from_pretrained(
+            target_dir, dtype=save_dtype(config.teacher_dtype, "teacher_dtype")
+        ).eval()
+    train = load_or_generate_teacher(teacher_path, teacher, train_rows, config, pad_id, eos)
+    del teacher
+    train_s = time.perf_counter() - t0
+    stem, suffix = teacher_path.stem, teacher_path.suffix
+    dev = load_or_generate_teacher(
+        teacher_path.with_name(f"{stem}-dev{suffix}"), target, dev_rows, config, pad_id, eos
+    )
+    test = load_or_generate_teacher(
+        teacher_path.with_name(f"{stem}-test{suffix}"), target, test_rows, config, pad_id, eos
+    )
+    return TeacherSplits(train, dev, test, train_s, time.perf_counter() - t0)
+
+
 def distill(
     target_dir: Path, prompt_path: Path, out_dir: Path, teacher_path: Path, config: DistillConfig
 ) -> dict[str, Any]:
@@ -152,30 +204,9 @@ def distill(
     set_seed(config.seed)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    distill_rows = load_prompt_file(prompt_path, splits=["distill"])
-    train_rows = plan_teacher_rows(distill_rows, config.sequences_per_task)
-    dev_rows = load_prompt_file(prompt_path, splits=["dev"], per_task=config.dev_per_task)
-    test_rows = load_prompt_file(prompt_path, splits=["test"], per_task=config.test_per_task)
-    if not train_rows or not dev_rows or not test_rows:
-        raise SpeckvError(f"{prompt_path} lacks distill, dev or test prompts")
-
-    t0 = time.perf_counter()
-    teacher = target
-    if config.teacher_dtype != "float32":
-        teacher = AutoModelForCausalLM.from_pretrained(
-            target_dir, dtype=save_dtype(config.teacher_dtype, "teacher_dtype")
-        ).eval()
-    train_seqs = load_or_generate_teacher(
-        teacher_path, teacher, train_rows, config, pad_id, tokenizer.eos_token_id
-    )
-    del teacher
-    teacher_train_s = time.perf_counter() - t0
-    dev_path = teacher_path.with_name(teacher_path.stem + "-dev" + teacher_path.suffix)
-    dev_seqs = load_or_generate_teacher(dev_path, target, dev_rows, config, pad_id, tokenizer.eos_token_id)
-    test_path = teacher_path.with_name(teacher_path.stem + "-test" + teacher_path.suffix)
-    test_seqs = load_or_generate_teacher(test_path, target, test_rows, config, pad_id, tokenizer.eos_token_id)
-    teacher_s = time.perf_counter() - t0
+    teacher = teacher_splits(target_dir, target, tokenizer, prompt_path, teacher_path, config)
+    train_seqs, dev_seqs, test_seqs = teacher.train, teacher.dev, teacher.test
+    teacher_train_s, teacher_s = teacher.train_s, teacher.total_s
     n_sampled = sum(s.get("sample", 0) > 0 for s in train_seqs)
 
     vocab_ids = pick_vocab(train_seqs, config.restricted_vocab, target.config.vocab_size)

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from speckv.data.distill import DistillConfig, check_config, resolve_config, save_dtype, set_seed
+from speckv.data.distill import (
+    DistillConfig,
+    check_config,
+    resolve_config,
+    save_dtype,
+    set_seed,
+    teacher_splits,
+)
 from speckv.data.draft_training import pick_vocab
 from speckv.data.feature_draft_training import (
     build_feature_draft,
@@ -30,8 +37,6 @@ from speckv.data.feature_draft_training import (
     train_feature_draft,
 )
 from speckv.data.models import publish_dir, write_marker
-from speckv.data.prompts import load_prompt_file
-from speckv.data.teacher import load_or_generate_teacher, plan_teacher_rows
 from speckv.profiling.cpu import cpu_info
 from speckv.profiling.errors import SpeckvError
 
@@ -64,27 +69,8 @@ def distill_features(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = plan_teacher_rows(load_prompt_file(prompt_path, splits=["distill"]), config.sequences_per_task)
-    dev_rows = load_prompt_file(prompt_path, splits=["dev"], per_task=config.dev_per_task)
-    test_rows = load_prompt_file(prompt_path, splits=["test"], per_task=config.test_per_task)
-    if not rows or not dev_rows or not test_rows:
-        raise SpeckvError(f"{prompt_path} lacks distill, dev or test prompts")
-    teacher = target
-    if config.teacher_dtype != "float32":
-        teacher = AutoModelForCausalLM.from_pretrained(
-            target_dir, dtype=save_dtype(config.teacher_dtype)
-        ).eval()
-    eos = tokenizer.eos_token_id
-    seqs = load_or_generate_teacher(teacher_path, teacher, rows, config, pad_id, eos)
-    del teacher
-    stem, suffix = teacher_path.stem, teacher_path.suffix
-    dev = load_or_generate_teacher(
-        teacher_path.with_name(f"{stem}-dev{suffix}"), target, dev_rows, config, pad_id, eos
-    )
-    test = load_or_generate_teacher(
-        teacher_path.with_name(f"{stem}-test{suffix}"), target, test_rows, config, pad_id, eos
-    )
+    teacher = teacher_splits(target_dir, target, tokenizer, prompt_path, teacher_path, config)
+    seqs, dev, test = teacher.train, teacher.dev, teacher.test
 
     set_seed(config.seed)
     vocab_ids = pick_vocab(seqs, config.restricted_vocab, target.config.vocab_size)
