@@ -100,6 +100,16 @@ def remove_stale(out_dir: Path, compression: str, fp: str, keys: set[str]) -> in
     return removed
 
 
+def remove_temporary(out_dir: Path, compression: str) -> int:
+    """Delete this compression's temporary part files (atomic_path names them `.part-...`)."""
+    removed = 0
+    for table in TABLES:
+        for path in (out_dir / table / f"compression={compression}").glob("task=*/.part-*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 def plan_units(prompts: list[dict], controllers: list[str], trace_prompts: list[dict]) -> Iterator[Unit]:
     for prompt in prompts:
         for spec in controllers:
@@ -262,6 +272,9 @@ def run_profile(
 
     try:
         (executor or LocalExecutor(pair))(jobs, on_done)
+    except BaseException:
+        remove_temporary(out_dir, compression)  # a worker killed mid-write leaves its temporary file
+        raise
     finally:
         bar.close()
     return counts

@@ -24,6 +24,7 @@ from speckv.profiling.profile import Job, run_job
 
 log = logging.getLogger(__name__)
 
+CANCEL_WAIT_S = 60.0  # how long a failed run waits for its cancelled tasks to end
 _PAIRS: dict[tuple, object] = {}  # per worker process: the pair of the last spec it ran
 
 
@@ -99,3 +100,7 @@ class RayExecutor:
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)
+            if pending:
+                # cancellation is asynchronous: wait until no cancelled task can still write a part file, so
+                # the caller's clean-up of temporary files (and a rerun) never races a dying worker
+                ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)

@@ -125,6 +125,28 @@ def test_kill_and_resume_gives_the_same_rows(pair, tmp_path, monkeypatch):
     same_tables(whole, resumed)
 
 
+def test_a_worker_killed_mid_write_leaves_no_temporary_file(pair, tmp_path):
+    """A force-killed worker (a cancelled Ray task) never reaches atomic_path's clean-up: the failed run
+    removes the temporary part file it left, and the rerun finishes the unit."""
+
+    def killed_executor(jobs, on_done):
+        job = jobs[0]
+        (_, paths), *_ = job.units
+        path = next(iter(paths.values()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / f".{path.name}.k1ll3d.parquet").write_bytes(b"PAR1 half")  # what a killed write leaves
+        raise RuntimeError("worker died")
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="worker died"):
+        prof.run_profile(
+            pair, PROMPTS, ["fixed:6"], DECODE, out, [], META, progress=False, executor=killed_executor
+        )
+    assert not list(out.rglob(".part-*"))
+    counts = prof.run_profile(pair, PROMPTS, ["fixed:6"], DECODE, out, [], META, progress=False)
+    assert counts["units_done"] == len(PROMPTS)
+
+
 def same_tables(a_dir, b_dir) -> None:
     """Every table equal row for row after sorting (timings aside), no duplicate rows, the same part files
     (so the same units and fingerprints)."""

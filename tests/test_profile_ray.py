@@ -74,7 +74,7 @@ def test_a_failed_unit_is_named_and_the_rerun_resumes(pair, tiny_pair_dir, tmp_p
     broken = PROMPTS + [MORE[0], bad, MORE[2]]
     with pytest.raises(SpeckvError, match=r"code_r1--.* failed on a Ray worker"):
         profile(pair, tmp_path / "ray", broken, RayExecutor(spec(tiny_pair_dir)))
-    assert not list((tmp_path / "ray").rglob("*.tmp*"))  # nothing half-written
+    assert not list((tmp_path / "ray").rglob(".part-*"))  # nothing half-written, not even by a cancelled task
     counts = profile(pair, tmp_path / "ray", PROMPTS + MORE, RayExecutor(spec(tiny_pair_dir)))
     assert counts["units_skipped"] >= 1 and counts["units_done"] >= 1
     profile(pair, tmp_path / "local", PROMPTS + MORE)
