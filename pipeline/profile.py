@@ -14,7 +14,13 @@ from speckv.pipeline.config import load_section
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.models import COMPRESSIONS, eos_ids, load_pair, model_fingerprint
+from speckv.profiling.models import (
+    COMPRESSIONS,
+    draft_compression_for,
+    eos_ids,
+    load_pair,
+    model_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +29,7 @@ log = logging.getLogger(__name__)
 class CalibrateConfig:
     target: str = "default"  # target model reference
     draft: str = "default"  # draft model reference
+    draft_compression: str | None = None  # null: the draft's own dtype; same: the target's; or a compression
     compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])
     gamma_max: int = 8  # verify costs are measured for 1..gamma_max+1 tokens
     prompts: str = "artifacts/prompts/prompts.jsonl"  # the context is the first dev prompt
@@ -38,6 +45,7 @@ class CalibrateConfig:
 class ProfileConfig:
     target: str = "default"  # target model reference
     draft: str = "default"  # draft model reference
+    draft_compression: str | None = None  # null: the draft's own dtype; same: the target's; or a compression
     compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])  # one run each
     prompts: str = "artifacts/prompts/prompts.jsonl"  # tokenized prompt file with splits
     per_task: dict = field(
@@ -102,7 +110,15 @@ def make_executor(cfg: ProfileConfig, compression: str, device: torch.device):
         return None
     from speckv.profiling.ray_executor import PairSpec, RayExecutor
 
-    spec = PairSpec(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels, cfg.ray_threads)
+    spec = PairSpec(
+        cfg.target,
+        cfg.draft,
+        compression,
+        cfg.device,
+        cfg.cpu_kernels,
+        cfg.ray_threads,
+        draft_compression_for(cfg.draft_compression, compression),
+    )
     return RayExecutor(spec, cfg.ray_address, gpus_per_task=1.0 if device.type == "cuda" else 0.0)
 
 
@@ -119,7 +135,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     context = rows[0]["input_ids"]
     out = Path(cfg.out_dir)
     for compression in compressions:
-        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels)
+        draft_compression = draft_compression_for(cfg.draft_compression, compression)
+        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels, draft_compression)
         model = calibrate(
             pair.target, pair.draft, compression, context, cfg.gamma_max, cfg.repeats, cfg.warmup
         )
@@ -179,12 +196,14 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
         )
     torch.set_num_threads(cfg.threads)
     for compression in compressions:
-        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels)
+        draft_compression = draft_compression_for(cfg.draft_compression, compression)
+        pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels, draft_compression)
         decode_c = replace(decode, eos_token_ids=eos_ids(pair.tokenizer, pair.target))
         meta = {
             "target": model_fingerprint(cfg.target, "target"),
             "draft": model_fingerprint(cfg.draft, "draft"),
             "compression": compression,
+            **({"draft_compression": draft_compression} if draft_compression else {}),
             "device": str(pair.device),
             # what shapes the rows beyond the models: a change here makes earlier part files stale
             "attention": pair.target.config._attn_implementation,

@@ -178,6 +178,22 @@ class ModelPair:
     draft_ref: str | None
 
 
+DRAFT_COMPRESSION_HELP = (
+    "null: the draft's own dtype; same: the target's compression; or one of " + ", ".join(COMPRESSIONS)
+)
+
+
+def draft_compression_for(setting: str | None, compression: str) -> str | None:
+    """The draft's compression beside a target at `compression`, from a config's `draft_compression`."""
+    if setting is None:
+        return None
+    if setting == "same":
+        return compression
+    if setting not in COMPRESSIONS:
+        raise SpeckvError(f"draft_compression {setting!r} is not valid ({DRAFT_COMPRESSION_HELP})")
+    return setting
+
+
 def load_pair(
     target: str,
     draft: str | None,

@@ -38,6 +38,7 @@ class PairSpec:
     device: str | None
     cpu_kernels: bool
     threads: int
+    draft_compression: str | None = None  # the draft's compression (None: its own dtype)
 
 
 def _worker_pair(spec: PairSpec):
@@ -47,7 +48,9 @@ def _worker_pair(spec: PairSpec):
     torch.set_num_threads(spec.threads)
     if spec not in _PAIRS:
         _PAIRS.clear()  # one pair per worker: a new compression replaces the last one
-        _PAIRS[spec] = load_pair(spec.target, spec.draft, spec.compression, spec.device, spec.cpu_kernels)
+        _PAIRS[spec] = load_pair(
+            spec.target, spec.draft, spec.compression, spec.device, spec.cpu_kernels, spec.draft_compression
+        )
     return _PAIRS[spec]
 
 

@@ -236,3 +236,32 @@ def test_replay_charges_what_reading_signals_costs():
                 i += accepted + 1
             assert b.model_ms == pytest.approx(a.model_ms + 0.5 * reads)
     assert charged.with_signals(True)[2] == pytest.approx(12 + 2 * 0.5 + 0.25)
+
+
+def test_a_compressed_draft_runs_live_beside_its_target(tiny_pair_dir):
+    """draft_compression `same` loads the draft at the target's compression; our loop and transformers'
+    assisted generation both run that one draft, losslessly."""
+    from speckv.profiling.models import draft_compression_for, load_pair
+
+    assert draft_compression_for(None, "int8") is None
+    assert draft_compression_for("same", "nf4") == "nf4"
+    assert draft_compression_for("int8", "fp32") == "int8"
+    with pytest.raises(SpeckvError, match="draft_compression 'int4' is not valid"):
+        draft_compression_for("int4", "fp32")
+    target_dir, draft_dir = tiny_pair_dir
+    pair = load_pair(
+        str(target_dir),
+        str(draft_dir),
+        "int8",
+        "cpu",
+        draft_compression=draft_compression_for("same", "int8"),
+    )
+    assert type(pair.draft.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    prompts = [{"prompt_id": "p0", "task": "code", "input_ids": list(range(10, 30))}]
+    roles = {
+        "none": parse_controller("none", 4, "int8"),
+        "fixed:3": parse_controller("fixed:3", 4, "int8"),
+        "hf-assisted": hf_role("hf-assisted", 4, assistant=pair.draft),
+    }
+    rows = run_live(pair, prompts, roles, DecodeConfig(max_new_tokens=12, gamma_max=4), warmup_tokens=0)
+    assert all(r["matches_none"] for r in rows)

@@ -50,6 +50,7 @@ class EvaluateConfig:
     out_dir: str = "artifacts/eval"
     target: str = "default"
     draft: str = "default"
+    draft_compression: str | None = None  # null: the draft's own dtype; same: the target's; or a compression
     hf_draft: str | None = None  # the standalone draft transformers' assisted generation runs (None: `draft`)
     device: str | None = None
     paper: bool = True  # replay the paper's formulation (its regressor refitted on the train traces)
@@ -122,7 +123,7 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
     from speckv.data.prompts import load_prompt_file
     from speckv.predictor.evaluation.live import HF_ROLES, HFAssisted, hf_role, run_live
     from speckv.profiling.decode import DecodeConfig
-    from speckv.profiling.models import eos_ids, load_pair, standalone_assistant
+    from speckv.profiling.models import draft_compression_for, eos_ids, load_pair, standalone_assistant
 
     if config.live_per_task == 0 or not config.live_controllers:
         return pd.DataFrame()
@@ -132,7 +133,10 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
         raise SpeckvError(f"{config.prompts} holds no test prompts")
     rows = []
     for compression, specs in config.live_controllers.items():
-        pair = load_pair(config.target, config.draft, compression, config.device, config.cpu_kernels)
+        draft_compression = draft_compression_for(config.draft_compression, compression)
+        pair = load_pair(
+            config.target, config.draft, compression, config.device, config.cpu_kernels, draft_compression
+        )
         decode = DecodeConfig(
             max_new_tokens=config.max_new_tokens,
             gamma_max=config.gamma_max,
@@ -141,7 +145,9 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
         roles: dict[str, Controller | HFAssisted] = {}
         assistant = None
         if any(spec in HF_ROLES for spec in specs):
-            assistant = standalone_assistant(pair, config.hf_draft or config.draft, config.draft, config.cpu_kernels)
+            assistant = standalone_assistant(
+                pair, config.hf_draft or config.draft, config.draft, config.cpu_kernels
+            )
         for spec in specs:
             if spec in HF_ROLES:
                 # hf-threshold: transformers' own confidence stop at our dev-tuned threshold
@@ -233,7 +239,15 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 live_frame.loc[live_frame["policy"].str.startswith("hf-"), "matches_none"].all()
             ),
         }
-        for base in ("best-fixed", "none", "threshold:best", "hf-assisted", "hf-heuristic", "hf-threshold", "fixed:4"):
+        for base in (
+            "best-fixed",
+            "none",
+            "threshold:best",
+            "hf-assisted",
+            "hf-heuristic",
+            "hf-threshold",
+            "fixed:4",
+        ):
             if "mlp" in live_roles and base in live_roles:
                 ci = paired_ratio(
                     live_frame,
