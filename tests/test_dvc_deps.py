@@ -34,6 +34,7 @@ from repo_modules import (
     walk,
 )
 from speckv.pipeline.cli import build_parser
+from speckv.pipeline.config import from_dict, load_params
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -221,6 +222,47 @@ def test_the_walk_sees_lazy_imports_and_skips_other_handlers():
     assert "data/distill.py" not in stage_imports("fetch")
     # transitive: the report's cost-model plot loads profiling/costmodel.py through its report module
     assert {"predictor/evaluation/report.py", "profiling/costmodel.py"} <= stage_imports("report")
+
+
+PAIR_PIPELINES = sorted((ROOT / "pipeline" / "pairs").glob("*/dvc.yaml"))
+
+
+def _outputs(stage: dict) -> set[str]:
+    return {
+        e if isinstance(e, str) else next(iter(e))
+        for k in ("outs", "metrics", "plots")
+        for e in stage.get(k, [])
+    }
+
+
+@pytest.mark.parametrize("dvc_file", PAIR_PIPELINES, ids=lambda p: p.parent.name)
+def test_a_pair_pipeline_runs_the_root_stages_on_its_own_params(dvc_file):
+    """Every stage of another pair's pipeline is a root stage's command with `--params` its own file: the same
+    code deps (so the checks above cover it), its params file listed with every section that command reads
+    and valid for those configs, paths from the repository root, and no output shared with the default pair."""
+    assert PAIR_PIPELINES, "no pipeline under pipeline/pairs/"
+    root_outputs = set().union(*(_outputs(s) for s in STAGES.values()))
+    for name, stage in yaml.safe_load(dvc_file.read_text())["stages"].items():
+        argv = shlex.split(stage["cmd"])
+        at = argv.index("--params")
+        params_file, base = argv[at + 1], " ".join(argv[:at] + argv[at + 2 :])
+        root = next((s for s, r in STAGES.items() if r["cmd"] == base), None)
+        assert root, f"{dvc_file.name} stage {name!r}: `{base}` is no root stage's command"
+        assert stage["wdir"] == "../../.." and (ROOT / params_file).is_file(), name
+
+        def code(deps: list[str]) -> set[str]:
+            return {d for d in deps if d.split("/")[0] not in ("models", "artifacts")}
+
+        assert code(stage["deps"]) == code(STAGES[root]["deps"]), name
+        sections = config_sections(root)
+        assert stage["params"] == [{params_file: sorted(sections)}], name
+        raw = load_params(ROOT / params_file)
+        for section, cls in sections.items():
+            from_dict(cls, raw.get(section), section)  # raises on an unknown key or a wrong type
+        assert not _outputs(stage) & root_outputs, name
+        assert all(
+            (ROOT / d).exists() for d in stage["deps"] if d.split("/")[0] not in ("models", "artifacts")
+        )
 
 
 def _stand_in(path: Path) -> None:

@@ -141,6 +141,29 @@ def test_each_compression_has_its_section_with_per_task_tables(report):
         assert table(page, section, "Live per task, tokens/s ratio to none")["rows"]
 
 
+def test_best_fixed_gamma_by_compression_and_task(report):
+    out, page, _ = report
+    summary = json.loads((out.parent / "eval" / "summary.json").read_text())
+    best = table(page, "best-fixed", page_caption(page, "best-fixed"))
+    assert best["columns"][:2] == ["compression", "chosen on dev: test replay ÷ target alone"]
+    assert [r[0][0] for r in best["rows"]] == ["fp32", "int8"]
+    by_task = summary["replay"]["test"]["vs_none_by_task"]
+    for compression in ("fp32", "int8"):
+        cells = row(best, compression)
+        chosen = summary["tuned"][compression]["best-fixed"]  # the page renders `spec` as code: no backticks
+        assert cells["chosen on dev: test replay ÷ target alone"][0].split()[0] == chosen
+        for task in ("chat", "code"):
+            group = by_task[f"{compression}/{task}"]
+            fixed = {r: v["tokens_per_s"] for r, v in group.items() if r == "none" or r.startswith("fixed:")}
+            fastest = max(fixed, key=fixed.get)
+            assert cells[f"{task}: fastest on test ÷ target alone"][0].split()[0] == fastest
+
+
+def page_caption(page, section: str) -> str:
+    (only,) = page.sections[section]["tables"]
+    return only["caption"]
+
+
 def test_page_is_self_contained_with_inline_plots(report):
     out, page, _ = report
     html = (out / "report.html").read_text()

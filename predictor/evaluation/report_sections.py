@@ -189,6 +189,55 @@ def provenance_rows(provenance: dict, summary: dict) -> list[str]:
     ]
 
 
+def _fixed_rank(role: str) -> int | None:
+    """gamma of a fixed-gamma role (`none` is 0), None for any other policy."""
+    if role == "none":
+        return 0
+    kind, _, value = role.partition(":")
+    return int(value) if kind == "fixed" and value.isdigit() else None
+
+
+def best_fixed_table(summary: dict) -> Table | None:
+    """Which fixed gamma each compression wants: the one chosen on dev (what every comparison uses) with its
+    test-replay ratio to the target alone, then per task the fixed gamma fastest on the test traces themselves
+    (descriptive: read off the prompts it is scored on)."""
+    by_task = summary["replay"]["test"].get("vs_none_by_task", {})
+    tuned = summary.get("tuned", {})
+    compressions = [c for c in tuned if any(g.startswith(f"{c}/") for g in by_task)]
+    if not compressions:
+        return None
+    tasks = sorted({g.split("/", 1)[1] for g in by_task if "/" in g})
+
+    def cell(group: str, role: str) -> Cell:
+        entry = by_task.get(group, {}).get(role, {})
+        ratio = ratio_cell(entry.get("vs_none")) if role != "none" else Cell("1×")
+        return Cell(f"`{role}` {ratio.text}", ratio.tone)
+
+    def fastest(group: str) -> str:
+        rates = {
+            r: v["tokens_per_s"] for r, v in by_task.get(group, {}).items() if _fixed_rank(r) is not None
+        }
+        return max(rates, key=rates.get)
+
+    rows = []
+    for c in compressions:
+        chosen = tuned[c]["best-fixed"]
+        none = summary["replay"]["test"]["vs_best_fixed"].get(c, {}).get("none", {}).get("vs_best-fixed")
+        if none and chosen != "none":  # none ÷ best fixed, inverted
+            ratio = ratio_cell({"ratio": 1 / none["ratio"], "low": 1 / none["high"], "high": 1 / none["low"]})
+            dev = Cell(f"`{chosen}` {ratio.text}", ratio.tone)
+        else:
+            dev = Cell(f"`{chosen}`")
+        rows.append([Cell(c), dev] + [cell(f"{c}/{t}", fastest(f"{c}/{t}")) for t in tasks])
+    return Table(
+        ["compression", "chosen on dev: test replay ÷ target alone"]
+        + [f"{t}: fastest on test ÷ target alone" for t in tasks],
+        rows,
+        "Best fixed gamma per compression (chosen on dev prompts) and per task (the fixed gamma, or none, "
+        "fastest on the test traces themselves: descriptive), tokens/s ratio to the target alone in replay",
+    )
+
+
 def build_sections(
     summary: dict,
     replay: pd.DataFrame,
@@ -223,6 +272,9 @@ def build_sections(
         f"{c}: best fixed `{t['best-fixed']}`, threshold `{t['threshold:tuned']}`, entropy `{t['entropy:tuned']}`"
         for c, t in summary["tuned"].items()
     )
+    best_fixed = best_fixed_table(summary)
+    if best_fixed is not None:
+        sections.append(Section("Best fixed gamma by compression and task", [best_fixed], "best-fixed"))
     sections.append(
         Section(
             "Replay on test prompts (exact, time from the cost model)",
