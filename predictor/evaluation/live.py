@@ -129,8 +129,11 @@ def run_live(
     if warmup_tokens > 0 and prompts:
         warm = DecodeConfig(**{**config.__dict__, "max_new_tokens": warmup_tokens})
         run_prompt(pair, prompts[0]["input_ids"], roles, warm, 0)
+    from tqdm import tqdm
+
     rows = []
-    for n, prompt in enumerate(prompts):
+    bar = tqdm(prompts, desc=f"live {pair.compression} ({len(roles)} policies)", unit="prompt")
+    for n, prompt in enumerate(bar):
         results = run_prompt(pair, prompt["input_ids"], roles, config, n)
         reference = results["none"]["token_ids"]
         for name, summary in results.items():
