@@ -250,6 +250,8 @@ def run_profile(
     for spec in controllers:  # fail before any model work on a bad spec
         parse_controller(spec, decode.gamma_max, compression)
     check_writable(out_dir)
+    for table in TABLES:  # every table directory exists, empty when no unit writes it (e.g. traces only)
+        (out_dir / table).mkdir(exist_ok=True)
     fp = fingerprint(
         {**run_meta, "decode": asdict(decode), "controllers": controllers, "traces": "batched-v1"}
     )

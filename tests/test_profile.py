@@ -147,6 +147,15 @@ def test_a_worker_killed_mid_write_leaves_no_temporary_file(pair, tmp_path):
     assert counts["units_done"] == len(PROMPTS)
 
 
+def test_traces_only_still_makes_every_table_directory(pair, tmp_path):
+    """profile.per_task: {} runs no recorder: tokens/ and steps/ exist empty (DVC declares all three outputs)."""
+    traced = [p for p in PROMPTS if p["split"] == "test"]
+    counts = prof.run_profile(pair, [], ["fixed:6"], DECODE, tmp_path, traced, META, progress=False)
+    assert counts["units_done"] == 1 and counts["tokens"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["steps", "tokens", "traces"]
+    assert not any((tmp_path / "tokens").iterdir()) and list((tmp_path / "traces").rglob("part-*.parquet"))
+
+
 def same_tables(a_dir, b_dir) -> None:
     """Every table equal row for row after sorting (timings aside), no duplicate rows, the same part files
     (so the same units and fingerprints)."""
