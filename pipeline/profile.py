@@ -208,6 +208,9 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
             # what shapes the rows beyond the models: a change here makes earlier part files stale
             "attention": pair.target.config._attn_implementation,
             "cpu_kernels": cfg.cpu_kernels,
+            # the kernels' memory plan changes a summation order or two; "full" (the usual) is left out so
+            # earlier part files stay valid
+            **({"kernel_plan": pair.kernels} if pair.kernels in ("lean", "off") else {}),
             "versions": {
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

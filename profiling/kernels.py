@@ -18,12 +18,15 @@ The kernels compute the same products as `F.linear` in another summation order (
 speculative runs in one process always share the patched model, so losslessness is checked like for like.
 
 Costs and limits: two extra copies of every patched weight in memory (inference only: the copies are
-taken once and go stale if the weights change afterwards), fp32 `nn.Linear` on CPU only -- half-precision
+taken once and go stale if the weights change afterwards), one where two would not fit (`plan`: "lean", one
+row then goes to the packed weight, which measured faster than `x @ Wt` on Qwen2.5-1.5B's shapes anyway), fp32 `nn.Linear` on CPU only -- half-precision
 weights (torch's fp16 CPU GEMV is fast as is, `x @ Wt` is not), bitsandbytes' int8/NF4 layers and GPU
 models are left alone. `install` returns how many layers it patched; `uninstall` restores them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +39,13 @@ MAX_ROWS = 16  # beyond: F.linear (prefill, batched generation: big GEMMs where 
 class FewRowLinear:
     """Callable that replaces one `nn.Linear.forward`, choosing the kernel by the number of input rows."""
 
-    def __init__(self, module: torch.nn.Linear) -> None:
+    def __init__(self, module: torch.nn.Linear, lean: bool = False) -> None:
         weight = module.weight.detach()
         self.weight = weight
         self.bias = None if module.bias is None else module.bias.detach()
         self.out_features = weight.shape[0]
-        self.weight_t = weight.t().contiguous()
+        # lean: no transposed copy (one row goes to the packed weight), one extra copy of the weight, not two
+        self.weight_t = None if lean else weight.t().contiguous()
         self.packed = None
         if torch.backends.mkldnn.is_available():
             self.packed = weight.to_mkldnn()
@@ -53,15 +57,15 @@ class FewRowLinear:
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         x2 = x.reshape(rows, x.shape[-1])
-        if rows == 1:
+        if rows == 1 and self.weight_t is not None:
             y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
-        elif 1 < rows <= SKINNY_ROWS:
+        elif 1 < rows <= SKINNY_ROWS or (rows == 1 and self.packed is None):
             y = (
                 self.weight @ x2.t()
                 if self.bias is None
                 else torch.addmm(self.bias[:, None], self.weight, x2.t())
             ).t()
-        elif 1 < rows <= MAX_ROWS and self.packed is not None:
+        elif 1 <= rows <= MAX_ROWS and self.packed is not None:
             y = torch._C._nn.mkldnn_linear(
                 x2.contiguous().to_mkldnn(), self.packed, self.packed_bias
             ).to_dense()
@@ -79,12 +83,55 @@ def eligible(module: torch.nn.Module) -> bool:
     )
 
 
-def install(model: torch.nn.Module) -> int:
-    """Patch every eligible linear layer of an inference model; returns the number patched."""
+MEMORY_SHARE = 0.8  # the models plus the kernels' copies may use this share of the machine's memory
+
+
+def _unique_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def plan(models: list[torch.nn.Module], mem_total: int | None = None) -> tuple[str, int, int]:
+    """("full" | "lean" | "off", bytes the models hold, bytes one copy of their eligible weights takes).
+
+    full: two extra copies of each eligible weight (transposed + packed); lean: the packed one only, where
+    two do not fit in MEMORY_SHARE of `mem_total` (default: MemTotal of /proc/meminfo; unknown: full);
+    off: not even one fits. A fp32 1.5B target with a fp32 0.5B draft (8 GB) needs 24.6 GB with two copies:
+    on a 24 GB machine that thrashed the page cache (84 GB read from disk in one evaluation)."""
+    models = [m for m in models if m is not None]
+    held = _unique_bytes(p for m in models for p in m.parameters())
+    copy = _unique_bytes(m.weight for model in models for m in model.modules() if eligible(m))
+    if mem_total is None:
+        mem_total = _mem_total()
+    if mem_total is None:
+        return "full", held, copy
+    budget = MEMORY_SHARE * mem_total
+    mode = "full" if held + 2 * copy <= budget else "lean" if held + copy <= budget else "off"
+    return mode, held, copy
+
+
+def _mem_total() -> int | None:
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:  # not Linux
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def install(model: torch.nn.Module, lean: bool = False) -> int:
+    """Patch every eligible linear layer of an inference model; returns the number patched. `lean` keeps one
+    extra copy of each weight instead of two (see `plan`)."""
     count = 0
     for module in model.modules():
         if eligible(module) and not hasattr(module, _ATTR):
-            kernel = FewRowLinear(module)
+            kernel = FewRowLinear(module, lean)
             module.forward = kernel
             setattr(module, _ATTR, kernel)
             count += 1

@@ -176,6 +176,9 @@ class ModelPair:
     device: torch.device
     target_ref: str
     draft_ref: str | None
+    kernels: str = (
+        "none"  # few-row CPU kernels: none (not asked for or not CPU), or kernels.plan's full/lean/off
+    )
 
 
 DRAFT_COMPRESSION_HELP = (
@@ -221,12 +224,27 @@ def load_pair(
     if needs_rowwise(compression, dev):
         install_rowwise(target_model)
         log.info("%s target on %s: row-wise attention, so verifying equals decoding", compression, dev.type)
+    mode = "none"
     if cpu_kernels and dev.type == "cpu":
         from speckv.profiling import kernels
 
-        patched = sum(kernels.install(m) for m in (target_model, draft_model) if m is not None)
-        log.info("few-row CPU kernels on %d fp32 linear layers", patched)
-    return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft)
+        mode, held, copy = kernels.plan([target_model, draft_model])
+        if mode == "off":
+            log.warning(
+                "no few-row CPU kernels: the models hold %.1f GB and one copy of their fp32 weights would not "
+                "fit beside them",
+                held / 1e9,
+            )
+        else:
+            lean = mode == "lean"
+            patched = sum(kernels.install(m, lean) for m in (target_model, draft_model) if m is not None)
+            log.info(
+                "few-row CPU kernels (%s: %.1f GB of copies) on %d fp32 linear layers",
+                mode,
+                (1 if lean else 2) * copy / 1e9,
+                patched,
+            )
+    return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft, mode)
 
 
 def check_draft(draft_model, target_model, draft_ref: str, target_ref: str) -> None:

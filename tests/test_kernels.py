@@ -49,3 +49,29 @@ def test_install_patches_only_fp32_plain_linear_and_uninstall_restores() -> None
         torch.testing.assert_close(model[:2](x), before, rtol=1e-4, atol=1e-4)
     assert kernels.uninstall(model) == 1
     assert "forward" not in model[0].__dict__
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+def test_lean_kernel_keeps_one_copy_and_the_same_products(rows: int) -> None:
+    torch.manual_seed(rows)
+    layer = torch.nn.Linear(96, 160, bias=True)
+    kernel = kernels.FewRowLinear(layer, lean=True)
+    assert kernel.weight_t is None
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(kernel(x), F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+
+
+def test_plan_drops_copies_that_would_not_fit() -> None:
+    """The models' bytes plus two copies of their fp32 linear weights must fit in MEMORY_SHARE of memory,
+    else one copy, else none; tied weights count once."""
+    embed = torch.nn.Embedding(100, 50)
+    head = torch.nn.Linear(50, 100, bias=False)
+    head.weight = embed.weight  # tied, as Qwen's head
+    model = torch.nn.Sequential(embed, torch.nn.Linear(50, 50, bias=False), head)
+    mode, held, copy = kernels.plan([model, None], mem_total=10**9)
+    assert (held, copy) == (4 * (100 * 50 + 50 * 50), 4 * (100 * 50 + 50 * 50))
+    share = kernels.MEMORY_SHARE
+    assert kernels.plan([model], mem_total=int((held + 2 * copy) / share) + 1)[0] == "full"
+    assert kernels.plan([model], mem_total=int((held + 2 * copy) / share) - 8)[0] == "lean"
+    assert kernels.plan([model], mem_total=int((held + copy) / share) - 8)[0] == "off"
