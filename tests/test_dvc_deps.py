@@ -227,6 +227,16 @@ def test_the_walk_sees_lazy_imports_and_skips_other_handlers():
 PAIR_PIPELINES = sorted((ROOT / "pipeline" / "pairs").glob("*/dvc.yaml"))
 
 
+def _root_stage(stage: dict) -> str | None:
+    """The root stage whose command this stage runs with its own `--params FILE`, or None."""
+    argv = shlex.split(stage["cmd"])
+    if "--params" not in argv:
+        return None
+    at = argv.index("--params")
+    base = " ".join(argv[:at] + argv[at + 2 :])
+    return next((s for s, r in STAGES.items() if r["cmd"] == base), None)
+
+
 def _outputs(stage: dict) -> set[str]:
     return {
         e if isinstance(e, str) else next(iter(e))
@@ -244,10 +254,9 @@ def test_a_pair_pipeline_runs_the_root_stages_on_its_own_params(dvc_file):
     root_outputs = set().union(*(_outputs(s) for s in STAGES.values()))
     for name, stage in yaml.safe_load(dvc_file.read_text())["stages"].items():
         argv = shlex.split(stage["cmd"])
-        at = argv.index("--params")
-        params_file, base = argv[at + 1], " ".join(argv[:at] + argv[at + 2 :])
-        root = next((s for s, r in STAGES.items() if r["cmd"] == base), None)
-        assert root, f"{dvc_file.name} stage {name!r}: `{base}` is no root stage's command"
+        params_file = argv[argv.index("--params") + 1]
+        root = _root_stage(stage)
+        assert root, f"{dvc_file.name} stage {name!r}: `{stage['cmd']}` is no root stage's command + --params"
         assert stage["wdir"] == "../../.." and (ROOT / params_file).is_file(), name
 
         def code(deps: list[str]) -> set[str]:
@@ -286,7 +295,12 @@ def test_dvc_status_flags_exactly_the_stages_that_import_an_edited_module(tmp_pa
         shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
-    for stage in STAGES.values():
+    pair_stages = {  # DVC's name for each stage of another pair's pipeline -> (stage, its root stage)
+        f"{_rel(path)}:{name}": (stage, _root_stage(stage))
+        for path in PAIR_PIPELINES
+        for name, stage in yaml.safe_load(path.read_text())["stages"].items()
+    }
+    for stage in [*STAGES.values(), *(stage for stage, _ in pair_stages.values())]:
         for key in ("deps", "outs", "metrics", "plots"):
             for entry in stage.get(key, []):
                 _stand_in(repo / (entry if isinstance(entry, str) else next(iter(entry))))
@@ -304,4 +318,6 @@ def test_dvc_status_flags_exactly_the_stages_that_import_an_edited_module(tmp_pa
         f.write("# one more line\n")
     expected = {s for s in STAGES if edited in stage_imports(s)}
     assert "evaluate" in expected
+    expected |= {key for key, (_, root) in pair_stages.items() if root in expected}
+    assert any(key.endswith(":evaluate") for key in expected - set(STAGES)) == bool(PAIR_PIPELINES)
     assert set(status()) == expected
