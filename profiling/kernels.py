@@ -18,10 +18,10 @@ The kernels compute the same products as `F.linear` in another summation order (
 speculative runs in one process always share the patched model, so losslessness is checked like for like.
 
 Costs and limits: two extra copies of every patched weight in memory (inference only: the copies are
-taken once and go stale if the weights change afterwards), one where two would not fit (`plan`: "lean", one
-row then goes to the packed weight, which measured faster than `x @ Wt` on Qwen2.5-1.5B's shapes anyway), fp32 `nn.Linear` on CPU only -- half-precision
-weights (torch's fp16 CPU GEMV is fast as is, `x @ Wt` is not), bitsandbytes' int8/NF4 layers and GPU
-models are left alone. `install` returns how many layers it patched; `uninstall` restores them.
+taken once and go stale if the weights change afterwards), one where two would not fit (`plan`: "lean";
+one row then goes to the packed weight, which measured faster than `x @ Wt` on Qwen2.5-1.5B's shapes
+anyway), fp32 `nn.Linear` on CPU only -- half-precision weights (torch's fp16 CPU GEMV is fast as is,
+`x @ Wt` is not), bitsandbytes' int8/NF4 layers and GPU models are left alone. `install` returns how many layers it patched; `uninstall` restores them.
 """
 
 from __future__ import annotations

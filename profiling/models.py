@@ -176,9 +176,8 @@ class ModelPair:
     device: torch.device
     target_ref: str
     draft_ref: str | None
-    kernels: str = (
-        "none"  # few-row CPU kernels: none (not asked for or not CPU), or kernels.plan's full/lean/off
-    )
+    # few-row CPU kernels: none (not asked for, or not a CPU), else kernels.plan's full / lean / off
+    kernels: str = "none"
 
 
 DRAFT_COMPRESSION_HELP = (
@@ -224,27 +223,32 @@ def load_pair(
     if needs_rowwise(compression, dev):
         install_rowwise(target_model)
         log.info("%s target on %s: row-wise attention, so verifying equals decoding", compression, dev.type)
-    mode = "none"
-    if cpu_kernels and dev.type == "cpu":
-        from speckv.profiling import kernels
-
-        mode, held, copy = kernels.plan([target_model, draft_model])
-        if mode == "off":
-            log.warning(
-                "no few-row CPU kernels: the models hold %.1f GB and one copy of their fp32 weights would not "
-                "fit beside them",
-                held / 1e9,
-            )
-        else:
-            lean = mode == "lean"
-            patched = sum(kernels.install(m, lean) for m in (target_model, draft_model) if m is not None)
-            log.info(
-                "few-row CPU kernels (%s: %.1f GB of copies) on %d fp32 linear layers",
-                mode,
-                (1 if lean else 2) * copy / 1e9,
-                patched,
-            )
+    mode = install_kernels([target_model, draft_model]) if cpu_kernels and dev.type == "cpu" else "none"
     return ModelPair(target_model, draft_model, load_tokenizer(target), compression, dev, target, draft, mode)
+
+
+def install_kernels(new: list, beside: list | tuple = ()) -> str:
+    """Few-row CPU kernels on the `new` models, planned (kernels.plan) over everything held in memory: `new`
+    and the models already loaded `beside` them. Returns the plan: full, lean or off."""
+    from speckv.profiling import kernels
+
+    mode, held, copy = kernels.plan([*beside, *new])
+    if mode == "off":
+        log.warning(
+            "no few-row CPU kernels: the models hold %.1f GB and one copy of their fp32 weights would not "
+            "fit beside them",
+            held / 1e9,
+        )
+        return mode
+    lean = mode == "lean"
+    patched = sum(kernels.install(m, lean) for m in new if m is not None)
+    log.info(
+        "few-row CPU kernels (%s: %.1f GB of copies) on %d fp32 linear layers",
+        mode,
+        (1 if lean else 2) * copy / 1e9,
+        patched,
+    )
+    return mode
 
 
 def check_draft(draft_model, target_model, draft_ref: str, target_ref: str) -> None:
@@ -269,9 +273,7 @@ def standalone_assistant(pair: ModelPair, ref: str, pair_draft_ref: str | None, 
         model = load_model(ref, "draft", pair.device)
         check_draft(model, pair.target, ref, pair.target_ref)
         if cpu_kernels and pair.device.type == "cpu" and not is_feature_draft(model):
-            from speckv.profiling import kernels
-
-            kernels.install(model)
+            install_kernels([model], beside=(pair.target, pair.draft))
     if model is None or is_feature_draft(model):
         raise SpeckvError(
             f"transformers' assisted generation needs a standalone draft, not {ref!r}: name one as the "

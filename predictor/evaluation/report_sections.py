@@ -189,12 +189,10 @@ def provenance_rows(provenance: dict, summary: dict) -> list[str]:
     ]
 
 
-def _fixed_rank(role: str) -> int | None:
-    """gamma of a fixed-gamma role (`none` is 0), None for any other policy."""
-    if role == "none":
-        return 0
+def _is_fixed(role: str) -> bool:
+    """A fixed-gamma policy: `none` (gamma 0) or `fixed:K`."""
     kind, _, value = role.partition(":")
-    return int(value) if kind == "fixed" and value.isdigit() else None
+    return role == "none" or (kind == "fixed" and value.isdigit())
 
 
 def best_fixed_table(summary: dict) -> Table | None:
@@ -214,9 +212,7 @@ def best_fixed_table(summary: dict) -> Table | None:
         return Cell(f"`{role}` {ratio.text}", ratio.tone)
 
     def fastest(group: str) -> str:
-        rates = {
-            r: v["tokens_per_s"] for r, v in by_task.get(group, {}).items() if _fixed_rank(r) is not None
-        }
+        rates = {r: v["tokens_per_s"] for r, v in by_task.get(group, {}).items() if _is_fixed(r)}
         return max(rates, key=rates.get)
 
     rows = []
