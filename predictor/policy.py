@@ -7,7 +7,9 @@ The next tokens' p is unknown until they are drafted; it is estimated as `discou
 looks ahead to every m <= gamma_max: keep drafting iff some E(m)/T(m) beats E(k)/T(k).
 `discount` is tuned on dev prompts by replaying the deployed controller on dense traces
 (predictor.train.tune_stop_rule), never on test prompts. The step-start decision (draft at all?) is the same
-rule at k = 0 with the step-start model's first-token acceptance and its own tuned discount.
+rule at k = 0 with the step-start model's first-token acceptance and its own tuned discount (or off: always
+draft). `draft_cap` bounds how far the rule can ever go under a cost table: where a dearer verify makes a
+second token never worth it, the loop drafts one and reads no signals at all.
 """
 
 from __future__ import annotations
@@ -53,3 +55,31 @@ def stop_index(p: Sequence[float], step_ms: Sequence[float], discount: float) ->
         if not keep_drafting(k, survival, expected, p[k - 1], step_ms[: limit + 1], discount):
             return k
     return limit
+
+
+# a relative slack in draft_cap's favour of drafting on, so float rounding never caps below the rule
+_CAP_SLACK = 1e-9
+
+
+def draft_cap(step_ms: Sequence[float], discount: float) -> int:
+    """The most tokens `keep_drafting` can ever let a step draft under this cost table and discount.
+
+    After k tokens, E(k) = 1 + S_1 + ... + S_k >= 1 + k * S_k, so S_k / E(k) <= 1 / (k + 1), and every later
+    token's p is at most q = min(discount, P_CAP). The rule goes on only if some m > k has
+    (E(k) + S_k * (q + ... + q^(m-k))) / T(m) > E(k) / T(k); if even the bound S_k / E(k) = 1 / (k + 1)
+    fails that for every m, the rule stops at k whatever the signals say. The cap is the first such k.
+    """
+    gamma_max = len(step_ms) - 1
+    q = min(discount, P_CAP)
+    for k in range(1, gamma_max):
+        ratio, term, gain = 1.0 / (k + 1), 1.0, 0.0
+        worth = False
+        for m in range(k + 1, gamma_max + 1):
+            term *= q
+            gain += term
+            if (1.0 + ratio * gain) * step_ms[k] * (1.0 + _CAP_SLACK) > step_ms[m]:
+                worth = True
+                break
+        if not worth:
+            return k
+    return max(gamma_max, 0)

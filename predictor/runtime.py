@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from speckv.predictor.policy import keep_drafting
+from speckv.predictor.policy import draft_cap, keep_drafting
 from speckv.profiling.errors import SpeckvError
 
 if TYPE_CHECKING:
@@ -176,10 +176,17 @@ class MLPController:
         # the rule's knobs, tuned per compression where the export has them (the best gamma moves with it)
         knobs = {**rule, **rule.get("by_compression", {}).get(compression, {})}
         self.discount = float(knobs["discount"])
-        self.start_discount = float(knobs["start_discount"])
+        start = knobs["start_discount"]
+        self.start_discount = None if start is None else float(start)  # None: no step-start decision
         self.trim = bool(knobs["trim"])
         self.step_ms = tuple(float(t) for t in rule["step_ms"][compression][: gamma_max + 1])
         self.draft_ms = float(rule["draft_ms"][compression])
+        # Signals are read only where they can change a decision: past the cap the rule stops whatever they
+        # say, so the loop drafts at most `cap` tokens and never asks about the last one. A cap of 1 and no
+        # step-start decision make this fixed:1, reading nothing.
+        self.cap = draft_cap(self.step_ms, self.discount)
+        self.needs_signals = self.cap > 1
+        self.needs_target_signals = self.needs_signals or self.start_discount is not None
         self._features = live_features
         self._start_features = live_start_features
         self._stats = RunningStats()
@@ -198,12 +205,13 @@ class MLPController:
         self._stats.reset()
         self._survival = 1.0
         self._expected = [1.0]
-        # Draft at all? Before any token exists only the step-start model can say how likely the first one
-        # is accepted; the same goodput rule decides, with its own tuned discount for the tokens after it.
-        p0 = self.start.predict_one(self._start_features(ctx, self._x_start))
-        if not keep_drafting(0, 1.0, 1.0, p0, self.step_ms, self.start_discount):
-            return 0
-        return self.gamma_max
+        if self.start_discount is not None:
+            # Draft at all? Before any token exists only the step-start model can say how likely the first
+            # one is accepted; the same goodput rule decides, with its own tuned discount for the later ones.
+            p0 = self.start.predict_one(self._start_features(ctx, self._x_start))
+            if not keep_drafting(0, 1.0, 1.0, p0, self.step_ms, self.start_discount):
+                return 0
+        return min(self.gamma_max, self.cap)
 
     def keep_drafting(self, signals: TokenSignals) -> bool:
         running = self._stats.update(signals)

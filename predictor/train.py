@@ -62,9 +62,9 @@ class TrainConfig:
     max_iter: int = 500  # L-BFGS iterations
     calibrations: list[str] = field(default_factory=lambda: ["none", "platt", "isotonic"])
     discount_grid: list[float] = field(default_factory=lambda: [round(0.5 + 0.05 * i, 2) for i in range(15)])
-    start_discount_grid: list[float] = field(
-        default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
-    )  # step-start rule discounts, tuned with discount by dev replay
+    start_discount_grid: list[float | None] = field(
+        default_factory=lambda: [None, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    )  # step-start rule discounts (None: no step-start decision), tuned with discount by dev replay
     trim_options: list[bool] = field(default_factory=lambda: [False, True])  # trim tried on and off on dev
     importance_scoring: str = "neg_log_loss"  # or roc_auc (greedy labels only are meaningful for AUC)
     importance_repeats: int = 5
@@ -82,8 +82,8 @@ class TrainConfig:
             problems.append(f"importance_scoring must be one of {importance.SCORINGS}")
         if not self.discount_grid or min(self.discount_grid) <= 0:
             problems.append("discount_grid must hold positive numbers")
-        if not self.start_discount_grid or min(self.start_discount_grid) <= 0:
-            problems.append("start_discount_grid must hold positive numbers")
+        if not self.start_discount_grid or any(s is not None and s <= 0 for s in self.start_discount_grid):
+            problems.append("start_discount_grid must hold positive numbers (or null: always draft)")
         if not self.trim_options or not all(isinstance(t, bool) for t in self.trim_options):
             problems.append("trim_options must hold true and/or false")
         if not self.alpha_grid or min(self.alpha_grid) < 0:
@@ -150,9 +150,8 @@ def tune_stop_rule(
         for knobs in grid:
             rule.update(knobs)
             score = replayed_goodput(mlp_for(predictor, gamma_max), subset, costs)
-            key = (
-                f"discount_{knobs['discount']:g}/start_{knobs['start_discount']:g}/trim_{int(knobs['trim'])}"
-            )
+            start = "off" if knobs["start_discount"] is None else f"{knobs['start_discount']:g}"
+            key = f"discount_{knobs['discount']:g}/start_{start}/trim_{int(knobs['trim'])}"
             scores[f"{label}/{key}"] = score
             if score > best_score:
                 best, best_score = knobs, score

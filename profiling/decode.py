@@ -27,7 +27,13 @@ from speckv.profiling.feature_draft import (
     is_feature_draft,
 )
 from speckv.profiling.models import synchronize
-from speckv.profiling.signals import RECENT_TOKENS, TokenSignals, distribution_signals, target_signals
+from speckv.profiling.signals import (
+    RECENT_TOKENS,
+    TokenSignals,
+    distribution_signals,
+    greedy_signals,
+    target_signals,
+)
 from transformers import DynamicCache
 
 
@@ -283,11 +289,15 @@ def speculative_generate(
                 logits = _forward(draft, pending, draft_cache, device, all_logits=False)
             draft_len += len(pending)
             last = i + 1 >= budget
+            values = None  # the token's signals, when the controller will be asked about it
             if greedy:
-                token = int(logits.argmax())
                 # the controller is never asked about the last token, so only a recorder needs its signals
-                needs_probs = recorder is not None or (controller.needs_signals and not last)
-                probs = torch.softmax(logits.float(), dim=-1) if needs_probs else None
+                if controller.needs_signals and not last:
+                    token, values = greedy_signals(logits)  # token and signals in one fused pass
+                else:
+                    token = int(logits.argmax())
+                recorded = recorder is not None and values is None  # a recorder's batch needs the row
+                probs = torch.softmax(logits.float(), dim=-1) if recorded else None
             else:
                 probs = logits_to_probs(logits, config)
                 token = _sample(probs, generator)
@@ -302,7 +312,8 @@ def speculative_generate(
                     draft_rows.append(probs)
                 break
             if controller.needs_signals:
-                (values,) = distribution_signals(probs[None], [token])
+                if values is None:  # sampling: the sampled token under the sampling distribution
+                    (values,) = distribution_signals(probs[None], [token])
                 signals.append(TokenSignals(*values, draft_index=i, position=len(tokens) + i))
                 if not controller.keep_drafting(signals[-1]):
                     break
@@ -342,8 +353,11 @@ def speculative_generate(
             synchronize(device)
             verify_ms = (time.perf_counter() - t0) * 1e3
         if wants_target:
-            # rows 0..n_accepted chose the tokens committed now: the accepted drafts and the next token
-            committed_stats = target_signals(target_logits[: n_accepted + 1])
+            # rows 0..n_accepted chose the tokens committed now: the accepted drafts and the next token; only
+            # the last RECENT_TOKENS of them can reach the running window
+            committed_stats = target_signals(
+                target_logits[max(0, n_accepted + 1 - RECENT_TOKENS) : n_accepted + 1]
+            )
             recent.extend(row[0] for row in committed_stats)
             confidence = committed_stats[-1]
 

@@ -6,6 +6,7 @@ inputs a gamma controller may use (the published SpecKV features used post-hoc s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SIGNALS = ("draft_prob", "top1_prob", "margin", "entropy")
@@ -42,18 +43,46 @@ def distribution_signals(probs, tokens: list[int]) -> list[tuple[float, float, f
     return [tuple(row) for row in packed]
 
 
+def greedy_signals(logits) -> tuple[int, tuple[float, float, float, float]]:
+    """The greedy token of one [V] logit row and its (draft_prob, top1_prob, margin, entropy), fused.
+
+    What the decode loop computes per drafted token for a signal-reading controller: one max, one exp, two
+    reductions and one host transfer (~0.1 ms on a 49k vocabulary here, against ~0.3 ms for argmax +
+    softmax + distribution_signals). Equal to distribution_signals(softmax(logits)) within float rounding.
+    """
+    import torch
+
+    z = logits.float()
+    top, index = z.max(dim=-1)
+    z = z - top  # a fresh tensor: the in-place mask below leaves the caller's logits alone
+    e = torch.exp(z)
+    total = e.sum()
+    weighted = torch.dot(e, z)
+    z[index] = float("-inf")
+    total, weighted, second, token = torch.stack([total, weighted, z.max(), index.float()]).cpu().tolist()
+    top1 = 1.0 / total
+    entropy = math.log(total) - weighted / total
+    return int(token), (top1, top1, top1 - math.exp(second) / total, entropy)
+
+
 def target_signals(logits) -> list[tuple[float, float]]:
     """(top-1 probability, entropy in nats) of each row of the target's [k, V] logits, one host transfer.
 
     The target's confidence in the token it just committed comes free with the verify pass, and is known
-    before the next draft starts: the step-start decision (draft at all?) may use it.
+    before the next draft starts: the step-start decision (draft at all?) may use it. Fused as
+    greedy_signals: with z = logits - max and S = sum(exp z), top-1 = 1/S and entropy = log S - sum(exp(z) z)/S.
     """
     import torch
 
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top1 = logp.max(dim=-1).values.exp()
-    entropy = -(logp.exp() * logp).sum(dim=-1)
-    return [tuple(row) for row in torch.stack([top1, entropy], dim=-1).cpu().tolist()]
+    # row by row: each row's temporaries stay in cache (batched rows ran 2-5x slower per row here)
+    sums = []
+    for row in logits.float():
+        z = row - row.max()
+        e = torch.exp(z)
+        sums.append(torch.stack([e.sum(), torch.dot(e, z)]))
+    if not sums:
+        return []
+    return [(1.0 / s, math.log(s) - w / s) for s, w in torch.stack(sums).cpu().tolist()]
 
 
 def recent_mean(top1, window: int):

@@ -207,3 +207,27 @@ def test_recorder_matches_the_loop(tiny_pair_dir):
     assert (labelled.groupby("step")["accepted"].apply(lambda s: (~s).sum() <= 1)).all()
     assert (tokens["draft_prob"] == tokens["top1_prob"]).all()  # greedy drafts the argmax
     assert (tokens["draft_prob_min"] <= tokens["draft_prob"] + 1e-7).all()
+
+
+def test_fused_signals_equal_the_softmax_definitions():
+    """greedy_signals (the loop's per-token pass) and target_signals equal the signals computed from the
+    softmax, including a tie for the top token and a sharp, almost one-hot row."""
+    from speckv.profiling.signals import distribution_signals, greedy_signals, target_signals
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(4096, generator=generator) * scale for scale in (0.1, 1.0, 4.0, 30.0)]
+    tie = torch.randn(4096, generator=generator)
+    tie[[7, 11]] = tie.max() + 1.0
+    rows.append(tie)
+    for logits in rows:
+        token, values = greedy_signals(logits.half())
+        probs = torch.softmax(logits.half().float(), dim=-1)
+        assert token == int(probs.argmax())
+        np.testing.assert_allclose(
+            values, distribution_signals(probs[None], [token])[0], atol=2e-6, rtol=1e-5
+        )
+    stacked = torch.stack(rows)
+    logp = torch.log_softmax(stacked, dim=-1)
+    reference = torch.stack([logp.max(dim=-1).values.exp(), -(logp.exp() * logp).sum(dim=-1)], dim=-1)
+    np.testing.assert_allclose(target_signals(stacked), reference.numpy(), atol=2e-6, rtol=1e-5)
+    assert target_signals(stacked[:0]) == []

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 from speckv.predictor.features import FEATURES, START_FEATURES
-from speckv.predictor.policy import keep_drafting, stop_index
+from speckv.predictor.policy import draft_cap, keep_drafting, stop_index
 from speckv.predictor.runtime import AcceptancePredictor, MLPController
 from speckv.profiling.controllers import Controller, StepContext
 from speckv.profiling.errors import SpeckvError
@@ -41,7 +41,9 @@ def _one_unit(names: tuple[str, ...], feature: str, scale: float, bias: float) -
     }
 
 
-def toy_predictor(trim: bool = False, start_discount: float = 1.0) -> AcceptancePredictor:
+def toy_predictor(
+    trim: bool = False, start_discount: float | None = 1.0, step_ms: list[float] = STEP_MS
+) -> AcceptancePredictor:
     """Token model p = sigmoid(10 * (draft_prob - 0.5)); step-start model p0 = sigmoid(10 * (top1 - 0.5))."""
     from speckv.predictor.runtime import start_predictor
 
@@ -56,7 +58,7 @@ def toy_predictor(trim: bool = False, start_discount: float = 1.0) -> Acceptance
             "discount": 1.0,
             "start_discount": start_discount,
             "trim": trim,
-            "step_ms": {"fp32": STEP_MS},
+            "step_ms": {"fp32": step_ms},
             "draft_ms": {"fp32": 1.0},
         },
     }
@@ -151,3 +153,54 @@ def test_per_compression_knobs_override_the_default():
     nf4 = MLPController(predictor, gamma_max=8, compression="nf4", name="mlp:toy")
     assert (fp32.discount, fp32.start_discount, fp32.trim) == (1.0, 1.0, False)
     assert (nf4.discount, nf4.start_discount, nf4.trim) == (0.6, 2.0, True)
+
+
+# a verify that jumps at 3 tokens, as int8's on the default pair (56 / 61 / 103 ms for 0 / 1 / 2 drafted)
+STEEP_MS = [56.0, 61.0, 103.0, 106.0, 108.0, 109.0, 111.0, 113.0, 114.0]
+
+
+def test_draft_cap_bounds_the_rule_whatever_the_acceptances():
+    rng = np.random.default_rng(0)
+    tight = 0
+    for _ in range(3000):
+        step_ms = np.cumsum(rng.uniform(0.0, 30.0, size=9)) + 10.0
+        discount = float(rng.choice([0.2, 0.4, 0.7, 1.0, 1.2]))
+        cap = draft_cap(step_ms, discount)
+        p = rng.uniform(0.0, 1.0, size=8) ** rng.uniform(0.05, 2.0)
+        drafted = stop_index(p, step_ms, discount)
+        assert 1 <= drafted <= cap <= 8
+        tight += drafted == cap
+    assert tight > 300  # the bound is reached, not just safe
+    assert draft_cap(STEEP_MS, 0.2) == 1 and draft_cap(STEEP_MS, 1.0) == 8
+    assert draft_cap(STEP_MS, 1.0) == 8
+
+
+def test_a_capped_controller_drafts_what_the_rule_would_and_reads_only_what_can_change_it():
+    """Under a steep verify the rule never drafts a second token at discount 0.2: the controller asks for
+    one, reads no draft signals, and with the step-start decision off reads no target signals either: it
+    is fixed:1. Where the cap is not reached its decisions are the uncapped rule's."""
+    predictor = toy_predictor(step_ms=STEEP_MS)
+    predictor.stop_rule["discount"] = 0.2
+    capped = MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy")
+    assert (capped.cap, capped.needs_signals, capped.needs_target_signals) == (1, False, True)
+    assert capped.start_step(context(top1=0.95)) == 1 and capped.start_step(context(top1=0.2)) == 0
+    predictor.stop_rule["start_discount"] = None
+    blind = MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy")
+    assert (blind.needs_signals, blind.needs_target_signals) == (False, False)
+    assert blind.start_step(context(top1=0.0)) == 1
+
+    for probs in ([0.97, 0.95, 0.9, 0.6, 0.3], [0.99] * 8, [0.4, 0.99]):
+        predictor = toy_predictor(step_ms=STEP_MS)
+        predictor.stop_rule["discount"] = 0.6
+        controller = MLPController(predictor, gamma_max=8, compression="fp32", name="mlp:toy")
+        budget = controller.start_step(context())
+        assert budget == controller.cap == draft_cap(STEP_MS, 0.6) < 8
+        p = [1 / (1 + math.exp(-10 * (d - 0.5))) for d in probs]
+        drafted = 0
+        for i, d in enumerate(probs[: budget - 1]):
+            drafted += 1
+            if not controller.keep_drafting(TokenSignals(d, d, d / 2, 1.0 - d, i, 30 + i)):
+                break
+        else:
+            drafted += 1  # the budget's last token, never asked about
+        assert drafted == stop_index(p + [0.0] * 8, STEP_MS, 0.6)

@@ -235,3 +235,28 @@ def test_calibrate_on_a_tiny_pair(pair):
     assert len(model.verify_ms) == 5 and model.draft_ms > 0 and model.overhead_ms >= 0
     assert all(a <= b for a, b in zip(model.verify_ms, model.verify_ms[1:], strict=False))
     assert model.step_ms(4) == pytest.approx(4 * model.draft_ms + model.verify_ms[4] + model.overhead_ms)
+
+
+def test_verify_sizes_take_turns_so_a_burst_of_load_inflates_none_of_them(pair, monkeypatch):
+    """A fake clock where a forward costs its token count, and 4x that for the first 40% of all calls (a
+    neighbour's burst): timed one size after another, the first sizes would read 4x; interleaved, every
+    size's median is its true cost."""
+    from speckv.profiling import calibrate as cal
+
+    class Clock:
+        now, calls = 0.0, 0
+
+    sizes, repeats, warmup = [1, 2, 3, 4, 5], 9, 1
+    burst = 0.4 * len(sizes) * (repeats + warmup)
+    context = list(range(10, 30))
+
+    def fake_forward(model, new, cache, device, all_logits):
+        if len(new) < len(context):
+            Clock.calls += 1
+            Clock.now += len(new) * (4.0 if Clock.calls <= burst else 1.0) / 1e3
+
+    monkeypatch.setattr(cal, "_forward", fake_forward)
+    monkeypatch.setattr(cal.time, "perf_counter", lambda: Clock.now)
+    measured = cal.verify_ms_interleaved(pair.target, context, sizes, repeats, warmup)
+    assert measured == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert Clock.calls == len(sizes) * (repeats + warmup)
