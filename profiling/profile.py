@@ -3,7 +3,8 @@ written as hive-partitioned Parquet part files (compression=/task=) that a kille
 
 Each unit of work (one prompt under one controller, or one prompt's trace) is one part file per table,
 written to a temporary name and renamed, so a part either exists whole or not at all. Part names carry a
-fingerprint of everything that shapes the rows; parts of another fingerprint are stale and removed.
+fingerprint of everything that shapes the rows (the traces tag moves when their arithmetic does); parts of
+another fingerprint are stale and removed.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def run_profile(
     for table in TABLES:  # every table directory exists, empty when no unit writes it (e.g. traces only)
         (out_dir / table).mkdir(exist_ok=True)
     fp = fingerprint(
-        {**run_meta, "decode": asdict(decode), "controllers": controllers, "traces": "batched-v1"}
+        {**run_meta, "decode": asdict(decode), "controllers": controllers, "traces": "batched-v2"}
     )
     units = list(plan_units(prompts, controllers, trace_prompts if decode.greedy else []))
     removed = remove_stale(out_dir, compression, fp, {u.key for u in units})
