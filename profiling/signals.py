@@ -57,7 +57,8 @@ def greedy_signals(logits) -> tuple[int, tuple[float, float, float, float]]:
     z = z - top  # a fresh tensor: the in-place mask below leaves the caller's logits alone
     e = torch.exp(z)
     total = e.sum()
-    weighted = torch.dot(e, z)
+    # masked logits (-inf: a feature draft's restricted head) have e = 0; keep 0 * -inf from making a nan
+    weighted = torch.dot(e, z.clamp_(min=torch.finfo(z.dtype).min))
     z[index] = float("-inf")
     total, weighted, second, token = torch.stack([total, weighted, z.max(), index.float()]).cpu().tolist()
     top1 = 1.0 / total
@@ -79,7 +80,7 @@ def target_signals(logits) -> list[tuple[float, float]]:
     for row in logits.float():
         z = row - row.max()
         e = torch.exp(z)
-        sums.append(torch.stack([e.sum(), torch.dot(e, z)]))
+        sums.append(torch.stack([e.sum(), torch.dot(e, z.clamp_(min=torch.finfo(z.dtype).min))]))
     if not sums:
         return []
     return [(1.0 / s, math.log(s) - w / s) for s, w in torch.stack(sums).cpu().tolist()]

@@ -211,7 +211,7 @@ def test_recorder_matches_the_loop(tiny_pair_dir):
 
 def test_fused_signals_equal_the_softmax_definitions():
     """greedy_signals (the loop's per-token pass) and target_signals equal the signals computed from the
-    softmax, including a tie for the top token and a sharp, almost one-hot row."""
+    softmax, including a tie for the top token, a sharp, almost one-hot row and -inf logits."""
     from speckv.profiling.signals import distribution_signals, greedy_signals, target_signals
 
     generator = torch.Generator().manual_seed(0)
@@ -219,6 +219,9 @@ def test_fused_signals_equal_the_softmax_definitions():
     tie = torch.randn(4096, generator=generator)
     tie[[7, 11]] = tie.max() + 1.0
     rows.append(tie)
+    masked = torch.randn(4096, generator=generator)
+    masked[1000:] = float("-inf")  # a restricted head's full-vocabulary logits (the feature draft's)
+    rows.append(masked)
     for logits in rows:
         token, values = greedy_signals(logits.half())
         probs = torch.softmax(logits.half().float(), dim=-1)
@@ -228,6 +231,8 @@ def test_fused_signals_equal_the_softmax_definitions():
         )
     stacked = torch.stack(rows)
     logp = torch.log_softmax(stacked, dim=-1)
-    reference = torch.stack([logp.max(dim=-1).values.exp(), -(logp.exp() * logp).sum(dim=-1)], dim=-1)
+    reference = torch.stack(
+        [logp.max(dim=-1).values.exp(), torch.special.entr(logp.exp()).sum(dim=-1)], dim=-1
+    )
     np.testing.assert_allclose(target_signals(stacked), reference.numpy(), atol=2e-6, rtol=1e-5)
     assert target_signals(stacked[:0]) == []

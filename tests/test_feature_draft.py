@@ -125,6 +125,27 @@ def test_decode_loop_drafts_what_the_trace_says(feature_pair_dir):
         assert row["draft_prob"] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("spec", ["threshold:0.6", "entropy:1.5", "entropy:2.5"])
+def test_signal_reading_controllers_decide_live_as_in_replay(feature_pair_dir, spec):
+    """The signals the loop hands a controller are the trace's: the same stops step by step, live and in
+    replay. (The restricted head's -inf logits once gave the loop's fused pass a nan entropy, so every
+    entropy-reading controller stopped after one token live while replay, on the traces, did not.)"""
+    from speckv.profiling.replay import replay, traces_from_frame
+
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), "fp32", "cpu")
+    ids = char_tokenizer()("def add(a, b):")["input_ids"]
+    run = {"prompt_id": "p", "task": "code", "split": "test", "compression": "fp32"}
+    (table,) = batched_traces(pair.target, pair.draft, [ids], 6, 40, (2,), [run])
+    (trace,) = traces_from_frame(table.to_pandas())
+    live = speculative_generate(
+        pair.target, pair.draft, ids, parse_controller(spec, 6), DecodeConfig(max_new_tokens=40, gamma_max=6)
+    )
+    replayed = replay(parse_controller(spec, 6), trace, [10.0 + k for k in range(7)])
+    assert live.gammas == replayed.gammas and live.accepts == replayed.accepts
+    assert max(live.gammas) > 1  # the controllers go on past a first token somewhere
+
+
 def test_incremental_reference_trace_matches(feature_pair_dir):
     target_dir, draft_dir = feature_pair_dir
     pair = load_pair(str(target_dir), str(draft_dir), "fp32", "cpu")
