@@ -145,9 +145,6 @@ class MLPController:
     draft at all (the step-start model's first-token acceptance), draft one more (the MLP's per-token
     acceptance), and after stopping, verify fewer than drafted (trim) when the last tokens are not worth it."""
 
-    needs_signals = True
-    needs_target_signals = True
-
     def __init__(self, predictor: AcceptancePredictor, gamma_max: int, compression: str, name: str) -> None:
         # profiling.signals imports torch (for distribution_signals), so it is imported only here, where a
         # decode loop already has torch loaded; load_export stays numpy-only.

@@ -53,16 +53,17 @@ class FewRowLinear:
             self.packed = weight.to_mkldnn()
             bias = self.bias if self.bias is not None else torch.zeros(self.out_features, dtype=weight.dtype)
             self.packed_bias = bias.to_mkldnn()
+        # most rows that go to `W @ x^T`: none when lean with a packed weight (every few-row call goes there)
+        self.skinny_rows = 0 if self.weight_t is None and self.packed is not None else SKINNY_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.weight.dtype or (torch.is_grad_enabled() and x.requires_grad):
             return F.linear(x, self.weight, self.bias)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         x2 = x.reshape(rows, x.shape[-1])
-        lean = self.weight_t is None and self.packed is not None
         if rows == 1 and self.weight_t is not None:
             y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
-        elif not lean and (1 < rows <= SKINNY_ROWS or (rows == 1 and self.packed is None)):
+        elif 1 <= rows <= self.skinny_rows:
             y = (
                 self.weight @ x2.t()
                 if self.bias is None

@@ -54,16 +54,26 @@ def greedy_signals(logits) -> tuple[int, tuple[float, float, float, float]]:
 
     z = logits.float()
     top, index = z.max(dim=-1)
-    z = z - top  # a fresh tensor: the in-place mask below leaves the caller's logits alone
-    e = torch.exp(z)
-    total = e.sum()
-    # masked logits (-inf: a feature draft's restricted head) have e = 0; keep 0 * -inf from making a nan
-    weighted = torch.dot(e, z.clamp_(min=torch.finfo(z.dtype).min))
+    z = z - top  # a fresh tensor: the in-place edits below leave the caller's logits alone
+    total, weighted = _exp_sums(z)
     z[index] = float("-inf")
     total, weighted, second, token = torch.stack([total, weighted, z.max(), index.float()]).cpu().tolist()
-    top1 = 1.0 / total
-    entropy = math.log(total) - weighted / total
+    top1, entropy = _top1_entropy(total, weighted)
     return int(token), (top1, top1, top1 - math.exp(second) / total, entropy)
+
+
+def _exp_sums(z):
+    """(S, W) = (sum exp z, sum exp(z) z) of a max-shifted logit row z, which it clamps in place: masked
+    logits (-inf: a feature draft's restricted head) have exp z = 0, and 0 * -inf must not make a nan."""
+    import torch
+
+    e = torch.exp(z)
+    return e.sum(), torch.dot(e, z.clamp_(min=torch.finfo(z.dtype).min))
+
+
+def _top1_entropy(total: float, weighted: float) -> tuple[float, float]:
+    """Top-1 probability 1/S and entropy log S - W/S (nats) from _exp_sums."""
+    return 1.0 / total, math.log(total) - weighted / total
 
 
 def target_signals(logits) -> list[tuple[float, float]]:
@@ -71,19 +81,15 @@ def target_signals(logits) -> list[tuple[float, float]]:
 
     The target's confidence in the token it just committed comes free with the verify pass, and is known
     before the next draft starts: the step-start decision (draft at all?) may use it. Fused as
-    greedy_signals: with z = logits - max and S = sum(exp z), top-1 = 1/S and entropy = log S - sum(exp(z) z)/S.
+    greedy_signals (_exp_sums).
     """
     import torch
 
     # row by row: each row's temporaries stay in cache (batched rows ran 2-5x slower per row here)
-    sums = []
-    for row in logits.float():
-        z = row - row.max()
-        e = torch.exp(z)
-        sums.append(torch.stack([e.sum(), torch.dot(e, z.clamp_(min=torch.finfo(z.dtype).min))]))
+    sums = [torch.stack(_exp_sums(row - row.max())) for row in logits.float()]
     if not sums:
         return []
-    return [(1.0 / s, math.log(s) - w / s) for s, w in torch.stack(sums).cpu().tolist()]
+    return [_top1_entropy(s, w) for s, w in torch.stack(sums).cpu().tolist()]
 
 
 def recent_mean(top1, window: int):
