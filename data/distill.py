@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from speckv.data.distill_loss import teacher_labels
+from speckv.data.distill_loss import teacher_targets
 from speckv.data.draft_training import build_draft, pick_vocab, train_draft
 from speckv.data.model_card import agreement_by_task, model_card
 from speckv.data.models import publish_dir, write_marker
@@ -66,7 +66,7 @@ __all__ = [
     "distill",
     "generate_teacher_data",
     "plan_teacher_rows",
-    "teacher_labels",
+    "teacher_targets",
     "train_draft",
 ]
 

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import torch
-from speckv.data.distill_loss import distill_loss, teacher_labels
+from speckv.data.distill_loss import TeacherTargets, distill_loss, teacher_targets
 from speckv.profiling.cpu import resolve_auto_dtype
 from speckv.profiling.errors import SpeckvError
 
@@ -71,10 +71,11 @@ def make_batches(seqs: list[dict], batch_tokens: int, generator: torch.Generator
 
 
 def collate(
-    seqs: list[dict], idx: list[int], prompt_weight: float, labels: list[torch.Tensor] | None = None
-) -> tuple[torch.Tensor, ...]:
-    """Right-padded inputs, target hidden states, per-position loss weights and (given per-sequence
-    `labels`) the teacher's top tokens; without `labels` the last item is None.
+    seqs: list[dict], idx: list[int], prompt_weight: float, targets: list[TeacherTargets] | None = None
+) -> tuple[torch.Tensor | None, ...]:
+    """Right-padded inputs, target hidden states and per-position loss weights; given per-sequence `targets`
+    (`teacher_targets`) also the teacher's top tokens, restricted-vocab probabilities and sum p log p (zeros
+    before each sequence's `start`, where no head term counts); without them those three are None.
 
     Weights are 0 on padding, `prompt_weight` on prompt positions and 1 on response positions. A sampled
     repeat's prompt positions weigh 0: its greedy sibling already carries them (same prompt, same states).
@@ -84,18 +85,25 @@ def collate(
     inputs = torch.zeros((len(idx), width), dtype=torch.long)
     hidden = torch.zeros((len(idx), width, hidden_size))
     weight = torch.zeros((len(idx), width))
-    top = None if labels is None else torch.zeros((len(idx), width), dtype=torch.long)
+    top = probs = neg_entropy = None
+    if targets is not None:
+        top = torch.zeros((len(idx), width), dtype=torch.long)
+        probs = torch.zeros((len(idx), width, targets[idx[0]].probs.shape[-1]), dtype=torch.float16)
+        neg_entropy = torch.zeros((len(idx), width))
     for row, i in enumerate(idx):
         s = seqs[i]
         n = len(s["tokens"]) - 1
         inputs[row, :n] = s["tokens"][:-1].long()
         hidden[row, :n] = s["hidden"].float()
-        if top is not None:
-            top[row, :n] = labels[i]
+        if targets is not None:
+            t = targets[i]
+            top[row, :n] = t.labels
+            probs[row, t.start : n] = t.probs
+            neg_entropy[row, t.start : n] = t.neg_entropy
         # Position p predicts token p + 1: it is a response position from the last prompt token on.
         weight[row, : s["n_prompt"] - 1] = prompt_weight if s.get("sample", 0) == 0 else 0.0
         weight[row, s["n_prompt"] - 1 : n] = 1.0
-    return inputs, hidden, weight, top
+    return inputs, hidden, weight, top, probs, neg_entropy
 
 
 def lr_at(step: int, config: DistillConfig) -> float:
@@ -115,7 +123,7 @@ def train_draft(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     head_rows = draft.model.embed_tokens.weight.detach()[vocab_ids]
     autocast = resolve_auto_dtype(config.train_autocast) == "bfloat16"
-    labels = teacher_labels(seqs, head_rows)
+    targets = teacher_targets(seqs, head_rows, config.prompt_head_weight)
     generator = torch.Generator().manual_seed(config.seed)
     batches: list[list[int]] = []
     losses = []
@@ -124,13 +132,17 @@ def train_draft(
     for step in range(config.steps):
         if not batches:
             batches = make_batches(seqs, config.batch_tokens, generator)
-        inputs, target_hidden, weight, top = collate(seqs, batches.pop(), config.prompt_weight, labels)
+        inputs, target_hidden, weight, top, probs, neg_entropy = collate(
+            seqs, batches.pop(), config.prompt_weight, targets
+        )
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
         # bfloat16 autocast runs the matmuls in bf16 (fp32 master weights, softmaxes in fp32).
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = draft.model(input_ids=inputs, use_cache=False)
-            loss = distill_loss(out.last_hidden_state, target_hidden, weight, head_rows, config, top)
+            loss = distill_loss(
+                out.last_hidden_state, target_hidden, weight, head_rows, config, top, probs, neg_entropy
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

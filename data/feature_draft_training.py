@@ -16,7 +16,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import torch
-from speckv.data.distill_loss import distill_loss, teacher_labels
+from speckv.data.distill_loss import distill_loss, teacher_targets
 from speckv.data.draft_training import collate, lr_at, make_batches
 from speckv.profiling.cpu import resolve_auto_dtype
 from speckv.profiling.feature_draft import FeatureDraft, FeatureDraftConfig, shifted_features
@@ -71,7 +71,7 @@ def train_feature_draft(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     head_rows = draft.head.weight.detach()
     autocast = resolve_auto_dtype(config.train_autocast) == "bfloat16"
-    labels = teacher_labels(seqs, head_rows)
+    targets = teacher_targets(seqs, head_rows, config.prompt_head_weight)
     generator = torch.Generator().manual_seed(config.seed)
     schedule = type(config)(**{**config.__dict__, "steps": steps})
     batches: list[list[int]] = []
@@ -81,7 +81,9 @@ def train_feature_draft(
     for step in range(steps):
         if not batches:
             batches = make_batches(seqs, config.batch_tokens, generator)
-        inputs, target_hidden, weight, top = collate(seqs, batches.pop(), config.prompt_weight, labels)
+        inputs, target_hidden, weight, top, probs, neg_entropy = collate(
+            seqs, batches.pop(), config.prompt_weight, targets
+        )
         features = shifted_features(target_hidden)
         if feature_noise > 0:
             scale = features.pow(2).mean(-1, keepdim=True).sqrt()
@@ -91,7 +93,7 @@ def train_feature_draft(
             group["lr"] = lr_at(step, schedule)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = draft.hidden(inputs, features)
-            loss = distill_loss(out, target_hidden, weight, head_rows, config, top)
+            loss = distill_loss(out, target_hidden, weight, head_rows, config, top, probs, neg_entropy)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -306,14 +306,40 @@ def test_distill_loss_under_bf16_autocast_keeps_the_teacher_in_float32() -> None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = loss_mod.distill_loss(draft_hidden, target_hidden, weight, head_rows, config)
     assert mixed.dtype == torch.float32 and torch.isclose(mixed, exact, rtol=2e-2)
-    # Precomputed float32 labels give the same loss as labels computed inside.
-    flat = [target_hidden[i].to(torch.float16) for i in range(2)]
-    labels = torch.stack(loss_mod.teacher_labels([{"hidden": h} for h in flat], head_rows))
-    hidden16 = torch.stack(flat).float()
-    assert torch.isclose(
-        loss_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config, labels),
-        loss_mod.distill_loss(draft_hidden, hidden16, weight, head_rows, config),
-    )
+
+
+@pytest.mark.parametrize("prompt_head_weight", [0.5, 0.0])
+def test_precomputed_teacher_targets_give_the_loss_and_gradient_of_the_teacher_computed_inside(
+    prompt_head_weight: float,
+) -> None:
+    """`teacher_targets` (float32 labels, float16 probabilities from `head_start` on) collated for a greedy
+    and a sampled sequence of different lengths: same loss and draft gradient as the teacher's logits
+    computed in the loss, so no position whose head terms count was left out of the cache."""
+    torch.manual_seed(0)
+    head_rows = torch.randn(64, 16)
+    seqs = [
+        {"tokens": torch.arange(7, dtype=torch.int32), "hidden": torch.randn(6, 16).half(), "n_prompt": 3},
+        {
+            "tokens": torch.arange(5, dtype=torch.int32),
+            "hidden": torch.randn(4, 16).half(),
+            "n_prompt": 2,
+            "sample": 1,
+        },
+    ]
+    config = DistillConfig(prompt_head_weight=prompt_head_weight)
+    targets = loss_mod.teacher_targets(seqs, head_rows, prompt_head_weight)
+    assert [t.start for t in targets] == [0 if prompt_head_weight else 2, 1]
+    inputs, hidden, weight, top, probs, neg_entropy = training_mod.collate(seqs, [0, 1], 0.5, targets)
+    assert top is not None and probs is not None and neg_entropy is not None
+    _, hidden_plain, weight_plain, none, _, _ = training_mod.collate(seqs, [0, 1], 0.5)
+    assert none is None and torch.equal(hidden, hidden_plain) and torch.equal(weight, weight_plain)
+    draft = torch.randn(hidden.shape, requires_grad=True)
+    cached = loss_mod.distill_loss(draft, hidden, weight, head_rows, config, top, probs, neg_entropy)
+    (grad_cached,) = torch.autograd.grad(cached, draft)
+    plain = loss_mod.distill_loss(draft, hidden, weight, head_rows, config)
+    (grad_plain,) = torch.autograd.grad(plain, draft)
+    assert torch.isclose(cached, plain, rtol=1e-3)
+    assert torch.allclose(grad_cached, grad_plain, rtol=1e-2, atol=1e-4)
 
 
 def test_plan_teacher_rows_fills_small_tasks_with_sampled_repeats() -> None:
@@ -337,7 +363,7 @@ def test_collate_drops_the_duplicate_prompt_of_a_sampled_repeat() -> None:
         "n_prompt": 3,
     }
     seqs = [{**seq, "sample": 0}, {**seq, "sample": 1}]
-    _, _, weight, top = training_mod.collate(seqs, [0, 1], prompt_weight=0.5)
+    _, _, weight, top, _, _ = training_mod.collate(seqs, [0, 1], prompt_weight=0.5)
     assert top is None
     assert weight.tolist() == [[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]
 
