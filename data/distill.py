@@ -3,11 +3,12 @@
 Recipe ("shallow copy", chosen because it reuses the target's output space exactly):
 1. Teacher data: the target's greedy responses to the distill prompts (batched, left padded); tasks with fewer
    prompts than `sequences_per_task` also get sampled responses to the same prompts (temperature
-   `sample_temperature`) until they have that many sequences. A hook on the final norm records the target's
-   final hidden state at every prompt and response position; all is cached in one file. Generation runs the
-   target in `teacher_dtype` (bfloat16: ~1.8x the tokens per second of float32 on this CPU; its argmax
-   matches float32's on 98.2% of teacher-forced dev positions); dev/test sequences, on which agreement is
-   measured, are always the float32 target's greedy responses.
+   `sample_temperature`) until they have that many sequences; a prompt's rows share one prefill
+   (`data/teacher.py`). The target's final hidden state at every prompt and response position is kept;
+   all is cached in one file. Generation runs the target in `teacher_dtype` (bfloat16: ~1.8x the tokens
+   per second of float32 on this CPU; its argmax matches float32's on 98.2% of teacher-forced dev
+   positions); dev/test sequences, on which agreement is measured, are always the float32 target's greedy
+   responses.
 2. Draft: a 2-layer Llama initialised from the target's first 2 layers, sharing the target's (tied) embedding
    and head, both frozen. Only the layers and final norm train, so the saved model has the full-vocab head.
 3. Loss: on response positions, KL from the target's distribution restricted to its most frequent tokens
@@ -85,7 +86,7 @@ class DistillConfig:
     dev_per_task: int = 10  # dev prompts per task for held-out agreement (recipe choices were made on it)
     test_per_task: int = 10  # test prompts per task for the reported agreement (never used for a choice)
     max_new_tokens: int = 128  # target response length cap for teacher data
-    gen_batch_size: int = 48  # prompts per batched target generation
+    gen_batch_size: int = 48  # rows per batched teacher generation (a prompt's rows share its prefill)
     restricted_vocab: int = 8192  # most frequent target tokens the training loss is computed on
     steps: int = 1000  # optimizer steps
     batch_tokens: int = 1024  # token positions per optimizer step (whole sequences, right padded)

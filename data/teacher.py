@@ -1,5 +1,9 @@
 """Teacher data for the distillation (step 1 of the recipe in `data/distill.py`): the target's responses to
 the prompts, greedy or sampled, with its final hidden state at every position, cached per row in one file.
+
+Generation is our own batched, KV-cached loop rather than `generate()`: the sampled repeats of a prompt
+(tasks with few distill prompts get several) and its greedy response share one prefill, which is most of
+the work for long prompts; the hidden states come from the same forwards as the logits.
 """
 
 from __future__ import annotations
@@ -49,6 +53,20 @@ def plan_teacher_rows(rows: list[dict], sequences_per_task: int) -> list[dict]:
     return plan
 
 
+def _choose(
+    logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token per row: the argmax where the row's temperature is 0, else a draw from
+    softmax(logits / temperature) (no top-k or top-p), in float32."""
+    logits = logits.float()
+    tokens = logits.argmax(-1)
+    hot = temperatures > 0
+    if hot.any():
+        probs = torch.softmax(logits[hot] / temperatures[hot, None], dim=-1)
+        tokens[hot] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return tokens
+
+
 @torch.no_grad()
 def generate_batch(
     target: Any,
@@ -56,52 +74,105 @@ def generate_batch(
     max_new_tokens: int,
     pad_id: int,
     eos_id: int,
-    temperature: float = 0.0,
+    temperature: float | list[float] = 0.0,
+    generator: torch.Generator | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Target responses for one batch (greedy, or sampled at `temperature` > 0 from the global torch RNG),
-    with the target's final hidden state at every position.
+    """Target responses for one batch, with the target's final hidden state at every position.
 
-    Returns per prompt `tokens` (prompt + response up to and including EOS), `hidden` [len(tokens) - 1, H]
+    `temperature` is one value for all rows or one per row: 0 decodes greedily, > 0 samples from
+    softmax(logits / T) with `generator` (the global torch RNG when None). Rows with the same prompt ids
+    share one prefill: the prompts are run once, left padded, and their KV cache is gathered to the rows
+    before the rows decode, KV-cached, one token per forward. The hidden states are those forwards' own
+    outputs (the model's final norm), so they are the states the logits came from.
+
+    Returns per row `tokens` (prompt + response up to and including EOS), `hidden` [len(tokens) - 1, H]
     in fp16 (position i predicts token i + 1) and `n_prompt`.
     """
-    captured: list[torch.Tensor] = []
-    hook = target.model.norm.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        if temperature > 0
-        else {"do_sample": False}
+    temps = [float(temperature)] * len(rows) if isinstance(temperature, int | float) else list(temperature)
+    if len(temps) != len(rows):
+        raise ValueError(f"{len(temps)} temperatures for {len(rows)} rows")
+    prompt_index: dict[tuple[int, ...], int] = {}
+    rows_of = torch.tensor([prompt_index.setdefault(tuple(r["input_ids"]), len(prompt_index)) for r in rows])
+    prompts = list(prompt_index)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    out = target.model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
     )
-    try:
-        width = max(len(r["input_ids"]) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids = torch.tensor(r["input_ids"], dtype=torch.long)
-            input_ids[i, width - len(ids) :] = ids
-            mask[i, width - len(ids) :] = 1
-        out = target.generate(
-            input_ids=input_ids,
+    prompt_hidden, cache = out.last_hidden_state, out.past_key_values
+    logits = target.lm_head(prompt_hidden[:, -1])[rows_of]
+    if len(prompts) < len(rows):
+        cache.reorder_cache(rows_of)  # gathers (and repeats) each prompt's cache into its rows
+    mask = mask[rows_of]
+    position = mask.sum(-1, keepdim=True)  # the position of each row's next token
+    temps_t = torch.tensor(temps, dtype=torch.float32)
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    tokens: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        token = torch.where(done, pad_id, _choose(logits, temps_t, generator))
+        tokens.append(token)
+        done |= token == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+        out = target.model(
+            input_ids=token[:, None],
             attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-            **sampling,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
         )
-    finally:
-        hook.remove()
-    hidden = torch.cat(captured, dim=1)  # [B, width + generated − 1, H]
+        states.append(out.last_hidden_state[:, -1])
+        logits = target.lm_head(states[-1])
+        position = position + 1
+    response = torch.stack(tokens, dim=1)
+    decoded = (
+        torch.stack(states, dim=1)
+        if states
+        else prompt_hidden.new_zeros((len(rows), 0, prompt_hidden.shape[-1]))
+    )
     results = []
     for i, r in enumerate(rows):
         n_prompt = len(r["input_ids"])
-        response = out[i, width:]
-        ends = (response == eos_id).nonzero()
-        n_resp = int(ends[0]) + 1 if len(ends) else len(response)
-        tokens = torch.cat([torch.tensor(r["input_ids"]), response[:n_resp]])
-        h = hidden[i, width - n_prompt : width - 1 + n_resp]
+        ends = (response[i] == eos_id).nonzero()
+        n_resp = int(ends[0]) + 1 if len(ends) else response.shape[1]
+        hidden = torch.cat([prompt_hidden[rows_of[i], width - n_prompt :], decoded[i, : n_resp - 1]])
         results.append(
-            {"tokens": tokens.to(torch.int32), "hidden": h.to(torch.float16), "n_prompt": n_prompt}
+            {
+                "tokens": torch.cat([torch.tensor(r["input_ids"]), response[i, :n_resp]]).to(torch.int32),
+                "hidden": hidden.to(torch.float16),
+                "n_prompt": n_prompt,
+            }
         )
     return results
+
+
+def _prompt_batches(rows: list[dict], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of at most `batch_size`: the rows of one prompt together (they share its
+    prefill; a prompt with more rows than a batch is split), prompts in order of length (little padding)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(tuple(r["input_ids"]), []).append(i)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for group in sorted(groups.values(), key=lambda g: len(rows[g[0]]["input_ids"])):
+        for k in range(0, len(group), batch_size):
+            chunk = group[k : k + batch_size]
+            if len(current) + len(chunk) > batch_size:
+                batches.append(current)
+                current = []
+            current.extend(chunk)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def generate_teacher_data(
@@ -114,35 +185,41 @@ def generate_teacher_data(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Teacher sequences for all `rows`, batched by similar prompt length to waste little on padding.
+    """Teacher sequences for all `rows`: greedy where a row's `sample` is 0 (or absent), sampled at
+    `temperature` where it is > 0, batched by `_prompt_batches` (greedy and sampled rows of one prompt
+    share its prefill).
 
-    Sampled batches (`temperature` > 0) seed the torch RNG from `seed` and the batch's first row key, so a
-    from-scratch run is reproducible.
+    Each batch with sampled rows draws from its own generator, seeded from `seed` and the key of its first
+    sampled row, so a from-scratch run is reproducible.
     """
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     seqs: dict[int, dict] = {}
     start = time.perf_counter()
     n_generated = 0
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        if temperature > 0:
-            torch.manual_seed(seed * 1_000_003 + zlib.crc32(row_key(rows[idx[0]]).encode("utf-8")))
-        batch = generate_batch(target, [rows[i] for i in idx], max_new_tokens, pad_id, eos_id, temperature)
-        for i, seq in zip(idx, batch, strict=True):
+    for idx in _prompt_batches(rows, batch_size):
+        temps = [temperature if rows[i].get("sample", 0) > 0 else 0.0 for i in idx]
+        generator = None
+        sampled = [i for i, t in zip(idx, temps, strict=True) if t > 0]
+        if sampled:
+            key = row_key(rows[sampled[0]]).encode("utf-8")
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key))
+        batch = generate_batch(
+            target, [rows[i] for i in idx], max_new_tokens, pad_id, eos_id, temps, generator
+        )
+        for i, t, seq in zip(idx, temps, batch, strict=True):
             seqs[i] = {
                 **seq,
                 "prompt_id": rows[i]["prompt_id"],
                 "task": rows[i]["task"],
                 "sample": rows[i].get("sample", 0),
-                "temperature": temperature,
+                "temperature": t,
             }
             n_generated += len(seq["tokens"]) - seq["n_prompt"]
         elapsed = time.perf_counter() - start
         log.info(
-            "teacher%s: %d/%d prompts, %d response tokens, %.0f s (%.1f tok/s)",
-            f" (sampled, T={temperature})" if temperature > 0 else "",
+            "teacher: %d/%d sequences (%d sampled), %d response tokens, %.0f s (%.1f tok/s)",
             len(seqs),
             len(rows),
+            sum(1 for s in seqs.values() if s["temperature"] > 0),
             n_generated,
             elapsed,
             n_generated / elapsed,
@@ -187,12 +264,17 @@ def load_or_generate_teacher(
     missing = [r for r in rows if not fresh(r)]
     log.info("teacher data: %d of %d sequences cached in %s", len(rows) - len(missing), len(rows), path)
     if missing:
-        for t in sorted({temperature(r) for r in missing}):
-            group = [r for r in missing if temperature(r) == t]
-            made = generate_teacher_data(
-                target, group, config.max_new_tokens, config.gen_batch_size, pad_id, eos_id, t, config.seed
-            )
-            cached.update({row_key(r): s for r, s in zip(group, made, strict=True)})
+        made = generate_teacher_data(
+            target,
+            missing,
+            config.max_new_tokens,
+            config.gen_batch_size,
+            pad_id,
+            eos_id,
+            config.sample_temperature,
+            config.seed,
+        )
+        cached.update({row_key(r): s for r, s in zip(missing, made, strict=True)})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         torch.save({"max_new_tokens": config.max_new_tokens, "dtype": dtype, "seqs": cached}, tmp)

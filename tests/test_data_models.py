@@ -216,6 +216,48 @@ def test_teacher_hidden_states_line_up_with_tokens(tmp_path: Path) -> None:
         assert torch.equal(greedy[seq["n_prompt"] - 1 :], tokens[seq["n_prompt"] :])
 
 
+def test_shared_prompt_rows_are_prefilled_once_and_decode_as_alone(tmp_path: Path) -> None:
+    """Rows with one prompt (greedy and sampled) share one prefill; each row decodes as it would alone:
+    greedy rows give `generate()`'s tokens, a sampled row the draws its own generator gives alone."""
+    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
+    a, b = [1, 5, 6, 7], [1, 9]
+    rows = [{"input_ids": a}, {"input_ids": b}, {"input_ids": a}, {"input_ids": a}]
+    temps = [0.0, 0.0, 1.5, 0.0]
+    prefills: list[tuple[int, ...]] = []
+    hook = target.model.register_forward_hook(
+        lambda _m, args, kwargs, _out: (
+            prefills.append(tuple(kwargs["input_ids"].shape)) if kwargs["input_ids"].shape[1] > 1 else None
+        ),
+        with_kwargs=True,
+    )
+    try:
+        batch = teacher_mod.generate_batch(target, rows, 6, 2, 2, temps, torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+    assert prefills == [(2, 4)]  # two distinct prompts, one prefill each, in one forward
+    assert torch.equal(batch[0]["tokens"], batch[3]["tokens"])
+    for row, seq in zip(rows, batch, strict=True):
+        assert seq["n_prompt"] == len(row["input_ids"])
+        assert seq["hidden"].shape == (len(seq["tokens"]) - 1, target.config.hidden_size)
+    for i in (0, 1):
+        ids = torch.tensor([rows[i]["input_ids"]])
+        ref = target.generate(
+            input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=2, eos_token_id=2
+        )
+        assert torch.equal(batch[i]["tokens"].long(), ref[0])
+        alone = teacher_mod.generate_batch(target, [rows[i]], 6, 2, 2)[0]
+        assert torch.allclose(batch[i]["hidden"].float(), alone["hidden"].float(), atol=1e-2)
+    alone = teacher_mod.generate_batch(target, [rows[2]], 6, 2, 2, 1.5, torch.Generator().manual_seed(3))[0]
+    assert torch.equal(batch[2]["tokens"], alone["tokens"])
+    assert len(batch[2]["tokens"]) > len(a) and not torch.equal(batch[2]["tokens"], batch[0]["tokens"])
+
+
+def test_prompt_batches_keep_a_prompts_rows_together_in_order_of_length() -> None:
+    rows = [{"input_ids": [1] * n} for n in (5, 2, 5, 3, 2, 5)]
+    assert teacher_mod._prompt_batches(rows, 3) == [[1, 4, 3], [0, 2, 5]]
+    assert teacher_mod._prompt_batches(rows, 2) == [[1, 4], [3], [0, 2], [5]]
+
+
 def test_distill_rejects_an_empty_split(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("")
