@@ -36,13 +36,18 @@ def feature_draft_path(
     continuation: list[int],
     gamma_max: int,
 ) -> DraftPath:
-    """The draft's greedy gamma_max tokens and signals at every position of `continuation`, batched."""
+    """The draft's greedy gamma_max tokens and signals at every position of `continuation`, batched.
+
+    `features`: the target's final hidden states at positions 0 .. L-2 of prompt + continuation (L tokens);
+    a row for position L-1 may be there, it is never read.
+    """
     device = draft.device
     n_prompt, n_new = len(prompt_ids), len(continuation)
     seq = list(prompt_ids) + list(continuation)
     length = len(seq)
     ids = torch.tensor([seq], device=device)
-    inputs = shifted_features(features)[None].to(draft.dtype)
+    known = features[: length - 1]
+    inputs = torch.cat([known.new_zeros(1, known.shape[1]), known])[None].to(draft.dtype)  # t reads f_{t-1}
     positions = torch.arange(length, device=device)[None]
     x, q, k, v = draft.project(ids, inputs, positions)
     # steps start at positions p = n_prompt + i; their first token comes from position p - 1

@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 from speckv.profiling.controllers import NoDraft
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
-from speckv.profiling.feature_draft import is_feature_draft
+from speckv.profiling.feature_draft import forward_with_features, is_feature_draft
 from speckv.profiling.feature_traces import (
     feature_draft_path,
     feature_draft_path_incremental,
@@ -44,6 +44,9 @@ class Continuation:
     tokens: list[int]
     target_top1: list[float]
     target_entropy: list[float]
+    # the target's final hidden state at positions 0 .. L-2 of prompt + continuation (L tokens), float32:
+    # what a feature draft reads; kept by `target_continuations(..., features=True)` from its own forwards
+    features: torch.Tensor | None = None
 
 
 def _stack_left_padded(caches: list[DynamicCache], n_layers: int) -> tuple[DynamicCache, list[int]]:
@@ -69,22 +72,30 @@ def target_continuations(
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...],
     batch_size: int = 16,
+    features: bool = False,
 ) -> list[Continuation]:
     """The target's greedy continuations of `prompts`, decoded `batch_size` at a time.
 
     Each prompt is prefilled alone over all but its last token, as `speculative_generate` does; decoding
     then feeds one token per prompt per forward. EOS ends a prompt's continuation (the EOS token included).
+    With `features`, the forwards stop at the final hidden states, the head is applied to them here (as the
+    decode loop's `forward_with_features` does) and each continuation keeps them: a feature draft's trace
+    then needs no second target pass over the sequence.
     """
     out: list[Continuation] = []
     device = target.device
     n_layers = target.config.num_hidden_layers
     for start in range(0, len(prompts), batch_size):
         group = prompts[start : start + batch_size]
-        caches, first = [], []
+        caches, first, prefilled = [], [], []
         for ids in group:
             cache = DynamicCache(config=target.config)
             if len(ids) > 1:
-                logits = _forward(target, ids[:-1], cache, device, all_logits=False)
+                if features:
+                    logits, hidden = forward_with_features(target, ids[:-1], cache, device, all_logits=False)
+                    prefilled.append(hidden.float())
+                else:
+                    logits = _forward(target, ids[:-1], cache, device, all_logits=False)
                 first.append(target_signals(logits[None])[0])
             else:
                 first.append((float("nan"), float("nan")))
@@ -104,15 +115,22 @@ def target_continuations(
         entropy = [[f[1]] for f in first]
         done = [False] * b
         eos = frozenset(eos_token_ids)
+        decoded: list[torch.Tensor] = []  # per step, [b, H]: the state of the token fed at that step
         for _ in range(max_new_tokens):
             pad_mask = torch.cat([pad_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-            logits = target(
-                input_ids=last,
-                attention_mask=pad_mask[:, None, None, :],
-                position_ids=lengths[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]
+            inputs = {
+                "input_ids": last,
+                "attention_mask": pad_mask[:, None, None, :],
+                "position_ids": lengths[:, None],
+                "past_key_values": cache,
+                "use_cache": True,
+            }
+            if features:
+                hidden = target.model(**inputs).last_hidden_state[:, -1]
+                decoded.append(hidden.float())
+                logits = target.get_output_embeddings()(hidden)
+            else:
+                logits = target(**inputs).logits[:, -1]
             chosen = logits.argmax(dim=-1)
             stats = target_signals(logits)
             for row in range(b):
@@ -128,9 +146,11 @@ def target_continuations(
             last = chosen[:, None]
             lengths = lengths + 1
         # position i's confidence is that of the token before it: drop the one after the last token
-        out += [
-            Continuation(t, p[: len(t)], h[: len(t)]) for t, p, h in zip(tokens, top1, entropy, strict=True)
-        ]
+        for row, (t, p, h) in enumerate(zip(tokens, top1, entropy, strict=True)):
+            kept = None
+            if features:  # prompt positions 0 .. n-2 from the prefill, then one per token fed: n-1 .. L-2
+                kept = torch.cat([prefilled[row], torch.stack([d[row] for d in decoded[: len(t)]])])
+            out.append(Continuation(t, p[: len(t)], h[: len(t)], kept))
     return out
 
 
@@ -306,13 +326,17 @@ def batched_traces(
     batch_size: int = 16,
 ) -> list[pa.Table]:
     """Trace tables of many prompts: batched target continuations, teacher-forced draft paths."""
-    continuations = target_continuations(target, prompts, max_new_tokens, eos_token_ids, batch_size)
-    tracer = tracing_copy(draft)
     reads_features = is_feature_draft(draft)
+    continuations = target_continuations(
+        target, prompts, max_new_tokens, eos_token_ids, batch_size, features=reads_features
+    )
+    tracer = tracing_copy(draft)
     tables = []
     for ids, c, run in zip(prompts, continuations, runs, strict=True):
         if reads_features:
-            features = target_features(target, list(ids) + c.tokens)
+            features = c.features
+            if features is None:  # a group decoded one prompt at a time kept none
+                features = target_features(target, list(ids) + c.tokens)
             path = feature_draft_path(tracer, features, ids, c.tokens, gamma_max)
         else:
             path = draft_path(tracer, ids, c.tokens, gamma_max)

@@ -10,6 +10,7 @@ from speckv.profiling.traces import (
     draft_path,
     draft_path_incremental,
     target_continuations,
+    target_features,
 )
 from tiny import EOS_ID
 
@@ -27,6 +28,25 @@ def test_batched_continuations_equal_the_decode_loop(tiny_pair_dir, compression)
         assert len(got.target_top1) == len(got.tokens) == len(got.target_entropy)
         assert got.target_top1 == pytest.approx(want.target_top1, abs=1e-4, nan_ok=True)
         assert got.target_entropy == pytest.approx(want.target_entropy, abs=1e-3, nan_ok=True)
+
+
+@pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
+def test_continuations_keep_the_features_a_teacher_forced_pass_gives(tiny_pair_dir, compression):
+    """With `features=True` the batched decoding keeps the target's final hidden states of positions
+    0 .. L-2 (what a feature draft reads): equal to one teacher-forced forward over prompt + continuation,
+    and the continuations themselves unchanged."""
+    target, draft = tiny_pair_dir
+    pair = load_pair(str(target), str(draft), compression, "cpu")
+    plain = target_continuations(pair.target, PROMPTS, 20, (EOS_ID,), batch_size=3)
+    kept = target_continuations(pair.target, PROMPTS, 20, (EOS_ID,), batch_size=3, features=True)
+    assert [c.tokens for c in kept] == [c.tokens for c in plain]
+    # the group holding the one-token prompt [9] is decoded one prompt at a time, without features
+    assert [c.features is None for c in kept] == [False, False, False, True, True]
+    for ids, c in zip(PROMPTS[:3], kept[:3], strict=True):
+        length = len(ids) + len(c.tokens)
+        want = target_features(pair.target, ids + c.tokens)[: length - 1]
+        assert c.features.shape == want.shape
+        torch.testing.assert_close(c.features, want, atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("gamma_max", [1, 4, 8])
