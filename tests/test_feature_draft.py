@@ -125,6 +125,45 @@ def test_decode_loop_drafts_what_the_trace_says(feature_pair_dir):
         assert row["draft_prob"] == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
+def test_traced_features_are_the_ones_the_decode_loop_reads(feature_pair_dir, monkeypatch, compression):
+    """The features a batched trace drafts from (kept by the target's continuation) equal, position by
+    position, those the decode loop's target forwards hand the draft (fixed:3: verify chunks of up to 4
+    tokens, rejections, re-fed corrections). A teacher-forced pass over the whole sequence need not: int8's
+    outlier decomposition makes a row depend on the other rows of its forward."""
+    import speckv.profiling.decode as decode_mod
+
+    target_dir, draft_dir = feature_pair_dir
+    pair = load_pair(str(target_dir), str(draft_dir), compression, "cpu")
+    ids = char_tokenizer()("x = [i * i for i in range(10)]")["input_ids"]
+    fed: list[tuple[int, list[int], torch.Tensor]] = []
+    real = decode_mod.forward_with_features
+
+    def recording(model, tokens, cache, device, all_logits):
+        start = cache.get_seq_length()
+        logits, hidden = real(model, tokens, cache, device, all_logits)
+        fed.append((start, list(tokens), hidden.float()))
+        return logits, hidden
+
+    monkeypatch.setattr(decode_mod, "forward_with_features", recording)
+    config = DecodeConfig(max_new_tokens=40, eos_token_ids=(2,))
+    result = speculative_generate(pair.target, pair.draft, ids, parse_controller("fixed:3", 8), config)
+    assert result.drafted > result.accepted > 0
+    seq = ids + result.token_ids
+    live: dict[int, torch.Tensor] = {}
+    for start, tokens, hidden in fed:
+        for j, token in enumerate(tokens):
+            if start + j >= len(seq) - 1 or seq[start + j] != token:
+                break  # a rejected draft: the rows after it had a wrong token in their context
+            live.setdefault(start + j, hidden[j])
+    assert sorted(live) == list(range(len(seq) - 1))
+    (continuation,) = target_continuations(pair.target, [ids], 40, (2,), features=True)
+    assert continuation.tokens == result.token_ids
+    torch.testing.assert_close(
+        continuation.features, torch.stack([live[p] for p in sorted(live)]), atol=1e-4, rtol=0
+    )
+
+
 @pytest.mark.parametrize("spec", ["threshold:0.6", "entropy:1.5", "entropy:2.5"])
 def test_signal_reading_controllers_decide_live_as_in_replay(feature_pair_dir, spec):
     """The signals the loop hands a controller are the trace's: the same stops step by step, live and in
