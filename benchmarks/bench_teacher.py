@@ -7,7 +7,8 @@ the stage ran before), on the same planned rows of the real target, side by side
 The rows are planned as the stage plans them, scaled down: each task keeps its first N distill prompts and
 the stage's number of rows per prompt (`sequences_per_task` / the task's distill prompts), so the mix of
 greedy rows and sampled repeats is the default run's. Both sides use the stage's batch size and response
-cap; `generate()` runs greedy and sampled rows in separate calls, batched by prompt length. Greedy rows
+cap; `generate()` runs greedy and sampled rows in separate calls, batched by prompt length. Both warm up on
+4 short rows first; `--order` says which is timed first. Greedy rows
 should come out identical (batch composition can flip a near-tie in low precision; the count is printed).
 """
 
@@ -17,6 +18,7 @@ import argparse
 import logging
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,7 @@ def main() -> int:
     parser.add_argument("--prompts", default="artifacts/prompts/prompts.jsonl")
     parser.add_argument("--prompts-per-task", type=int, default=8)
     parser.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32 or bfloat16")
+    parser.add_argument("--order", choices=["generate-first", "shared-first"], default="generate-first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     config = DistillConfig()
@@ -116,22 +119,30 @@ def main() -> int:
         n = min(args.prompts_per_task, len(task_rows))
         rows += plan_teacher_rows(task_rows[:n], n * per_prompt if per_prompt > 1 else n)
     n_sampled = sum(r["sample"] > 0 for r in rows)
+
+    def shared(batch: list[dict], max_new_tokens: int) -> list[dict]:
+        return generate_teacher_data(
+            target,
+            batch,
+            max_new_tokens,
+            config.gen_batch_size,
+            pad_id,
+            eos_id,
+            config.sample_temperature,
+            config.seed,
+        )
+
+    def reference(batch: list[dict], max_new_tokens: int) -> list[dict]:
+        return hf_generate_rows(target, batch, replace(config, max_new_tokens=max_new_tokens), pad_id, eos_id)
+
+    methods = {"generate()": reference, "shared prefill": shared}
+    order = list(methods) if args.order == "generate-first" else list(reversed(methods))
+    for name in order:  # warm-up: kernels and allocator caches before anything is timed
+        methods[name](rows[:4], 8)
     results = {}
-    for name in ("generate()", "shared prefill"):
+    for name in order:
         start = time.perf_counter()
-        if name == "shared prefill":
-            seqs = generate_teacher_data(
-                target,
-                rows,
-                config.max_new_tokens,
-                config.gen_batch_size,
-                pad_id,
-                eos_id,
-                config.sample_temperature,
-                config.seed,
-            )
-        else:
-            seqs = hf_generate_rows(target, rows, config, pad_id, eos_id)
+        seqs = methods[name](rows, config.max_new_tokens)
         seconds = time.perf_counter() - start
         n_tokens = sum(len(s["tokens"]) - s["n_prompt"] for s in seqs)
         results[name] = (seqs, seconds, n_tokens)

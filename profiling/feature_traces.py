@@ -3,7 +3,7 @@
 A feature draft's k-th token at a step depends on where the step starts (its first token reads the target's
 feature, the later ones the draft's own predictions), so no single teacher-forced pass gives a whole draft.
 But its one layer makes each cached position's key and value a function of that position's input alone, so:
-  1. one target forward over prompt + continuation gives the target's features f at every position;
+  1. the target's features f at every position come with its continuation (`target_continuations`);
   2. one teacher-forced draft pass over the sequence with the true features gives every step's first token
      and, as keys/values, exactly the cache the decode loop holds at any step start;
   3. draft index d of every step is then ONE batched forward of one position per step start, attending to
@@ -16,16 +16,27 @@ the two equal on a tiny pair.
 from __future__ import annotations
 
 import torch
-from speckv.profiling.feature_draft import FeatureCache, FeatureDraft, shifted_features
+from speckv.profiling.feature_draft import FeatureCache, FeatureDraft, forward_with_features, shifted_features
 from speckv.profiling.signals import distribution_signals
 from speckv.profiling.trace_types import DraftPath, match_length
+from transformers import DynamicCache
 
 
 @torch.inference_mode()
-def target_features(target, seq: list[int]) -> torch.Tensor:
-    """The target's final hidden state at every position of `seq` (teacher-forced, one forward), [L, H]."""
-    ids = torch.tensor([seq], device=target.device)
-    return target.model(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+def target_features(target, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
+    """The target's final hidden states at positions 0 .. L-2 of prompt + continuation (L tokens), [L-1, H]
+    float32, computed as the decode loop computes them: the prompt but its last token in one forward, then
+    one token per forward. (One teacher-forced forward over the whole sequence is not the same at int8/nf4:
+    the quantized layers amplify its attention kernels' last-bit differences.) The reference for the
+    features `target_continuations(..., features=True)` keeps."""
+    seq = list(prompt_ids) + list(continuation)
+    cache = DynamicCache(config=target.config)
+    rows = []
+    if len(prompt_ids) > 1:
+        rows.append(forward_with_features(target, seq[: len(prompt_ids) - 1], cache, target.device, False)[1])
+    for token in seq[len(prompt_ids) - 1 : -1]:
+        rows.append(forward_with_features(target, [token], cache, target.device, False)[1])
+    return torch.cat(rows).float()
 
 
 @torch.inference_mode()

@@ -308,7 +308,7 @@ def dense_trace(
     """The incremental reference trace of one prompt (TRACE_SCHEMA rows)."""
     continuation = continuation_incremental(target, prompt_ids, max_new_tokens, eos_token_ids)
     if is_feature_draft(draft):
-        features = target_features(target, list(prompt_ids) + continuation.tokens)
+        features = target_features(target, prompt_ids, continuation.tokens)
         path = feature_draft_path_incremental(draft, features, prompt_ids, continuation.tokens, gamma_max)
     else:
         path = draft_path_incremental(draft, prompt_ids, continuation.tokens, gamma_max)
@@ -336,7 +336,7 @@ def batched_traces(
         if reads_features:
             features = c.features
             if features is None:  # a group decoded one prompt at a time kept none
-                features = target_features(target, list(ids) + c.tokens)
+                features = target_features(target, ids, c.tokens)
             path = feature_draft_path(tracer, features, ids, c.tokens, gamma_max)
         else:
             path = draft_path(tracer, ids, c.tokens, gamma_max)

@@ -87,7 +87,7 @@ def test_batched_feature_traces_equal_incremental_drafting(feature_pair_dir, gam
     for prompt in PROMPTS:
         ids = char_tokenizer()(prompt)["input_ids"]
         continuation = target_continuations(pair.target, [ids], 30, (2,))[0].tokens
-        features = target_features(pair.target, ids + continuation)
+        features = target_features(pair.target, ids, continuation)
         fast = feature_draft_path(pair.draft, features, ids, continuation, gamma_max)
         slow = feature_draft_path_incremental(pair.draft, features, ids, continuation, gamma_max)
         assert fast.draft_tokens == slow.draft_tokens
