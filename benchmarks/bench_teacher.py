@@ -2,11 +2,11 @@
 and sampled rows share one prefill) against transformers' `generate()` with a hook on the final norm (what
 the stage ran before), on the same planned rows of the real target, side by side in one run:
 
-    python benchmarks/bench_teacher.py --prompts-per-task 8 --dtype auto
+    python benchmarks/bench_teacher.py --fraction 0.1 --dtype auto
 
-The rows are planned as the stage plans them, scaled down: each task keeps its first N distill prompts and
-the stage's number of rows per prompt (`sequences_per_task` / the task's distill prompts), so the mix of
-greedy rows and sampled repeats is the default run's. Both sides use the stage's batch size and response
+The rows are the stage's own plan (`plan_teacher_rows` over the distill prompts), thinned to a fixed
+pseudo-random `--fraction` of its prompts with all their rows, so the mix of tasks, greedy rows and sampled
+repeats is the default run's. Both sides use the stage's batch size and response
 cap; `generate()` runs greedy and sampled rows in separate calls, batched by prompt length. Both warm up on
 4 short rows first; `--order` says which is timed first. Greedy rows
 should come out identical (batch composition can flip a near-tie in low precision; the count is printed).
@@ -100,7 +100,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="models/smollm2-135m-instruct")
     parser.add_argument("--prompts", default="artifacts/prompts/prompts.jsonl")
-    parser.add_argument("--prompts-per-task", type=int, default=8)
+    parser.add_argument("--fraction", type=float, default=0.1, help="share of the stage's prompts kept")
     parser.add_argument("--dtype", default="auto", help="teacher dtype: auto, float32 or bfloat16")
     parser.add_argument("--order", choices=["generate-first", "shared-first"], default="generate-first")
     args = parser.parse_args()
@@ -112,12 +112,10 @@ def main() -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id
     distill_rows = load_prompt_file(Path(args.prompts), splits=["distill"])
-    rows: list[dict] = []
-    for task in sorted({r["task"] for r in distill_rows}):
-        task_rows = [r for r in distill_rows if r["task"] == task]
-        per_prompt = max(1, round(config.sequences_per_task / len(task_rows)))
-        n = min(args.prompts_per_task, len(task_rows))
-        rows += plan_teacher_rows(task_rows[:n], n * per_prompt if per_prompt > 1 else n)
+    plan = plan_teacher_rows(distill_rows, config.sequences_per_task)  # the stage's 600 rows
+    keep = sorted({r["prompt_id"] for r in plan}, key=lambda p: zlib.crc32(p.encode("utf-8")))
+    keep = set(keep[: max(1, round(args.fraction * len(keep)))])
+    rows = [r for r in plan if r["prompt_id"] in keep]
     n_sampled = sum(r["sample"] > 0 for r in rows)
 
     def shared(batch: list[dict], max_new_tokens: int) -> list[dict]:
