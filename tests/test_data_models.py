@@ -203,7 +203,7 @@ def test_distill_tiny_target_writes_a_loadable_draft(tmp_path: Path, monkeypatch
 
 
 def test_teacher_hidden_states_line_up_with_tokens(tmp_path: Path) -> None:
-    """The hooked hidden state at position i must be the target's own state predicting token i + 1."""
+    """The recorded hidden state at position i must be the target's own state predicting token i + 1."""
     target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
     rows = [{"input_ids": [1, 5, 6, 7]}, {"input_ids": [1, 9]}]
     for row, seq in zip(rows, teacher_mod.generate_batch(target, rows, 4, 2, 2), strict=True):
