@@ -78,9 +78,9 @@ def target_continuations(
 
     Each prompt is prefilled alone over all but its last token, as `speculative_generate` does; decoding
     then feeds one token per prompt per forward. EOS ends a prompt's continuation (the EOS token included).
-    With `features`, the forwards stop at the final hidden states, the head is applied to them here (as the
-    decode loop's `forward_with_features` does) and each continuation keeps them: a feature draft's trace
-    then needs no second target pass over the sequence.
+    The forwards stop at the final hidden states and the head is applied to them here, as the decode loop's
+    `forward_with_features` does; with `features` each continuation keeps those states, so a feature draft's
+    trace needs no second target pass over the sequence.
     """
     out: list[Continuation] = []
     device = target.device
@@ -91,11 +91,9 @@ def target_continuations(
         for ids in group:
             cache = DynamicCache(config=target.config)
             if len(ids) > 1:
+                logits, hidden = forward_with_features(target, ids[:-1], cache, device, all_logits=False)
                 if features:
-                    logits, hidden = forward_with_features(target, ids[:-1], cache, device, all_logits=False)
                     prefilled.append(hidden.float())
-                else:
-                    logits = _forward(target, ids[:-1], cache, device, all_logits=False)
                 first.append(target_signals(logits[None])[0])
             else:
                 first.append((float("nan"), float("nan")))
@@ -118,19 +116,16 @@ def target_continuations(
         decoded: list[torch.Tensor] = []  # per step, [b, H]: the state of the token fed at that step
         for _ in range(max_new_tokens):
             pad_mask = torch.cat([pad_mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
-            inputs = {
-                "input_ids": last,
-                "attention_mask": pad_mask[:, None, None, :],
-                "position_ids": lengths[:, None],
-                "past_key_values": cache,
-                "use_cache": True,
-            }
+            hidden = target.model(
+                input_ids=last,
+                attention_mask=pad_mask[:, None, None, :],
+                position_ids=lengths[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
             if features:
-                hidden = target.model(**inputs).last_hidden_state[:, -1]
                 decoded.append(hidden.float())
-                logits = target.get_output_embeddings()(hidden)
-            else:
-                logits = target(**inputs).logits[:, -1]
+            logits = target.get_output_embeddings()(hidden)
             chosen = logits.argmax(dim=-1)
             stats = target_signals(logits)
             for row in range(b):
