@@ -44,7 +44,7 @@ import logging
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,12 @@ from speckv.data.draft_training import build_draft, pick_vocab, train_draft
 from speckv.data.model_card import agreement_by_task, model_card
 from speckv.data.models import publish_dir, write_marker
 from speckv.data.prompts import load_prompt_file
-from speckv.data.teacher import generate_teacher_data, load_or_generate_teacher, plan_teacher_rows
+from speckv.data.teacher import (
+    generate_teacher_data,
+    load_or_generate_teacher,
+    load_or_generate_teachers,
+    plan_teacher_rows,
+)
 from speckv.profiling.cpu import cpu_info, resolve_auto_dtype
 from speckv.profiling.errors import SpeckvError
 
@@ -66,6 +71,7 @@ __all__ = [
     "build_draft",
     "distill",
     "generate_teacher_data",
+    "no_bf16_applied",
     "plan_teacher_rows",
     "teacher_targets",
     "train_draft",
@@ -104,6 +110,9 @@ class DistillConfig:
     )
     feature_noise: float = 0.0  # uniform noise on the feature draft's input features (x their RMS)
     feature_init_layer: int = 0  # target layer the feature draft's one layer is initialised from
+    # Replacements for the settings above on a CPU without native bf16, where float32 costs ~2x the time of
+    # everything (applied only while teacher_dtype and train_autocast are both `auto`): see `resolve_config`.
+    no_bf16: dict[str, int] = field(default_factory=dict)
 
 
 def save_dtype(name: str, what: str = "save_dtype") -> torch.dtype:
@@ -112,18 +121,41 @@ def save_dtype(name: str, what: str = "save_dtype") -> torch.dtype:
     return getattr(torch, name)
 
 
+# Settings `no_bf16` may replace: the amounts of work, not the recipe's form.
+NO_BF16_KEYS = ("sequences_per_task", "max_new_tokens", "steps", "feature_steps", "batch_tokens")
+
+
 def resolve_config(config: DistillConfig) -> DistillConfig:
-    """`auto` dtypes resolved for this CPU (profiling.cpu), so the cache key and model card say what ran."""
-    return replace(
+    """`auto` dtypes resolved for this CPU (profiling.cpu), so the cache key and model card say what ran.
+
+    Where both dtypes are `auto` and the CPU has no native bf16, the `no_bf16` replacements apply too (and
+    are then emptied, so a resolved config says what ran): float32 generation and training take about twice
+    bf16's time, and the stage keeps its 25-minute budget on such CPUs by doing less work.
+    """
+    bad = sorted(set(config.no_bf16) - set(NO_BF16_KEYS))
+    if bad:
+        raise SpeckvError(f"no_bf16 may set only {list(NO_BF16_KEYS)}, got {bad}")
+    resolved = replace(
         config,
         teacher_dtype=resolve_auto_dtype(config.teacher_dtype),
         train_autocast=resolve_auto_dtype(config.train_autocast),
+        no_bf16={},
     )
+    applied = no_bf16_applied(config)
+    return replace(resolved, **{k: int(v) for k, v in applied.items()}) if applied else resolved
+
+
+def no_bf16_applied(config: DistillConfig) -> dict[str, int]:
+    """The `no_bf16` replacements that apply on this CPU (none where it has native bf16 or a dtype is set)."""
+    auto = config.teacher_dtype == "auto" and config.train_autocast == "auto"
+    return dict(config.no_bf16) if auto and resolve_auto_dtype("auto") == "float32" else {}
 
 
 def check_config(config: DistillConfig) -> None:
     """Reject settings that would only fail (or silently misbehave) minutes into the run."""
     config = resolve_config(config)
+    if config.batch_tokens < 1 or config.gen_batch_size < 1:
+        raise SpeckvError("batch_tokens and gen_batch_size must be positive")
     save_dtype(config.save_dtype)
     save_dtype(config.teacher_dtype, "teacher_dtype")
     if config.train_autocast not in ("float32", "bfloat16"):
@@ -183,11 +215,15 @@ def teacher_splits(
     del teacher
     train_s = time.perf_counter() - t0
     stem, suffix = teacher_path.stem, teacher_path.suffix
-    dev = load_or_generate_teacher(
-        teacher_path.with_name(f"{stem}-dev{suffix}"), target, dev_rows, config, pad_id, eos
-    )
-    test = load_or_generate_teacher(
-        teacher_path.with_name(f"{stem}-test{suffix}"), target, test_rows, config, pad_id, eos
+    dev, test = load_or_generate_teachers(
+        [
+            (teacher_path.with_name(f"{stem}-dev{suffix}"), dev_rows),
+            (teacher_path.with_name(f"{stem}-test{suffix}"), test_rows),
+        ],
+        target,
+        config,
+        pad_id,
+        eos,
     )
     return TeacherSplits(train, dev, test, train_s, time.perf_counter() - t0)
 
@@ -200,6 +236,7 @@ def distill(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_config(config)
+    applied = no_bf16_applied(config)
     config = resolve_config(config)
     torch.set_num_threads(config.threads)
     set_seed(config.seed)
@@ -247,6 +284,7 @@ def distill(
             "draft_forward_ms": draft_ms,
             "target_forward_ms": target_ms,
             "cpu": cpu_info(),
+            "no_bf16_applied": applied,
             "config": asdict(config),
         }
         (build_dir / "README.md").write_text(model_card(config, metrics))

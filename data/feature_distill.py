@@ -25,6 +25,7 @@ import torch
 from speckv.data.distill import (
     DistillConfig,
     check_config,
+    no_bf16_applied,
     resolve_config,
     save_dtype,
     set_seed,
@@ -58,8 +59,9 @@ def distill_features(
     from transformers import AutoModelForCausalLM
 
     check_config(config)
-    steps, feature_noise, init_layer = config.feature_steps, config.feature_noise, config.feature_init_layer
+    applied = no_bf16_applied(config)
     config = resolve_config(config)
+    steps, feature_noise, init_layer = config.feature_steps, config.feature_noise, config.feature_init_layer
     torch.set_num_threads(config.threads)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     if not -target.config.num_hidden_layers <= init_layer < target.config.num_hidden_layers:
@@ -102,6 +104,7 @@ def distill_features(
             "target_forward_ms": target_ms,
             "cost_ratio": draft_ms / target_ms,
             "cpu": cpu_info(),
+            "no_bf16_applied": applied,
             "config": asdict(config),
         }
         (build_dir / "agreement.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -139,5 +142,16 @@ First-token agreement with the target's greedy tokens: **{test["overall"]:.3f}**
 {rows}
 
 One drafted token {m["draft_token_ms"]:.2f} ms against the target's 1-token forward {m["target_forward_ms"]:.1f} ms
-(ratio {m["cost_ratio"]:.3f}); training {m["train_s"]:.0f} s.
+(ratio {m["cost_ratio"]:.3f}); training {m["train_s"]:.0f} s.{_no_bf16_line(m)}
 """
+
+
+def _no_bf16_line(m: dict[str, Any]) -> str:
+    applied = m.get("no_bf16_applied") or {}
+    if not applied:
+        return ""
+    return (
+        "\n\nThis CPU has no native bf16, so the stage ran in float32 with the `no_bf16` amounts of work: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(applied.items()))
+        + "."
+    )

@@ -43,6 +43,14 @@ def model_card(config: DistillConfig, metrics: dict[str, Any]) -> str:
         f"| {a:.3f} | {dev['tokens'][t]} |"
         for t, a in dev["per_task"].items()
     )
+    applied = metrics.get("no_bf16_applied") or {}
+    no_bf16 = (
+        "- This CPU has no native bf16: the stage ran in float32 with the `no_bf16` amounts of work ("
+        + ", ".join(f"{k} {v}" for k, v in sorted(applied.items()))
+        + ").\n"
+        if applied
+        else ""
+    )
     return f"""# SpecKV default draft (distilled from SmolLM2-135M-Instruct)
 
 A {config.draft_layers}-layer Llama drafter for speculative decoding with the embedded SmolLM2-135M-Instruct
@@ -76,7 +84,7 @@ Held-out top-1 agreement with the target's greedy tokens: **{metrics["agreement_
 - Teacher generation {metrics["teacher_s"]:.0f} s in this run ({metrics["teacher_train_s"]:.0f} s of it for
   the training data; cached sequences cost none), training {metrics["train_s"]:.0f} s
   ({config.train_autocast} autocast).
-- 1-token forward after a cached 64-token context (median of 40, plain transformers, no SpecKV CPU
+{no_bf16}- 1-token forward after a cached 64-token context (median of 40, plain transformers, no SpecKV CPU
   kernels): draft {metrics["draft_forward_ms"]:.1f} ms, target {metrics["target_forward_ms"]:.1f} ms.
 
 Config: `{json.dumps(asdict(config))}`

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from speckv.profiling.kv_cache import growing_cache
 
 if TYPE_CHECKING:
     from speckv.data.distill import DistillConfig
@@ -23,6 +24,7 @@ __all__ = [
     "generate_batch",
     "generate_teacher_data",
     "load_or_generate_teacher",
+    "load_or_generate_teachers",
     "plan_teacher_rows",
     "row_key",
 ]
@@ -104,6 +106,7 @@ def generate_batch(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=growing_cache(target.config, reserve=max_new_tokens),
         use_cache=True,
     )
     prompt_hidden, cache = out.last_hidden_state, out.past_key_values
@@ -242,31 +245,50 @@ def load_or_generate_teacher(
     starts with the row's prompt ids and was made at the temperature asked for, so growing
     `sequences_per_task` costs just the new sequences.
     """
+    return load_or_generate_teachers([(path, rows)], target, config, pad_id, eos_id)[0]
+
+
+def load_or_generate_teachers(
+    jobs: list[tuple[Path, list[dict]]],
+    target: Any,
+    config: DistillConfig,
+    pad_id: int,
+    eos_id: int,
+) -> list[list[dict[str, Any]]]:
+    """`load_or_generate_teacher` for several cache files at once: the rows missing from all of them are
+    generated in one run (shared batches: dev and test together fill a batch where each alone would not),
+    then each file is written; returns each job's sequences in its rows' order."""
     dtype = str(next(target.parameters()).dtype).removeprefix("torch.")
-    cached: dict[str, dict] = {}
-    if path.is_file():
-        data = torch.load(path, weights_only=True)
-        # Caches written before the dtype was recorded were made by the float32 target.
-        if data.get("max_new_tokens") == config.max_new_tokens and data.get("dtype", "float32") == dtype:
-            cached = data["seqs"]
 
     def temperature(row: dict) -> float:
         return config.sample_temperature if row.get("sample", 0) > 0 else 0.0
 
-    def fresh(row: dict) -> bool:
-        seq = cached.get(row_key(row))
-        return (
-            seq is not None
-            and seq["tokens"][: len(row["input_ids"])].tolist() == row["input_ids"]
-            and seq.get("temperature", 0.0) == temperature(row)
-        )
-
-    missing = [r for r in rows if not fresh(r)]
-    log.info("teacher data: %d of %d sequences cached in %s", len(rows) - len(missing), len(rows), path)
+    caches: list[dict[str, dict]] = []
+    missing: list[tuple[int, dict]] = []
+    for job, (path, rows) in enumerate(jobs):
+        cached: dict[str, dict] = {}
+        if path.is_file():
+            data = torch.load(path, weights_only=True)
+            # Caches written before the dtype was recorded were made by the float32 target.
+            if data.get("max_new_tokens") == config.max_new_tokens and data.get("dtype", "float32") == dtype:
+                cached = data["seqs"]
+        caches.append(cached)
+        stale = []
+        for row in rows:
+            seq = cached.get(row_key(row))
+            fresh = (
+                seq is not None
+                and seq["tokens"][: len(row["input_ids"])].tolist() == row["input_ids"]
+                and seq.get("temperature", 0.0) == temperature(row)
+            )
+            if not fresh:
+                stale.append((job, row))
+        log.info("teacher data: %d of %d sequences cached in %s", len(rows) - len(stale), len(rows), path)
+        missing.extend(stale)
     if missing:
         made = generate_teacher_data(
             target,
-            missing,
+            [row for _, row in missing],
             config.max_new_tokens,
             config.gen_batch_size,
             pad_id,
@@ -274,9 +296,12 @@ def load_or_generate_teacher(
             config.sample_temperature,
             config.seed,
         )
-        cached.update({row_key(r): s for r, s in zip(missing, made, strict=True)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"max_new_tokens": config.max_new_tokens, "dtype": dtype, "seqs": cached}, tmp)
-        tmp.replace(path)
-    return [cached[row_key(r)] for r in rows]
+        for (job, row), seq in zip(missing, made, strict=True):
+            caches[job][row_key(row)] = seq
+        for job in sorted({job for job, _ in missing}):
+            path = jobs[job][0]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save({"max_new_tokens": config.max_new_tokens, "dtype": dtype, "seqs": caches[job]}, tmp)
+            tmp.replace(path)
+    return [[caches[job][row_key(r)] for r in rows] for job, (_, rows) in enumerate(jobs)]

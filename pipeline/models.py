@@ -54,6 +54,8 @@ def run_distill_features(args: argparse.Namespace) -> int:
         "feature_init_layer": args.init_layer,
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if args.steps is not None:  # an explicit --steps wins over the no_bf16 amount
+        config = replace(config, no_bf16={k: v for k, v in config.no_bf16.items() if k != "feature_steps"})
     distill_features(fetch_target(root), PROMPT_FILE, out, TEACHER_FILE, config)
     print(out)
     return 0

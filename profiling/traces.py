@@ -30,6 +30,7 @@ from speckv.profiling.feature_traces import (
     feature_draft_path_incremental,
     target_features,
 )
+from speckv.profiling.kv_cache import growing_cache
 from speckv.profiling.schema import TRACE_SCHEMA
 from speckv.profiling.signals import SIGNALS, distribution_signals, target_signals
 from speckv.profiling.trace_types import DraftPath, match_length
@@ -49,12 +50,13 @@ class Continuation:
     features: torch.Tensor | None = None
 
 
-def _stack_left_padded(caches: list[DynamicCache], n_layers: int) -> tuple[DynamicCache, list[int]]:
-    """One batched cache from batch-1 caches of different lengths, zero keys on the left; the pad widths."""
+def _stack_left_padded(caches: list[DynamicCache], config, reserve: int) -> tuple[DynamicCache, list[int]]:
+    """One batched cache from batch-1 caches of different lengths, zero keys on the left, with room for
+    `reserve` more positions appended in place (`profiling/kv_cache.py`); the pad widths."""
     lengths = [c.get_seq_length() for c in caches]
     width = max(lengths)
-    stacked = DynamicCache()
-    for layer in range(n_layers):
+    stacked = growing_cache(config, reserve)
+    for layer in range(config.num_hidden_layers):
         keys, values = [], []
         for cache, n in zip(caches, lengths, strict=True):
             k, v = cache.layers[layer].keys, cache.layers[layer].values
@@ -84,7 +86,6 @@ def target_continuations(
     """
     out: list[Continuation] = []
     device = target.device
-    n_layers = target.config.num_hidden_layers
     for start in range(0, len(prompts), batch_size):
         group = prompts[start : start + batch_size]
         caches, first, prefilled = [], [], []
@@ -102,7 +103,7 @@ def target_continuations(
             # a one-token prompt has nothing to prefill to stack: decode this group one prompt at a time
             out += [continuation_incremental(target, ids, max_new_tokens, eos_token_ids) for ids in group]
             continue
-        cache, pads = _stack_left_padded(caches, n_layers)
+        cache, pads = _stack_left_padded(caches, target.config, max_new_tokens)
         del caches
         b = len(group)
         lengths = torch.tensor([len(ids) - 1 for ids in group], device=device)  # tokens held per row
@@ -160,7 +161,7 @@ def draft_path(draft, prompt_ids: list[int], continuation: list[int], gamma_max:
     device = draft.device
     n_prompt, n_new = len(prompt_ids), len(continuation)
     seq = list(prompt_ids) + list(continuation)
-    cache = DynamicCache(config=draft.config)
+    cache = growing_cache(draft.config, gamma_max)  # the tails append in place after the repeat
     out = draft(
         input_ids=torch.tensor([seq], device=device),
         past_key_values=cache,

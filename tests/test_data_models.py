@@ -522,3 +522,48 @@ def test_distill_features_cli_applies_its_flags_and_refuses_bad_ones(
     assert main(["models", "distill-features", "--steps", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "feature_steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_dev_and_test_teachers_are_generated_together_and_cached_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One generation run fills both files; each file then serves its own rows without generating."""
+    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
+    dev = [{"prompt_id": f"math/d{i}", "task": "math", "input_ids": [1, 4 + i, 9]} for i in range(2)]
+    test = [{"prompt_id": f"math/t{i}", "task": "math", "input_ids": [1, 6 + i]} for i in range(3)]
+    config = DistillConfig(max_new_tokens=3, gen_batch_size=8)
+    batches: list[int] = []
+    real = teacher_mod.generate_batch
+
+    def counting(target: object, rows: list[dict], *args: object) -> list[dict]:
+        batches.append(len(rows))
+        return real(target, rows, *args)
+
+    monkeypatch.setattr(teacher_mod, "generate_batch", counting)
+    jobs = [(tmp_path / "dev.pt", dev), (tmp_path / "test.pt", test)]
+    got_dev, got_test = teacher_mod.load_or_generate_teachers(jobs, target, config, 2, 2)
+    assert batches == [5]  # one shared batch
+    assert [s["tokens"][:3].tolist() for s in got_dev] == [[1, 4, 9], [1, 5, 9]]
+    assert [s["tokens"][:2].tolist() for s in got_test] == [[1, 6], [1, 7], [1, 8]]
+    alone = teacher_mod.load_or_generate_teacher(tmp_path / "test.pt", target, test, config, 2, 2)
+    assert batches == [5]
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(alone, got_test, strict=True))
+    assert set(torch.load(tmp_path / "dev.pt", weights_only=True)["seqs"]) == {"math/d0", "math/d1"}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_no_bf16_amounts_apply_only_on_cpus_without_native_bf16(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("speckv.profiling.cpu.native_bf16", lambda: native)
+    config = DistillConfig(steps=1000, feature_steps=2000, no_bf16={"steps": 300, "feature_steps": 900})
+    resolved = distill_mod.resolve_config(config)
+    assert resolved.no_bf16 == {}
+    assert (resolved.steps, resolved.feature_steps) == ((1000, 2000) if native else (300, 900))
+    assert resolved.train_autocast == ("bfloat16" if native else "float32")
+    assert distill_mod.no_bf16_applied(config) == ({} if native else {"steps": 300, "feature_steps": 900})
+    # A dtype set by hand is a choice of recipe: the amounts stay as written.
+    forced = replace(config, teacher_dtype="float32", train_autocast="float32")
+    assert distill_mod.resolve_config(forced).steps == 1000
+    with pytest.raises(SpeckvError, match="no_bf16 may set only"):
+        distill_mod.check_config(replace(config, no_bf16={"lr": 1}))
