@@ -567,3 +567,23 @@ def test_no_bf16_amounts_apply_only_on_cpus_without_native_bf16(
     assert distill_mod.resolve_config(forced).steps == 1000
     with pytest.raises(SpeckvError, match="no_bf16 may set only"):
         distill_mod.check_config(replace(config, no_bf16={"lr": 1}))
+
+
+def test_prefill_in_length_groups_gives_the_single_forwards_sequences(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts of mixed lengths prefilled in several similar-length forwards (zeros where padded) decode to
+    the same tokens and hidden states as one left-padded forward over all of them."""
+    target = AutoModelForCausalLM.from_pretrained(tiny_target(tmp_path / "target")).eval()
+    rows = [
+        {"prompt_id": f"p{i}", "task": "math", "input_ids": [1] + [4 + (i * 7 + j) % 50 for j in range(n)]}
+        for i, n in enumerate([2, 9, 3, 17, 5, 9])
+    ]
+    rows.append({**rows[1], "prompt_id": "p1#s1"})  # a repeat shares its prompt's prefill
+    runs = []
+    for budget in (10**6, 20):
+        monkeypatch.setattr(teacher_mod, "PREFILL_TOKENS", budget)
+        runs.append(teacher_mod.generate_batch(target, rows, 6, 0, 2))
+    for one, grouped in zip(*runs, strict=True):
+        assert torch.equal(one["tokens"], grouped["tokens"])
+        torch.testing.assert_close(one["hidden"].float(), grouped["hidden"].float(), atol=2e-3, rtol=0)
