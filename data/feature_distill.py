@@ -37,6 +37,7 @@ from speckv.data.feature_draft_training import (
     feature_agreement_by_task,
     train_feature_draft,
 )
+from speckv.data.model_card import no_bf16_note
 from speckv.data.models import publish_dir, write_marker
 from speckv.profiling.cpu import cpu_info
 from speckv.profiling.errors import SpeckvError
@@ -128,6 +129,8 @@ def _card(m: dict[str, Any]) -> str:
         f"| {t} | {test['per_task'].get(t, float('nan')):.3f} | {a:.3f} |" for t, a in dev["per_task"].items()
     )
     started = time.strftime("%Y-%m-%d")
+    note = no_bf16_note(m)
+    no_bf16 = f"\n\n{note}" if note else ""
     return f"""# SpecKV feature draft (EAGLE-style) for SmolLM2-135M-Instruct
 
 One decoder layer that reads the target's final hidden state (`profiling/feature_draft.py`), built by
@@ -142,16 +145,5 @@ First-token agreement with the target's greedy tokens: **{test["overall"]:.3f}**
 {rows}
 
 One drafted token {m["draft_token_ms"]:.2f} ms against the target's 1-token forward {m["target_forward_ms"]:.1f} ms
-(ratio {m["cost_ratio"]:.3f}); training {m["train_s"]:.0f} s.{_no_bf16_line(m)}
+(ratio {m["cost_ratio"]:.3f}); training {m["train_s"]:.0f} s.{no_bf16}
 """
-
-
-def _no_bf16_line(m: dict[str, Any]) -> str:
-    applied = m.get("no_bf16_applied") or {}
-    if not applied:
-        return ""
-    return (
-        "\n\nThis CPU has no native bf16, so the stage ran in float32 with the `no_bf16` amounts of work: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(applied.items()))
-        + "."
-    )

@@ -14,7 +14,7 @@ import torch
 if TYPE_CHECKING:
     from speckv.data.distill import DistillConfig
 
-__all__ = ["agreement_by_task", "model_card"]
+__all__ = ["agreement_by_task", "model_card", "no_bf16_note"]
 
 
 @torch.no_grad()
@@ -36,6 +36,15 @@ def agreement_by_task(draft: Any, seqs: list[dict]) -> dict[str, Any]:
     return {"overall": overall, "per_task": per_task, "tokens": dict(totals)}
 
 
+def no_bf16_note(metrics: dict[str, Any]) -> str:
+    """The model cards' sentence on the `no_bf16` amounts of work, empty where they did not apply."""
+    applied = metrics.get("no_bf16_applied") or {}
+    if not applied:
+        return ""
+    amounts = ", ".join(f"{k} {v}" for k, v in sorted(applied.items()))
+    return f"This CPU has no native bf16: the stage ran in float32 with the `no_bf16` amounts of work ({amounts})."
+
+
 def model_card(config: DistillConfig, metrics: dict[str, Any]) -> str:
     dev, test = metrics["agreement"], metrics["agreement_test"]
     per_task = "\n".join(
@@ -43,14 +52,8 @@ def model_card(config: DistillConfig, metrics: dict[str, Any]) -> str:
         f"| {a:.3f} | {dev['tokens'][t]} |"
         for t, a in dev["per_task"].items()
     )
-    applied = metrics.get("no_bf16_applied") or {}
-    no_bf16 = (
-        "- This CPU has no native bf16: the stage ran in float32 with the `no_bf16` amounts of work ("
-        + ", ".join(f"{k} {v}" for k, v in sorted(applied.items()))
-        + ").\n"
-        if applied
-        else ""
-    )
+    note = no_bf16_note(metrics)
+    no_bf16 = f"- {note}\n" if note else ""
     return f"""# SpecKV default draft (distilled from SmolLM2-135M-Instruct)
 
 A {config.draft_layers}-layer Llama drafter for speculative decoding with the embedded SmolLM2-135M-Instruct

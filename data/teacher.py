@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from speckv.profiling.kv_cache import growing_cache
+from speckv.profiling.kv_cache import stack_left_padded
 
 if TYPE_CHECKING:
     from speckv.data.distill import DistillConfig
@@ -100,10 +100,8 @@ def generate_batch(
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         mask[i, width - len(p) :] = 1
-    prompt_hidden, cache = _prefill(target, prompts, width, pad_id, max_new_tokens)
+    prompt_hidden, cache = _prefill(target, prompts, rows_of, pad_id, max_new_tokens)
     logits = target.lm_head(prompt_hidden[:, -1])[rows_of]
-    if len(prompts) < len(rows):
-        cache.reorder_cache(rows_of)  # gathers (and repeats) each prompt's cache into its rows
     mask = mask[rows_of]
     position = mask.sum(-1, keepdim=True)  # the position of each row's next token
     temps_t = torch.tensor(temps, dtype=torch.float32)
@@ -153,10 +151,10 @@ PREFILL_TOKENS = 8192  # padded positions per prefill forward: prompts of simila
 
 
 def _prefill(
-    target: Any, prompts: list[tuple[int, ...]], width: int, pad_id: int, reserve: int
+    target: Any, prompts: list[tuple[int, ...]], rows_of: torch.Tensor, pad_id: int, reserve: int
 ) -> tuple[torch.Tensor, Any]:
-    """Every prompt's final hidden states [P, width, H] and one KV cache of all of them, left padded to
-    `width` (zeros where padded) with room for `reserve` more positions.
+    """Every prompt's final hidden states [P, width, H] (left padded to the longest prompt) and one KV cache
+    of the rows, row r holding prompt `rows_of[r]` left padded alike, with room for `reserve` more positions.
 
     The prompts run in forwards of similar lengths (at most PREFILL_TOKENS padded positions each), so a
     batch mixing short and long prompts does not pad every short one to the longest: the padding a single
@@ -170,10 +168,8 @@ def _prefill(
             chunks[-1].append(i)
         else:
             chunks.append([i])
-    config = target.config.get_text_config(decoder=True)
-    hidden = None
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    width = len(prompts[order[-1]])
+    caches, states = [], []
     for chunk in chunks:
         chunk_width = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), chunk_width), pad_id, dtype=torch.long)
@@ -187,21 +183,13 @@ def _prefill(
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
         )
-        at = torch.tensor(chunk)
-        if hidden is None:
-            hidden = out.last_hidden_state.new_zeros((len(prompts), width, out.last_hidden_state.shape[-1]))
-        hidden[at, width - chunk_width :] = out.last_hidden_state
-        for layer, cached in enumerate(out.past_key_values.layers):
-            if layer == len(keys):
-                _, heads, _, dim = cached.keys.shape
-                keys.append(cached.keys.new_zeros((len(prompts), heads, width, dim)))
-                values.append(cached.values.new_zeros((len(prompts), heads, width, dim)))
-            keys[layer][at, :, width - chunk_width :] = cached.keys
-            values[layer][at, :, width - chunk_width :] = cached.values
-    cache = growing_cache(target.config, reserve=reserve)
-    for layer in range(config.num_hidden_layers):
-        cache.update(keys[layer], values[layer], layer)
-    return hidden, cache
+        caches.append(out.past_key_values)
+        states.append(torch.nn.functional.pad(out.last_hidden_state, (0, 0, width - chunk_width, 0)))
+    cache, _ = stack_left_padded(caches, target.config, reserve)  # rows in `order`
+    slot = torch.empty(len(prompts), dtype=torch.long)
+    slot[torch.tensor(order)] = torch.arange(len(prompts))  # prompt -> its row in `order`
+    cache.reorder_cache(slot[rows_of])  # gathers (and repeats) each prompt's cache into its rows
+    return torch.cat(states)[slot], cache
 
 
 def _prompt_batches(rows: list[dict], batch_size: int) -> list[list[int]]:

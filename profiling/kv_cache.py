@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["GrowingLayer", "growing_cache"]
+__all__ = ["GrowingLayer", "growing_cache", "stack_left_padded"]
 
 
 class GrowingLayer(DynamicLayer):
@@ -87,3 +87,25 @@ def growing_cache(config: Any, reserve: int = 128) -> Cache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def stack_left_padded(caches: list[Cache], config: Any, reserve: int) -> tuple[Cache, list[int]]:
+    """One cache of all rows of `caches` (any batch sizes and lengths, rows in order), each left padded with
+    zero keys and values to the longest, with `reserve` positions of room ahead; the pad width of every row.
+    Padded positions must be masked by the caller (they hold no real token)."""
+    lengths = [c.get_seq_length() for c in caches]
+    width = max(lengths)
+    stacked = growing_cache(config, reserve)
+    for layer in range(len(stacked.layers)):
+        keys, values = [], []
+        for cache, n in zip(caches, lengths, strict=True):
+            pad = (0, 0, width - n, 0)  # the sequence dim (second to last), on the left
+            keys.append(torch.nn.functional.pad(cache.layers[layer].keys, pad))
+            values.append(torch.nn.functional.pad(cache.layers[layer].values, pad))
+        stacked.update(torch.cat(keys), torch.cat(values), layer)
+    pads = [
+        width - n
+        for cache, n in zip(caches, lengths, strict=True)
+        for _ in range(cache.layers[0].keys.shape[0])
+    ]
+    return stacked, pads

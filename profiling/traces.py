@@ -30,7 +30,7 @@ from speckv.profiling.feature_traces import (
     feature_draft_path_incremental,
     target_features,
 )
-from speckv.profiling.kv_cache import growing_cache
+from speckv.profiling.kv_cache import growing_cache, stack_left_padded
 from speckv.profiling.schema import TRACE_SCHEMA
 from speckv.profiling.signals import SIGNALS, distribution_signals, target_signals
 from speckv.profiling.trace_types import DraftPath, match_length
@@ -48,23 +48,6 @@ class Continuation:
     # the target's final hidden state at positions 0 .. L-2 of prompt + continuation (L tokens), float32:
     # what a feature draft reads; kept by `target_continuations(..., features=True)` from its own forwards
     features: torch.Tensor | None = None
-
-
-def _stack_left_padded(caches: list[DynamicCache], config, reserve: int) -> tuple[DynamicCache, list[int]]:
-    """One batched cache from batch-1 caches of different lengths, zero keys on the left, with room for
-    `reserve` more positions appended in place (`profiling/kv_cache.py`); the pad widths."""
-    lengths = [c.get_seq_length() for c in caches]
-    width = max(lengths)
-    stacked = growing_cache(config, reserve)
-    for layer in range(config.num_hidden_layers):
-        keys, values = [], []
-        for cache, n in zip(caches, lengths, strict=True):
-            k, v = cache.layers[layer].keys, cache.layers[layer].values
-            pad = (0, 0, width - n, 0)  # pad the sequence dim (second to last) on the left
-            keys.append(torch.nn.functional.pad(k, pad))
-            values.append(torch.nn.functional.pad(v, pad))
-        stacked.update(torch.cat(keys), torch.cat(values), layer)
-    return stacked, [width - n for n in lengths]
 
 
 @torch.inference_mode()
@@ -103,7 +86,7 @@ def target_continuations(
             # a one-token prompt has nothing to prefill to stack: decode this group one prompt at a time
             out += [continuation_incremental(target, ids, max_new_tokens, eos_token_ids) for ids in group]
             continue
-        cache, pads = _stack_left_padded(caches, target.config, max_new_tokens)
+        cache, pads = stack_left_padded(caches, target.config, max_new_tokens)
         del caches
         b = len(group)
         lengths = torch.tensor([len(ids) - 1 for ids in group], device=device)  # tokens held per row
