@@ -99,15 +99,19 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
-def plan(models: list[torch.nn.Module], mem_total: int | None = None) -> tuple[str, int, int]:
+def plan(
+    models: list[torch.nn.Module], mem_total: int | None = None, extra: int = 0
+) -> tuple[str, int, int]:
     """("full" | "lean" | "off", bytes the models hold, bytes one copy of their eligible weights takes).
+
+    `extra`: bytes other kernels will keep beside them (quant_kernels' float32 weights), counted as held.
 
     full: two extra copies of each eligible weight (transposed + packed); lean: the packed one only, where
     two do not fit in MEMORY_SHARE of `mem_total` (default: MemTotal of /proc/meminfo; unknown: full);
     off: not even one fits. A fp32 1.5B target with a fp32 0.5B draft (8 GB) needs 24.6 GB with two copies:
     on a 24 GB machine that thrashed the page cache (84 GB read from disk in one evaluation)."""
     models = [m for m in models if m is not None]
-    held = _unique_bytes(p for m in models for p in m.parameters())
+    held = _unique_bytes(p for m in models for p in m.parameters()) + extra
     copy = _unique_bytes(m.weight for model in models for m in model.modules() if eligible(m))
     if mem_total is None:
         mem_total = _mem_total()

@@ -230,9 +230,10 @@ def load_pair(
 def install_kernels(new: list, beside: list | tuple = ()) -> str:
     """Few-row CPU kernels on the `new` models, planned (kernels.plan) over everything held in memory: `new`
     and the models already loaded `beside` them. Returns the plan: full, lean or off."""
-    from speckv.profiling import kernels
+    from speckv.profiling import kernels, quant_kernels
 
-    mode, held, copy = kernels.plan([*beside, *new])
+    quant = quant_kernels.copy_bytes(new)
+    mode, held, copy = kernels.plan([*beside, *new], extra=quant)
     if mode == "off":
         log.warning(
             "no few-row CPU kernels: the models hold %.1f GB and one copy of their fp32 weights would not "
@@ -242,6 +243,14 @@ def install_kernels(new: list, beside: list | tuple = ()) -> str:
         return mode
     lean = mode == "lean"
     patched = sum(kernels.install(m, lean) for m in new if m is not None)
+    quantized = sum(quant_kernels.install(m) for m in new if m is not None)
+    if quantized:
+        log.info(
+            "%d int8/NF4 layers keep their float32 weight (%.1f GB): bitsandbytes has no native CPU kernel "
+            "here and would convert it on every call (profiling/quant_kernels.py)",
+            quantized,
+            quant / 1e9,
+        )
     log.info(
         "few-row CPU kernels (%s: %.1f GB of copies) on %d fp32 linear layers",
         mode,
