@@ -99,9 +99,7 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
-def plan(
-    models: list[torch.nn.Module], mem_total: int | None = None, extra: int = 0
-) -> tuple[str, int, int]:
+def plan(models: list[torch.nn.Module], mem_total: int | None = None, extra: int = 0) -> tuple[str, int, int]:
     """("full" | "lean" | "off", bytes the models hold, bytes one copy of their eligible weights takes).
 
     `extra`: bytes other kernels will keep beside them (quant_kernels' float32 weights), counted as held.

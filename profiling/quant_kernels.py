@@ -127,7 +127,9 @@ def _kernel_class(module):
     native = getattr(module, "support_avx512bf16_for_cpu", False) or getattr(
         state, "packing_format_for_cpu", False
     )
-    plain = state is not None and not state.nested and (module.compute_dtype or torch.float32) == torch.float32
+    plain = (
+        state is not None and not state.nested and (module.compute_dtype or torch.float32) == torch.float32
+    )
     return CachedNF4Linear if plain and not native else None
 
 
