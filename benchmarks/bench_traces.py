@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--per-task", type=int, default=2)
     parser.add_argument("--gamma-max", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch", type=int, default=16, help="continuations decoded together (batched path)")
+    parser.add_argument("--batch", type=int, default=48, help="continuations decoded together (batched path)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -61,7 +61,7 @@ class ProfileConfig:
     trace_per_task: dict = field(
         default_factory=lambda: {"train": 20, "dev": 10, "test": 10}
     )  # prompts per task and split with a dense greedy trace (the predictor's rows, replay, the oracle)
-    trace_batch: int = 16  # target continuations decoded together when tracing
+    trace_batch: int = 48  # target continuations decoded together when tracing
     executor: str = (
         "local"  # local: jobs one after another here; ray: each job a Ray task (profiling/ray_executor.py)
     )

@@ -235,7 +235,7 @@ def run_profile(
     trace_prompts: list[dict],
     run_meta: dict,
     progress: bool = True,
-    trace_batch: int = 16,
+    trace_batch: int = 48,
     executor: Callable | None = None,
 ) -> dict[str, int]:
     """Profile every prompt under every controller, and trace `trace_prompts` densely (greedy only; their
