@@ -265,3 +265,28 @@ def test_a_compressed_draft_runs_live_beside_its_target(tiny_pair_dir):
     }
     rows = run_live(pair, prompts, roles, DecodeConfig(max_new_tokens=12, gamma_max=4), warmup_tokens=0)
     assert all(r["matches_none"] for r in rows)
+
+
+def test_a_role_tuned_to_another_roles_controller_shares_its_run(tiny_models):
+    target, draft = tiny_models
+    pair = ModelPair(target, draft, char_tokenizer(), "fp32", torch.device("cpu"), "t", "d")
+    tok = char_tokenizer()
+    prompts = [
+        {
+            "prompt_id": "p0",
+            "task": "code",
+            "input_ids": tok("import os", add_special_tokens=False)["input_ids"],
+        }
+    ]
+    roles = {"none": parse_controller("none", 4), "fixed:2": parse_controller("fixed:2", 4)}
+    config = DecodeConfig(max_new_tokens=12, gamma_max=4)
+    rows = run_live(pair, prompts, roles, config, warmup_tokens=0, run_of={"best-fixed": "none"})
+    by_policy = {r["policy"]: r for r in rows}
+    assert set(by_policy) == {"none", "fixed:2", "best-fixed"}
+    shared, own = by_policy["best-fixed"], by_policy["none"]
+    assert (
+        shared["run_of"] == "none" and own["run_of"] == "none" and by_policy["fixed:2"]["run_of"] == "fixed:2"
+    )
+    assert shared["wall_s"] == own["wall_s"] and shared["spec"] == own["spec"] == "none"
+    with pytest.raises(ValueError, match="shared runs"):
+        run_live(pair, prompts, roles, config, 0, run_of={"best-fixed": "fixed:9"})

@@ -143,6 +143,8 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
             eos_token_ids=eos_ids(pair.tokenizer, pair.target),
         )
         roles: dict[str, Controller | HFAssisted] = {}
+        run_of: dict[str, str] = {}  # a role tuned to the same controller as an earlier one shares its run
+        concrete_role: dict[str, str] = {}
         assistant = None
         if any(spec in HF_ROLES for spec in specs):
             assistant = standalone_assistant(
@@ -158,8 +160,12 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
                 concrete = tuned.get(compression, {}).get(spec, spec) if spec in TUNED_ROLES else spec
                 if spec in TUNED_ROLES and spec != "mlp" and compression not in tuned:
                     raise SpeckvError(f"live {spec} on {compression} needs dev traces of {compression}")
+                if concrete in concrete_role:  # e.g. best-fixed tuned to `none`: a second run adds only noise
+                    run_of[spec] = concrete_role[concrete]
+                    continue
+                concrete_role[concrete] = spec
                 roles[spec] = make(concrete, compression)
-        rows += run_live(pair, prompts, roles, decode, config.warmup_tokens)
+        rows += run_live(pair, prompts, roles, decode, config.warmup_tokens, run_of)
         del pair, assistant
     return pd.DataFrame(rows)
 

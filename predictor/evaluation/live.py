@@ -122,8 +122,16 @@ def run_live(
     roles: dict[str, Controller | HFAssisted],
     config: DecodeConfig,
     warmup_tokens: int,
+    run_of: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Per prompt × role rows (tokens/s, acceptance, matches_none) on `pair`; `roles` must include none."""
+    """Per prompt × role rows (tokens/s, acceptance, matches_none) on `pair`; `roles` must include none.
+
+    `run_of` maps further role names to a role in `roles` that runs the same controller (a tuned role that
+    resolved to another one): they get rows of that run, marked in `run_of`, instead of a run of their own."""
+    run_of = dict(run_of or {})
+    unknown = sorted(name for name, source in run_of.items() if source not in roles or name in roles)
+    if unknown:
+        raise ValueError(f"run_of names roles that are not shared runs: {unknown}")
     if "none" not in roles:
         raise ValueError("live runs need the `none` role: it is the reference output and speedup base")
     if warmup_tokens > 0 and prompts:
@@ -136,9 +144,11 @@ def run_live(
     for n, prompt in enumerate(bar):
         results = run_prompt(pair, prompt["input_ids"], roles, config, n)
         reference = results["none"]["token_ids"]
+        for name, source in run_of.items():
+            results[name] = dict(results[source])
         for name, summary in results.items():
             tokens = summary.pop("token_ids")
-            role = roles[name]
+            role = roles[run_of.get(name, name)]
             spec = f"{role.name}{json.dumps(role.settings)}" if isinstance(role, HFAssisted) else role.name
             rows.append(
                 {
@@ -149,6 +159,7 @@ def run_live(
                     "spec": spec,
                     **summary,
                     "matches_none": tokens == reference,
+                    "run_of": run_of.get(name, name),
                 }
             )
         log.info(
