@@ -131,25 +131,38 @@ def _mem_total() -> int | None:
     return None
 
 
+def patch_forward(model: torch.nn.Module, attr: str, make) -> int:
+    """Replace `forward` of every module of `model` for which `make(module)` returns a kernel (a callable), marking
+    it with `attr`; modules already marked are skipped. Returns the number patched."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, attr):
+            continue
+        kernel = make(module)
+        if kernel is not None:
+            module.forward = kernel
+            setattr(module, attr, kernel)
+            count += 1
+    return count
+
+
+def unpatch_forward(model: torch.nn.Module, attr: str) -> int:
+    """Undo `patch_forward` for the modules marked with `attr`; returns the number restored."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, attr):
+            del module.forward
+            delattr(module, attr)
+            count += 1
+    return count
+
+
 def install(model: torch.nn.Module, lean: bool = False) -> int:
     """Patch every eligible linear layer of an inference model; returns the number patched. `lean` keeps one
     extra copy of each weight instead of two (see `plan`)."""
-    count = 0
-    for module in model.modules():
-        if eligible(module) and not hasattr(module, _ATTR):
-            kernel = FewRowLinear(module, lean)
-            module.forward = kernel
-            setattr(module, _ATTR, kernel)
-            count += 1
-    return count
+    return patch_forward(model, _ATTR, lambda m: FewRowLinear(m, lean) if eligible(m) else None)
 
 
 def uninstall(model: torch.nn.Module) -> int:
     """Undo `install`; returns the number of layers restored."""
-    count = 0
-    for module in model.modules():
-        if hasattr(module, _ATTR):
-            del module.forward
-            delattr(module, _ATTR)
-            count += 1
-    return count
+    return unpatch_forward(model, _ATTR)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from speckv.profiling import kernels
 
 _ATTR = "_speckv_quant_kernel"
 # |int8 x int8| <= 127 * 127 = 16129: a float32 sum of up to 1040 such products is an integer below 2**24, held
@@ -153,23 +154,14 @@ def copy_bytes(models: list) -> int:
 @torch.inference_mode()
 def install(model: torch.nn.Module) -> int:
     """Patch every eligible quantized layer of an inference model; returns the number patched."""
-    count = 0
-    for module in model.modules():
+
+    def make(module):
         cls = _kernel_class(module)
-        if cls is not None and not hasattr(module, _ATTR):
-            kernel = cls(module)
-            module.forward = kernel
-            setattr(module, _ATTR, kernel)
-            count += 1
-    return count
+        return None if cls is None else cls(module)
+
+    return kernels.patch_forward(model, _ATTR, make)
 
 
 def uninstall(model: torch.nn.Module) -> int:
     """Undo `install`; returns the number of layers restored."""
-    count = 0
-    for module in model.modules():
-        if hasattr(module, _ATTR):
-            del module.forward
-            delattr(module, _ATTR)
-            count += 1
-    return count
+    return kernels.unpatch_forward(model, _ATTR)
