@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.add_argument(
         "--no-cpu-kernels",
         action="store_true",
-        help="keep torch's default fp32 linear kernels on CPU (default: few-row kernels, profiling/kernels.py)",
+        help="keep torch's default fp32 linear kernels and bitsandbytes' own int8/nf4 path on CPU (default: few-row kernels, profiling/kernels.py; int8/nf4 weights kept in float32 where bitsandbytes has no native CPU kernel, profiling/quant_kernels.py)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)

@@ -37,7 +37,9 @@ class CalibrateConfig:
     warmup: int = 3  # untimed repeats first
     out_dir: str = "artifacts/calibrate"  # {compression}.json and cost_model.png
     threads: int = 2  # torch CPU threads
-    cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
+    cpu_kernels: bool = (
+        True  # few-row fp32 kernels (profiling/kernels.py), float32 int8/nf4 weights (quant_kernels.py)
+    )
     device: str | None = None  # null: CUDA when present, else CPU
 
 
@@ -71,7 +73,9 @@ class ProfileConfig:
     ray_threads: int = 1  # CPUs (torch threads) each Ray task declares and uses
     out_dir: str = "artifacts/profile"  # tokens/, steps/, traces/ (hive: compression=/task=)
     threads: int = 2  # torch CPU threads
-    cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
+    cpu_kernels: bool = (
+        True  # few-row fp32 kernels (profiling/kernels.py), float32 int8/nf4 weights (quant_kernels.py)
+    )
     device: str | None = None  # null: CUDA when present, else CPU
 
 

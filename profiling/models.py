@@ -208,7 +208,9 @@ def load_pair(
 
     `draft_compression` loads the draft compressed too (None: its own dtype, as the pipeline runs it).
     `cpu_kernels` routes fp32 linear layers on CPU through few-row kernels (profiling/kernels.py) in both
-    models; every policy, the target-alone baseline and transformers' generate share them."""
+    models, and keeps int8/nf4 weights in float32 where bitsandbytes has no native CPU kernel
+    (profiling/quant_kernels.py, bit-identical outputs); every policy, the target-alone baseline and
+    transformers' generate share them."""
     if compression not in COMPRESSIONS:
         raise SpeckvError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
     dev = pick_device(device)

@@ -65,7 +65,9 @@ class EvaluateConfig:
     max_new_tokens: int = 48
     warmup_tokens: int = 8
     threads: int = 1
-    cpu_kernels: bool = True  # few-row fp32 linear kernels on CPU (profiling/kernels.py)
+    cpu_kernels: bool = (
+        True  # few-row fp32 kernels (profiling/kernels.py), float32 int8/nf4 weights (quant_kernels.py)
+    )
     n_boot: int = 2000
     ci_level: float = 0.95
     seed: int = 0
