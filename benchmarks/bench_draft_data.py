@@ -46,6 +46,8 @@ from speckv.profiling.errors import SpeckvError
 
 ARMS = ("full", "half", "references")
 
+log = logging.getLogger(__name__)
+
 
 def references(suites_dir: Path = SUITES_DIR) -> dict[str, str]:
     """Reference answers by prompt id (the ids `speckv.data.prompts.load_prompts` gives)."""
@@ -101,6 +103,7 @@ def teacher_forced(target, tokenizer, rows: list[dict], cap: int, chunk_tokens: 
                 }
             )
         i = j
+        log.info("reference answers: %d/%d sequences read", len(out), len(seqs))
     return out
 
 
@@ -133,10 +136,8 @@ def main() -> None:
     bad = sorted(set(arms) - set(ARMS))
     if bad or not arms:
         raise SystemExit(f"error: unknown arms {bad}; choose from {', '.join(ARMS)}")
-    teacher, dev_path = (
-        Path(TEACHER_FILE),
-        TEACHER_FILE.with_name(f"{TEACHER_FILE.stem}-dev{TEACHER_FILE.suffix}"),
-    )
+    teacher = TEACHER_FILE
+    dev_path = teacher.with_name(f"{teacher.stem}-dev{teacher.suffix}")  # the distill stage's naming
     for path in (teacher, dev_path, Path(args.prompts), Path(args.target)):
         if not path.exists():
             raise SystemExit(f"error: {path} not found (run `dvc repro distill` first)")
@@ -146,7 +147,7 @@ def main() -> None:
         config = resolve_config(load_section(DistillConfig, "distill", args.params))
     except SpeckvError as exc:
         raise SystemExit(f"error: {exc}") from None
-    steps = args.steps or config.feature_steps
+    steps = config.feature_steps if args.steps is None else args.steps
     if steps < 1:
         raise SystemExit("error: --steps must be positive")
     torch.set_num_threads(config.threads)
@@ -154,7 +155,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     train = list(torch.load(teacher)["seqs"].values())
     dev = list(torch.load(dev_path)["seqs"].values())
-    print(f"CPU {cpu_info()['model']} ({cpu_info()['capability']}), {config.threads} threads; {steps} steps")
+    cpu = cpu_info()
+    print(f"CPU {cpu['model']} ({cpu['capability']}), {config.threads} threads; {steps} steps")
+    # One restricted vocabulary for every arm (the stage's, from the whole cache), so the arms differ in data only.
+    vocab = pick_vocab(train, config.restricted_vocab, target.config.vocab_size)
     results = []
     for arm in arms:
         extra_s = 0.0
@@ -174,7 +178,6 @@ def main() -> None:
             seqs = train + teacher_forced(target, tokenizer, rows, config.max_new_tokens)
             extra_s = time.perf_counter() - t0
         set_seed(config.seed)
-        vocab = pick_vocab(train, config.restricted_vocab, target.config.vocab_size)
         draft = build_feature_draft(target, vocab, config.feature_init_layer)
         stats = train_feature_draft(draft, seqs, config, steps, config.feature_noise)
         exact = draft.float()
@@ -203,9 +206,7 @@ def main() -> None:
             f"| {r['dev']:.3f} | {r['train_greedy']:.3f} |"
         )
     if args.out:
-        write_text(
-            args.out, json.dumps({"steps": steps, "cpu": cpu_info(), "arms": results}, indent=2) + "\n"
-        )
+        write_text(args.out, json.dumps({"steps": steps, "cpu": cpu, "arms": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
