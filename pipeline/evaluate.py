@@ -23,7 +23,8 @@ def run(args: argparse.Namespace) -> int:
     promotion = summary["promotion"]
     log.info("promotion: %s", promotion["reason"])
     if promotion["promoted"]:
-        from speckv.serving_registry import GENERATOR_NAME, promote_generator
+        from speckv.serving_registry import promote_generator
+        from speckv.serving_schema import GENERATOR_NAME
 
         served = promote_generator(promotion["version"], "champion", uri=config.tracking_uri)
         log.info(

@@ -10,6 +10,8 @@ from pathlib import Path
 from speckv.pipeline.config import load_section
 from speckv.predictor.train import TrainConfig, run_training
 
+from speckv.serving_schema import ServeConfig
+
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("metrics.json", "importance.json", "importance.md", "reliability.png", "importance.png")
@@ -17,6 +19,7 @@ OUTPUT_FILES = ("metrics.json", "importance.json", "importance.md", "reliability
 
 def run(args: argparse.Namespace) -> int:
     config = load_section(TrainConfig, "train", args.params)
+    serve = load_section(ServeConfig, "serve", args.params)
     metrics = run_training(config)
     for name, scores in metrics["models"].items():
         log.info(
@@ -41,20 +44,24 @@ def run(args: argparse.Namespace) -> int:
     )
     log.info("MLflow run %s%s", run_id, f"; registered {MODEL_NAME} v{version} @candidate" if version else "")
     if version:
-        from speckv.serving_registry import GENERATOR_NAME, register_generator
+        from speckv.serving_registry import register_generator
+        from speckv.serving_schema import GENERATOR_NAME
 
-        # the default pair serving this predictor (pinned to the version just registered); nothing loads here
+        # the generator params.yaml's `serve:` describes (a `@candidate` predictor is pinned to the version
+        # just registered); nothing loads here
         _, served = register_generator(
-            f"models:/{MODEL_NAME}@candidate",
+            **asdict(serve),
             uri=config.tracking_uri,
             experiment=config.experiment,
             artifact_location=config.artifact_location,
         )
-        log.info("registered %s v%s @candidate (serves %s v%s)", GENERATOR_NAME, served, MODEL_NAME, version)
+        log.info("registered %s v%s @candidate (controller %s)", GENERATOR_NAME, served, serve.controller)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train, export and register the acceptance predictor")
-    parser.add_argument("--params", default="params.yaml", help="params file (section `train:`)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (sections `train:` and `serve:`)"
+    )
     parser.set_defaults(func=run)

@@ -3,18 +3,29 @@ greedy text equal to the target's own; bad requests fail with a message that nam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from eval_synthetic import write_mlp_export
 from speckv.profiling.errors import SpeckvError
 
-from speckv.serving_registry import GeneratorConfig, generator_config, prompts_of, request_options
+from speckv.serving_registry import generator_config
+from speckv.serving_schema import (
+    GeneratorConfig,
+    ServeConfig,
+    check_batch,
+    check_max_new_tokens,
+    prompts_of,
+    request_options,
+    token_limit,
+)
 
 PROMPTS = ["def f(x):", "Explain KV caches."]
 MAX_NEW = 20
@@ -63,8 +74,71 @@ def test_request_options():
         request_options({"max_tokens": 8}, config)
     with pytest.raises(SpeckvError, match="max_new_tokens must be an integer"):
         request_options({"max_new_tokens": "many"}, config)
-    with pytest.raises(SpeckvError, match="max_new_tokens must be >= 1"):
-        request_options({"max_new_tokens": 0}, config)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_new_tokens": 0}, r"max_new_tokens must be in 1\.\.64 on this server, got 0"),
+        ({"max_new_tokens": -3}, r"max_new_tokens must be in 1\.\.64 on this server, got -3"),
+        ({"max_new_tokens": 10**9}, r"max_new_tokens must be in 1\.\.64 on this server, got 1000000000"),
+        ({"max_new_tokens": 8.5}, r"param max_new_tokens must be an integer >= 1, got 8\.5"),
+        ({"max_new_tokens": True}, "param max_new_tokens must be an integer"),
+        ({"temperature": -1.0}, r"temperature must be a number >= 0 \(0: greedy\), got -1\.0"),
+        ({"temperature": "hot"}, "param temperature must be a number >= 0"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_p": 0.0}, r"top_p must be a number in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be a number in \(0, 1\]"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"chat": 1}, "param chat must be true or false"),
+        ({"max_tokens": 8}, r"unknown param\(s\) \['max_tokens'\]; allowed: \['chat', 'max_new_tokens'"),
+    ],
+)
+def test_each_bad_param_is_named_with_what_it_allows(params, message):
+    with pytest.raises(SpeckvError, match=message):
+        request_options(params, GeneratorConfig(max_new_tokens=32, max_new_tokens_cap=64))
+
+
+def test_requests_are_bounded_by_the_cap_the_context_and_the_batch_size():
+    config = GeneratorConfig(max_new_tokens=32, max_new_tokens_cap=64, max_prompts=2)
+    assert token_limit(10, None, config) == 64  # no known context: the cap
+    assert token_limit(10, 512, config) == 64
+    assert token_limit(500, 512, config) == 12  # the context after the prompt binds
+    assert token_limit(511, 512, config) == 1
+    with pytest.raises(
+        SpeckvError, match=r"prompt 3 is 512 tokens; the model's context holds 512, .* at most 511"
+    ):
+        token_limit(512, 512, config, index=3)
+    check_max_new_tokens(12, [64, 12], [10, 500], 512)
+    with pytest.raises(
+        SpeckvError, match=r"in 1\.\.12 for prompt 1 \(500 tokens of the model's 512-token context\), got 13"
+    ):
+        check_max_new_tokens(13, [64, 12], [10, 500], 512)
+    check_batch(["a", "b"], config)
+    with pytest.raises(SpeckvError, match=r"prompt: a request holds 1\.\.2 prompts on this server, got 3"):
+        check_batch(["a", "b", "c"], config)
+
+
+def test_serve_config_bounds_and_the_registered_description():
+    from speckv.pipeline.config import ConfigError, from_dict, load_params
+
+    raw = load_params(Path(__file__).parents[1] / "params.yaml")["serve"]
+    assert set(raw) == {f.name for f in dataclasses.fields(ServeConfig)}  # every setting written out
+    serve = from_dict(ServeConfig, raw, "serve")
+    assert serve.max_new_tokens <= serve.max_new_tokens_cap
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(ServeConfig, {**raw, "max_tokens": 8}, "serve")
+    with pytest.raises(
+        SpeckvError, match=r"max_new_tokens \(600\) must be in 1\.\.max_new_tokens_cap \(512\)"
+    ):
+        ServeConfig(max_new_tokens=600, max_new_tokens_cap=512)
+    with pytest.raises(SpeckvError, match="max_prompts"):
+        ServeConfig(max_prompts=0)
+    config = generator_config(controller="fixed:4", max_new_tokens=16, max_new_tokens_cap=64, max_prompts=3)
+    assert "1..3 prompts" in config.description() and "1..64" in config.description()
+    assert config.tags()["max_new_tokens_cap"] == "64" and config.tags()["max_prompts"] == "3"
+    with pytest.raises(SpeckvError, match="unknown key"):
+        GeneratorConfig.from_model_config({"max_tokens": 8})
 
 
 def test_generator_config_references(tmp_path):
@@ -117,7 +191,8 @@ def test_registered_generator_serves_lossless_text(tmp_path, monkeypatch, tiny_p
     from speckv.predictor.registry import MODEL_NAME, log_training_run
 
     from speckv.api import generate, load_pair
-    from speckv.serving_registry import GENERATOR_NAME, promote_generator, register_generator
+    from speckv.serving_registry import promote_generator, register_generator
+    from speckv.serving_schema import GENERATOR_NAME
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
