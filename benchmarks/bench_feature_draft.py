@@ -39,8 +39,12 @@ def measure(
     calibration (`shared`, filled on the first call) so the two drafts differ only in their measured draft ms."""
     pair = load_pair(target, draft, compression, None, True)
     if compression not in shared:
-        shared[compression] = calibrate(pair.target, pair.draft, compression, context, args.gamma_max, 15, 3)
-    model = dataclasses.replace(shared[compression], draft_ms=draft_ms_per_token(pair.draft, context, 15, 3))
+        shared[compression] = calibrate(pair.target, pair.draft, compression, [context], args.gamma_max)[0]
+    base = shared[compression]
+    # the step table holds k drafted tokens of the first draft: swap in this draft's measured per-token cost
+    draft_ms = draft_ms_per_token(pair.draft, context, 15, 3)
+    step_ms = [t + k * (draft_ms - base.draft_ms) for k, t in enumerate(base.step_ms)]
+    model = dataclasses.replace(base, draft_ms=draft_ms, step_ms=step_ms)
     costs = model.step_costs(args.gamma_max)
     runs = [
         {"prompt_id": p["prompt_id"], "task": p["task"], "split": "test", "compression": compression}
@@ -67,8 +71,8 @@ def measure(
     first = float(np.mean([m > 0 for t in traces for m in t.match_len]))
     info = {
         "draft_ms": model.draft_ms,
-        "target_1tok_ms": model.verify_ms[0],
-        "cost_ratio": model.draft_ms / model.verify_ms[0],
+        "target_1tok_ms": model.step_ms[0],
+        "cost_ratio": model.draft_ms / model.step_ms[0],
         "first_token_acceptance": first,
     }
     return pd.DataFrame(rows), info

@@ -50,14 +50,15 @@ def measure_with_compressed_draft(config: dict, draft_compression: str) -> tuple
     target's), per target compression, measured in this process."""
     import torch
     from speckv.data.prompts import load_prompt_file
-    from speckv.profiling.calibrate import calibrate
+    from speckv.profiling.calibrate import calibrate, calibration_prompts
     from speckv.profiling.models import eos_ids, load_pair
     from speckv.profiling.replay import traces_from_frame
     from speckv.profiling.traces import batched_traces
 
     cal, prof = config["calibrate"], config["profile"]
     torch.set_num_threads(int(prof["threads"]))
-    context = load_prompt_file(Path(cal["prompts"]), splits=["dev"], per_task=1)[0]["input_ids"]
+    dev = load_prompt_file(Path(cal["prompts"]), splits=["dev"])
+    contexts = calibration_prompts([p["input_ids"] for p in dev], int(cal.get("loop_prompts", 3)))
     tests = load_prompt_file(
         Path(prof["prompts"]), splits=["test"], per_task=int(prof["trace_per_task"]["test"])
     )
@@ -73,15 +74,17 @@ def measure_with_compressed_draft(config: dict, draft_compression: str) -> tuple
         )
         target, draft = pair.target, pair.draft
         print(f"{compression} target, {draft_compression} draft: calibrating and tracing", flush=True)
-        costs[compression] = calibrate(
+        model, _ = calibrate(
             target,
             draft,
             compression,
-            context,
+            contexts,
             int(prof["gamma_max"]),
+            int(cal.get("max_new_tokens", 64)),
             int(cal["repeats"]),
             int(cal["warmup"]),
-        ).step_costs(int(prof["gamma_max"]))
+        )
+        costs[compression] = model.step_costs(int(prof["gamma_max"]))
         runs = [
             {"prompt_id": p["prompt_id"], "task": p["task"], "split": "test", "compression": compression}
             for p in tests

@@ -32,8 +32,10 @@ class CalibrateConfig:
     draft_compression: str | None = None  # null: the draft's own dtype; same: the target's; or a compression
     compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])
     gamma_max: int = 8  # verify costs are measured for 1..gamma_max+1 tokens
-    prompts: str = "artifacts/prompts/prompts.jsonl"  # the context is the first dev prompt
-    repeats: int = 15  # timed repeats per measurement (median)
+    prompts: str = "artifacts/prompts/prompts.jsonl"  # dev prompts: the calibration runs' contexts
+    loop_prompts: int = 3  # dev prompts, spread over the prompt lengths, each decoded at every fixed gamma
+    max_new_tokens: int = 64  # tokens per calibration run: the context growth of a live run
+    repeats: int = 15  # timed repeats of the isolated forwards kept beside the model (median)
     warmup: int = 3  # untimed repeats first
     out_dir: str = "artifacts/calibrate"  # {compression}.json and cost_model.png
     threads: int = 2  # torch CPU threads
@@ -128,30 +130,43 @@ def make_executor(cfg: ProfileConfig, compression: str, device: torch.device):
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from speckv.data.prompts import load_prompt_file
-    from speckv.profiling.calibrate import calibrate, plot_cost_models
+    from speckv.profiling.atomic import atomic_path
+    from speckv.profiling.calibrate import calibrate, calibration_prompts, plot_cost_models
 
     cfg = load_section(CalibrateConfig, "calibrate", args.params)
     compressions = _select(cfg.compressions, args.compression)
     torch.set_num_threads(cfg.threads)
-    rows = load_prompt_file(cfg.prompts, splits=["dev"], per_task=1)
+    if cfg.loop_prompts < 1 or cfg.max_new_tokens < 2:
+        raise SpeckvError("calibrate.loop_prompts must be >= 1 and calibrate.max_new_tokens >= 2")
+    rows = load_prompt_file(cfg.prompts, splits=["dev"])
     if not rows:
         raise SpeckvError(f"{cfg.prompts} holds no dev prompt to calibrate with")
-    context = rows[0]["input_ids"]
+    prompts = calibration_prompts([r["input_ids"] for r in rows], cfg.loop_prompts)
     out = Path(cfg.out_dir)
     for compression in compressions:
         draft_compression = draft_compression_for(cfg.draft_compression, compression)
         pair = load_pair(cfg.target, cfg.draft, compression, cfg.device, cfg.cpu_kernels, draft_compression)
-        model = calibrate(
-            pair.target, pair.draft, compression, context, cfg.gamma_max, cfg.repeats, cfg.warmup
+        model, steps = calibrate(
+            pair.target,
+            pair.draft,
+            compression,
+            prompts,
+            cfg.gamma_max,
+            cfg.max_new_tokens,
+            cfg.repeats,
+            cfg.warmup,
         )
         model.meta["config"] = asdict(cfg)
+        with atomic_path(out / f"{compression}_steps.parquet") as tmp:
+            steps.to_parquet(tmp, index=False)
         model.save(out / f"{compression}.json")
         log.info(
-            "%s: draft %.2f ms/token, verify %s ms, overhead %.2f ms/step",
+            "%s at %.0f context tokens: step ms %s (+%s ms per context token), draft %.2f ms/token",
             compression,
+            model.context_tokens,
+            [round(v, 1) for v in model.step_ms],
+            [round(v, 3) for v in model.step_ms_per_token],
             model.draft_ms,
-            [round(v, 1) for v in model.verify_ms],
-            model.overhead_ms,
         )
         del pair
     models = [CostModel.load(p) for p in sorted(out.glob("*.json"))]

@@ -39,6 +39,7 @@ def paired_ratio(
     b: str,
     *,
     time_col: str,
+    tokens_col: str = "new_tokens",
     units: tuple[str, ...] = ("compression", "prompt_id"),
     policy_col: str = "policy",
     n_boot: int = 2000,
@@ -48,7 +49,7 @@ def paired_ratio(
     """Ratio of pooled tokens per unit time of policy `a` over policy `b`, with a paired bootstrap CI."""
     rows = frame[frame[policy_col].isin([a, b])]
     wide = rows.pivot_table(
-        index=list(units), columns=policy_col, values=["new_tokens", time_col], aggfunc="sum"
+        index=list(units), columns=policy_col, values=[tokens_col, time_col], aggfunc="sum"
     )
     if a not in rows[policy_col].values or b not in rows[policy_col].values:
         raise SpeckvError(f"cannot compare {a!r} with {b!r}: one of them has no runs")
@@ -56,7 +57,7 @@ def paired_ratio(
     n = len(wide)
     if n == 0:
         raise SpeckvError(f"{a!r} and {b!r} share no prompts")
-    tok_a, tok_b = wide[("new_tokens", a)].to_numpy(float), wide[("new_tokens", b)].to_numpy(float)
+    tok_a, tok_b = wide[(tokens_col, a)].to_numpy(float), wide[(tokens_col, b)].to_numpy(float)
     t_a, t_b = wide[(time_col, a)].to_numpy(float), wide[(time_col, b)].to_numpy(float)
     point = pooled_rate(tok_a, t_a) / pooled_rate(tok_b, t_b)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))

@@ -1,7 +1,9 @@
-"""Measure the cost model on this device and compression: draft ms per token, target verify ms for k tokens.
+"""Measure the cost model on this device and compression in the decode loop itself.
 
-Medians over repeats after a warm-up, at a realistic context length, synchronised on CUDA. A short real
-decode with the recorder on gives the per-step loop overhead that the model forwards do not explain.
+Every fixed gamma runs through `speculative_generate` on prompts spanning the prompt lengths; the per-step
+wall times it returns (draft, verify and bookkeeping, at each step's own context length) are fitted per
+gamma as a line in the context length, and the prefills as lines in the prompt length. Isolated forward
+timings are measured beside it for comparison.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import platform
 import statistics
 import time
 
+import numpy as np
+import pandas as pd
 import torch
 from speckv.profiling.controllers import FixedGamma
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.errors import SpeckvError
 from speckv.profiling.feature_draft import FeatureCache, is_feature_draft
 from speckv.profiling.models import synchronize, vocab_size
-from speckv.profiling.recorder import TableRecorder
 from transformers import DynamicCache
 
 
@@ -130,88 +134,207 @@ def signal_costs_ms(draft, target, repeats: int, warmup: int) -> tuple[float, fl
     return signal_ms, target_signal_ms
 
 
+def robust_line(x, y) -> tuple[float, float]:
+    """(intercept, slope) of a least-squares line through (x, y), refitted once without the points more than
+    four median absolute deviations off the first fit (a descheduled step is an outlier, not a cost).
+    A single x gives slope 0 at the median."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) == 0:
+        raise SpeckvError("no timings to fit")
+    if np.ptp(x) == 0:
+        return float(np.median(y)), 0.0
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (intercept + slope * x)
+    mad = float(np.median(np.abs(residual - np.median(residual))))
+    keep = np.abs(residual) <= 4 * max(mad, 1e-9)
+    if keep.sum() >= 2 and np.ptp(x[keep]) > 0:
+        slope, intercept = np.polyfit(x[keep], y[keep], 1)
+    return float(intercept), float(slope)
+
+
+@torch.inference_mode()
+def loop_timings(
+    target, draft, prompts: list[list[int]], compression: str, gamma_max: int, max_new_tokens: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every fixed gamma 0..gamma_max on every prompt, in the real decode loop: (per step, per run) tables.
+
+    Runs take turns (the gamma order rotating from prompt to prompt) so that load from elsewhere spreads over
+    all of them; EOS does not stop a run, so each covers max_new_tokens of context growth.
+    """
+    config = DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=gamma_max)
+    warm = DecodeConfig(max_new_tokens=8, gamma_max=gamma_max)
+    for gamma in (0, gamma_max):
+        speculative_generate(target, draft, prompts[0], FixedGamma(gamma), warm, compression)
+    gammas = list(range(gamma_max + 1))
+    steps, runs = [], []
+    for n, prompt in enumerate(prompts):
+        shift = n % len(gammas)
+        for gamma in gammas[shift:] + gammas[:shift]:
+            result = speculative_generate(target, draft, prompt, FixedGamma(gamma), config, compression)
+            runs.append(
+                {
+                    "prompt": n,
+                    "controller": gamma,
+                    "prompt_tokens": len(prompt),
+                    "prefill_ms": result.prefill_s * 1e3,
+                    "first_gamma": result.gammas[0],
+                    "first_draft_ms": result.draft_s[0] * 1e3,
+                    "ttft_ms": result.ttft_s * 1e3,
+                    "decode_ms": result.decode_s * 1e3,
+                    "decode_tokens": result.decode_tokens,
+                }
+            )
+            steps += [
+                {
+                    "prompt": n,
+                    "controller": gamma,
+                    "step": i,
+                    "position": result.positions[i],
+                    "gamma": result.gammas[i],
+                    "step_ms": result.step_s[i] * 1e3,
+                    "draft_ms": result.draft_s[i] * 1e3,
+                    "verify_ms": result.verify_s[i] * 1e3,
+                }
+                for i in range(result.steps)
+            ]
+    return pd.DataFrame(steps), pd.DataFrame(runs)
+
+
+def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> dict:
+    """The loop's cost model from its own timed steps: per gamma a line in the context length over every
+    decode step (step 0 belongs to the time to first token), made non-decreasing in gamma at both ends of
+    the measured contexts and in context (a negative slope is noise); the draft's per-token cost; the
+    target's and the draft's prefill as lines in the prompt length."""
+    decode = steps[steps["step"] > 0]
+    lo, hi = float(decode["position"].min()), float(decode["position"].max())
+    reference = float(decode["position"].mean())
+    at_lo, at_hi, fit = [], [], {}
+    for gamma in range(gamma_max + 1):
+        rows = decode[decode["gamma"] == gamma]
+        if len(rows) < 3:
+            raise SpeckvError(f"calibration has {len(rows)} decode steps drafting {gamma}; need >= 3")
+        intercept, slope = robust_line(rows["position"], rows["step_ms"])
+        slope = max(slope, 0.0)
+        value = float(np.median(rows["step_ms"] - slope * (rows["position"] - reference)))
+        at_lo.append(value + slope * (lo - reference))
+        at_hi.append(value + slope * (hi - reference))
+        predicted = value + slope * (rows["position"] - reference)
+        fit[gamma] = {
+            "steps": len(rows),
+            "median_abs_error": float(np.median(np.abs(rows["step_ms"] - predicted) / predicted)),
+        }
+    at_lo, at_hi = monotone(at_lo), monotone(at_hi)  # isotonic regression keeps at_lo <= at_hi
+    span = max(hi - lo, 1.0)
+    slopes = [(b - a) / span if hi > lo else 0.0 for a, b in zip(at_lo, at_hi, strict=True)]
+    step_ms = [a + s * (reference - lo) for a, s in zip(at_lo, slopes, strict=True)]
+
+    drafting = decode[decode["gamma"] > 0]
+    per_token = drafting["draft_ms"] / drafting["gamma"]
+    _, draft_slope = robust_line(drafting["position"], per_token)
+    draft_slope = max(draft_slope, 0.0)
+    draft_ms = float(np.median(per_token - draft_slope * (drafting["position"] - reference)))
+
+    prefill = robust_line(runs["prompt_tokens"] - 1, runs["prefill_ms"])
+    first = runs[runs["first_gamma"] > 0]
+    # the draft's first forward reads the whole prompt; the rest of step 0's drafts are ordinary tokens
+    own = first["first_draft_ms"] - (first["first_gamma"] - 1) * (
+        draft_ms + draft_slope * (first["prompt_tokens"] - reference)
+    )
+    draft_prefill = robust_line(first["prompt_tokens"], own) if len(first) else (0.0, 0.0)
+    return {
+        "context_tokens": reference,
+        "step_ms": step_ms,
+        "step_ms_per_token": slopes,
+        "draft_ms": draft_ms,
+        "draft_ms_per_token": draft_slope,
+        "prefill_ms": [max(prefill[0], 0.0), max(prefill[1], 0.0)],
+        "draft_prefill_ms": [max(draft_prefill[0], 0.0), max(draft_prefill[1], 0.0)],
+        "fit": {"contexts": [lo, hi], "by_gamma": fit},
+    }
+
+
+def calibration_prompts(prompts: list[list[int]], count: int) -> list[list[int]]:
+    """`count` prompts spread evenly over the range of prompt lengths (shortest and longest included)."""
+    if not prompts or count < 1:
+        raise SpeckvError("calibration needs at least one prompt")
+    ordered = sorted(prompts, key=len)
+    picks = np.unique(np.round(np.linspace(0, len(ordered) - 1, min(count, len(ordered)))).astype(int))
+    return [ordered[i] for i in picks]
+
+
 @torch.inference_mode()
 def calibrate(
     target,
     draft,
     compression: str,
-    context: list[int],
+    prompts: list[list[int]],
     gamma_max: int,
+    max_new_tokens: int = 64,
     repeats: int = 15,
     warmup: int = 3,
-    loop_tokens: int = 48,
-) -> CostModel:
-    """A CostModel measured with `context` (prompt token ids) as the cached prefix."""
-    draft_ms = draft_ms_per_token(draft, context, repeats, warmup)
-    raw_verify_ms = verify_ms_interleaved(target, context, list(range(1, gamma_max + 2)), repeats, warmup)
-    verify_ms = monotone(raw_verify_ms)
-    run = {
-        "prompt_id": "calibration",
-        "task": "-",
-        "split": "-",
-        "compression": compression,
-        "controller": "fixed:4",
-        "mode": "greedy",
-    }
-    recorder = TableRecorder(run, len(context))
-    gamma = min(4, gamma_max)
-    config = DecodeConfig(max_new_tokens=loop_tokens, gamma_max=gamma_max)
-    result = speculative_generate(target, draft, context, FixedGamma(gamma), config, compression, recorder)
-    steps = recorder.step_table().to_pandas()
-    prefill_ms = (
-        _median_ms(
-            lambda: _forward(target, context[:-1], DynamicCache(config=target.config), target.device, False),
-            3,
-            1,
-            target.device,
-        )
-        if len(context) > 1
-        else 0.0
-    )
-    modelled = steps["draft_ms"].sum() + steps["verify_ms"].sum() + prefill_ms
+) -> tuple[CostModel, pd.DataFrame]:
+    """A CostModel fitted to the decode loop's own steps on `prompts`, and those steps.
+
+    Isolated timings (a forward repeated on a warm cache after the median prompt) are kept in `meta` beside
+    it: they leave out what the loop pays between forwards, which is why the model is fitted in the loop.
+    """
+    steps, runs = loop_timings(target, draft, prompts, compression, gamma_max, max_new_tokens)
+    fitted = fit_cost_model(steps, runs, gamma_max)
+    context = prompts[len(prompts) // 2]
+    isolated_verify = verify_ms_interleaved(target, context, list(range(1, gamma_max + 2)), repeats, warmup)
+    isolated_draft = draft_ms_per_token(draft, context, repeats, warmup)
     signal_ms, target_signal_ms = signal_costs_ms(draft, target, repeats, warmup)
-    # the recorder makes the loop compute the target's confidence every step; that is charged separately
-    # (target_signal_ms, to the controllers that read it), not to every step's overhead
-    overhead_ms = max(0.0, (result.wall_s * 1e3 - modelled) / max(1, result.steps) - target_signal_ms)
-    return CostModel(
+    fit = fitted.pop("fit")
+    model = CostModel(
         compression=compression,
         device=str(target.device),
-        draft_ms=draft_ms,
-        verify_ms=verify_ms,
-        overhead_ms=float(overhead_ms),
         signal_ms=signal_ms,
         target_signal_ms=target_signal_ms,
         meta={
-            "verify_ms_raw": raw_verify_ms,
-            "context_tokens": len(context),
+            "fit": fit,
+            "prompt_tokens": [len(p) for p in prompts],
+            "max_new_tokens": max_new_tokens,
+            "loop_steps": len(steps),
+            "isolated": {
+                "context_tokens": len(context),
+                "verify_ms": isolated_verify,
+                "draft_ms": isolated_draft,
+            },
             "repeats": repeats,
             "warmup": warmup,
-            "loop_tokens": loop_tokens,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "machine": platform.machine(),
             "processor": platform.processor(),
         },
+        **fitted,
     )
+    return model, steps.assign(compression=compression)
 
 
 def plot_cost_models(models: list[CostModel], path) -> None:
-    """Verify ms against tokens verified, one line per compression, with the draft's per-token cost."""
+    """Modelled decode-step ms against gamma, one colour per compression: solid at the shortest measured
+    context, dashed at the longest; the draft's per-token cost on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model in models:
-        ks = list(range(1, len(model.verify_ms) + 1))
-        line = ax.plot(ks, model.verify_ms, marker="o", label=f"target verify, {model.compression}")[0]
-        ax.axhline(model.draft_ms, ls="--", color=line.get_color(), alpha=0.6)
-    ax.set_xlabel("tokens in the verify forward (drafted + 1)")
-    ax.set_ylabel("ms (median)")
-    ax.set_title("Measured cost model (dashed: draft ms per token)")
+    fig, (ax, ax_draft) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 1]})
+    for n, model in enumerate(models):
+        lo, hi = model.meta.get("fit", {}).get("contexts", [model.context_tokens] * 2)
+        ks = list(range(model.gamma_max + 1))
+        line = ax.plot(ks, [model.step_at(k, lo) for k in ks], marker="o", label=f"{model.compression}")[0]
+        ax.plot(ks, [model.step_at(k, hi) for k in ks], ls="--", color=line.get_color())
+        draft = [model.draft_ms + model.draft_ms_per_token * (c - model.context_tokens) for c in (lo, hi)]
+        ax_draft.bar([n - 0.2, n + 0.2], draft, width=0.35, color=line.get_color(), alpha=0.8)
+    ax.set_xlabel("tokens drafted in the step (gamma)")
+    ax.set_ylabel("ms per decode step")
+    ax.set_title("Step cost in the decode loop (solid: shortest context, dashed: longest)", fontsize=9)
     ax.legend(fontsize=8)
     ax.set_ylim(bottom=0)
+    ax_draft.set_xticks(range(len(models)), [m.compression for m in models])
+    ax_draft.set_title("draft ms per token", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from speckv.profiling.acceptance import logits_to_probs, sample, verify_greedy, verify_sampling
 from speckv.profiling.controllers import Controller, StepContext, draft_budget, submitted
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.feature_draft import (
@@ -84,9 +85,23 @@ class Recorder(Protocol):
 
 @dataclass
 class GenerationResult:
+    """Tokens, per-step statistics and timings of one generation.
+
+    Timings chain without gaps: wall_s = setup + prefill_s + sum(step_s). The first token is committed at
+    the end of step 0, so time to first token covers both models' prompt prefill (the target's before step
+    0, the draft's lazily on the first token it drafts) and the decode phase is every later step: what a
+    gamma controller controls.
+    """
+
     token_ids: list[int]  # generated tokens only
     gammas: list[int] = field(default_factory=list)  # drafted per step
     accepts: list[int] = field(default_factory=list)  # accepted per step
+    produced: list[int] = field(default_factory=list)  # tokens committed per step (after EOS/length cuts)
+    positions: list[int] = field(default_factory=list)  # context length at each step's start
+    step_s: list[float] = field(default_factory=list)  # wall time of each step: draft, verify, commit
+    draft_s: list[float] = field(default_factory=list)  # per step: its draft forwards
+    verify_s: list[float] = field(default_factory=list)  # per step: the target's verify forward
+    prefill_s: float = 0.0  # the target's prefill of the prompt (all tokens but the last)
     wall_s: float = 0.0
     stop_reason: str = "length"  # "eos" or "length"
 
@@ -118,6 +133,23 @@ class GenerationResult:
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
+    @property
+    def decode_s(self) -> float:
+        """Wall time after the first token: every step but the first."""
+        return float(sum(self.step_s[1:]))
+
+    @property
+    def ttft_s(self) -> float:
+        return self.wall_s - self.decode_s
+
+    @property
+    def decode_tokens(self) -> int:
+        return self.new_tokens - (self.produced[0] if self.produced else 0)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
     def summary(self) -> dict:
         return {
             "new_tokens": self.new_tokens,
@@ -128,28 +160,12 @@ class GenerationResult:
             "mean_accepted_per_step": self.mean_accepted_per_step,
             "wall_s": self.wall_s,
             "tokens_per_s": self.tokens_per_s,
+            "ttft_s": self.ttft_s,
+            "decode_tokens": self.decode_tokens,
+            "decode_s": self.decode_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
             "stop_reason": self.stop_reason,
         }
-
-
-def logits_to_probs(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
-    """The sampling distribution: temperature, then top-k, then top-p (nucleus), over the last dim."""
-    logits = logits.float() / max(config.temperature, 1e-5) if not config.greedy else logits.float()
-    if config.top_k > 0 and config.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, config.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop tokens once the mass before them already reaches top_p; the first token always stays
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= config.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return torch.softmax(logits, dim=-1)
-
-
-def _sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _forward(model, ids: list[int], cache: DynamicCache, device: torch.device, all_logits: bool):
@@ -166,42 +182,6 @@ def _truncate(cache: DynamicCache, length: int) -> None:
     excess = cache.get_seq_length() - length
     if excess > 0:
         cache.crop(-excess)
-
-
-def verify_greedy(drafted: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
-    """(accepted, next token): the longest drafted prefix matching the target's argmax, then its own token."""
-    choices = target_logits.argmax(dim=-1).tolist()
-    n = 0
-    while n < len(drafted) and drafted[n] == choices[n]:
-        n += 1
-    return n, choices[n]
-
-
-def verify_sampling(
-    drafted: list[int],
-    draft_probs: list[torch.Tensor],
-    target_probs: torch.Tensor,
-    generator: torch.Generator,
-) -> tuple[int, int, list[float]]:
-    """Leviathan et al. rejection sampling: (accepted, next token, min(1, p/q) of every drafted token)."""
-    k = len(drafted)
-    if k:
-        idx = torch.arange(k, device=target_probs.device)
-        tok = torch.tensor(drafted, device=target_probs.device)
-        p = target_probs[idx, tok]
-        q = torch.stack([draft_probs[i][drafted[i]] for i in range(k)])
-        ratios = torch.clamp(p / q, max=1.0).tolist()
-    else:
-        ratios = []
-    uniforms = torch.rand(k, generator=generator, device=target_probs.device).tolist() if k else []
-    for i in range(k):
-        if uniforms[i] >= ratios[i]:
-            residual = torch.clamp(target_probs[i] - draft_probs[i], min=0.0)
-            total = residual.sum()
-            # p == q on the support: rejection is impossible in exact arithmetic, so sample p itself
-            dist = residual / total if total > 0 else target_probs[i]
-            return i, _sample(dist, generator), ratios
-    return k, _sample(target_probs[k], generator), ratios
 
 
 @torch.inference_mode()
@@ -253,6 +233,9 @@ def speculative_generate(
     draft_len = 0  # positions held by the draft cache; it is filled lazily, so `none` never pays for it
     result = GenerationResult(token_ids=[])
     prev_gamma = prev_accepted = 0
+    synchronize(device)
+    step_start = time.perf_counter()
+    result.prefill_s = step_start - start
 
     while result.new_tokens < config.max_new_tokens:
         ctx = StepContext(
@@ -300,7 +283,7 @@ def speculative_generate(
                 probs = torch.softmax(logits.float(), dim=-1) if recorded else None
             else:
                 probs = logits_to_probs(logits, config)
-                token = _sample(probs, generator)
+                token = sample(probs, generator)
                 draft_probs.append(probs)
             drafted.append(token)
             pending = [token]
@@ -335,7 +318,8 @@ def speculative_generate(
                 del drafted[n_submit:], draft_probs[n_submit:], signals[n_submit:], draft_ms[n_submit:]
 
         # Step 2: one target forward over the last committed token and every submitted token.
-        t0 = time.perf_counter() if recorder is not None else 0.0
+        t0 = time.perf_counter()
+        result.draft_s.append(t0 - step_start)
         target_logits = target_forward(target, [tokens[-1]] + drafted, target_cache, device, all_logits=True)
         if feature_draft:
             target_logits, verify_hidden = target_logits
@@ -349,9 +333,9 @@ def speculative_generate(
             n_accepted, next_token, accept_probs = verify_sampling(
                 drafted, draft_probs, target_probs, generator
             )
-        if recorder is not None:
-            synchronize(device)
-            verify_ms = (time.perf_counter() - t0) * 1e3
+        synchronize(device)
+        verify_ms = (time.perf_counter() - t0) * 1e3
+        result.verify_s.append(verify_ms / 1e3)
         if wants_target:
             # rows 0..n_accepted chose the tokens committed now: the accepted drafts and the next token; only
             # the last RECENT_TOKENS of them can reach the running window
@@ -386,15 +370,20 @@ def speculative_generate(
             _truncate(draft_cache, draft_len)
         result.gammas.append(k)
         result.accepts.append(n_accepted)
+        result.produced.append(produced)
+        result.positions.append(committed)
         controller.observe(k, n_accepted)
         if recorder is not None:
             recorder.record_step(
                 StepOutcome(ctx, signals, draft_ms, n_accepted, accept_probs, next_token, produced, verify_ms)
             )
+        synchronize(device)
+        step_end = time.perf_counter()
+        result.step_s.append(step_end - step_start)
+        step_start = step_end
         prev_gamma, prev_accepted = k, n_accepted
         if result.stop_reason == "eos":
             break
 
-    synchronize(device)
-    result.wall_s = time.perf_counter() - start
+    result.wall_s = step_start - start
     return result

@@ -2,9 +2,12 @@
 
 Greedy speculative output does not depend on the gamma policy, so a trace (the target's continuation and,
 at every position, the draft's greedy gamma_max tokens with their signals) fixes what every step of every
-controller would draft and accept. Time is modelled with the measured cost model: a step drafting g
-tokens costs `CostModel.step_ms(g)`. The oracle minimises that modelled time by dynamic programming over
-positions, T[i] = min_g step_ms(g) + T[i + min(match_len_i, g) + 1], so no controller can beat it.
+controller would draft and accept. Time is modelled with the loop's measured cost model: a step drafting g
+tokens at context length L costs `StepCosts.step(g, L)`, the draft's first forward also reads every token it
+has not seen (its lazy prefill), and the target's prefill opens the run. As in the decode loop, step 0 ends
+at the first token: prefill + step 0 is the time to first token, every later step the decode phase. The
+oracle minimises the modelled time by dynamic programming over positions (and whether the draft has been
+prefilled yet), so no controller can beat it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from speckv.profiling.controllers import Controller, StepContext, draft_budget, submitted
+from speckv.profiling.costmodel import StepCosts
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.schema import read_table
 from speckv.profiling.signals import RECENT_TOKENS, SIGNALS, TokenSignals, recent_mean
@@ -59,13 +63,35 @@ class ReplayResult:
     new_tokens: int
     gammas: list[int] = field(default_factory=list)
     accepts: list[int] = field(default_factory=list)
-    model_ms: float = 0.0
+    model_ms: float = 0.0  # every step, the draft's lazy prefill included; no target prefill
+    first_step_ms: float = 0.0  # step 0: it ends at the first token
+    first_tokens: int = 0  # tokens step 0 commits
+    prefill_ms: float = 0.0  # the target's prefill of the prompt
     trimmed: int = 0  # drafted tokens dropped before the verify
 
     @property
     def goodput(self) -> float:
         """Modelled tokens per second."""
         return 1000.0 * self.new_tokens / self.model_ms if self.model_ms > 0 else 0.0
+
+    @property
+    def decode_ms(self) -> float:
+        return self.model_ms - self.first_step_ms
+
+    @property
+    def decode_tokens(self) -> int:
+        return self.new_tokens - self.first_tokens
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.prefill_ms + self.first_step_ms
+
+    def add_step(self, gamma: int, accepted: int, produced: int, ms: float) -> None:
+        if not self.gammas:
+            self.first_step_ms, self.first_tokens = ms, produced
+        self.gammas.append(gamma)
+        self.accepts.append(accepted)
+        self.model_ms += ms
 
 
 def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
@@ -114,10 +140,11 @@ def load_traces(path: str | Path) -> list[Trace]:
     return traces_from_frame(frame)
 
 
-def _step_costs(cost: Sequence[float], gamma_max: int) -> Sequence[float]:
+def _step_costs(cost: Sequence[float], gamma_max: int) -> StepCosts:
+    """`cost` as StepCosts (a plain list: the same cost at every context, nothing for prefills)."""
     if len(cost) - 1 < gamma_max:
         raise SpeckvError(f"the cost model covers gamma 0..{len(cost) - 1}, the replay needs 0..{gamma_max}")
-    return cost
+    return cost if isinstance(cost, StepCosts) else StepCosts(cost, 0.0)
 
 
 def _limit(trace: Trace, max_new_tokens: int | None) -> int:
@@ -136,24 +163,29 @@ def replay(
 ) -> ReplayResult:
     """Run `controller` on `trace` exactly as speculative_generate would, without the models.
 
-    `step_ms[g]` is the modelled time of a step drafting g tokens; a trimmed step (drafted k, verified
-    n < k) costs `step_ms.trimmed(k, n)` (a profiling.costmodel.StepCosts), and reading signals costs what
-    the StepCosts says (`signal_ms` per drafted token whose signals the loop computes, `target_signal_ms`
-    per step). `max_new_tokens` (default: the
-    trace's length) caps drafting as the live loop does, at max_new_tokens - new_tokens - 1.
+    `step_ms` is a profiling.costmodel.StepCosts (a plain list: the same cost at every context): a step
+    drafting g tokens at context L costs `step(g, L)`, a trimmed one (drafted k, verified n < k)
+    `trimmed(k, n, L)`, the draft's first forward `draft_first` (or `draft_lag`) more, and
+    reading signals what it says (`signal_ms` per drafted token whose signals the loop computes,
+    `target_signal_ms` per step). `max_new_tokens` (default: the trace's length) caps drafting as the live
+    loop does, at max_new_tokens - new_tokens - 1.
     """
     gamma_max = trace.gamma_max
-    _step_costs(step_ms, gamma_max)
+    costs = _step_costs(step_ms, gamma_max)
     limit = _limit(trace, max_new_tokens)
     result = ReplayResult(new_tokens=trace.n_new)
+    prompt_len = int(trace.position[0])
+    result.prefill_ms = costs.target_prefill(prompt_len - 1)
     controller.reset()
     peek = getattr(controller, "peek", None)  # only hindsight policies (FirstTokenOracle) have it
     recent = trace.target_recent
     i = prev_gamma = prev_accepted = 0
+    draft_cached = 0  # positions the draft has read; the loop fills it lazily, on the first drafted token
     while i < trace.n_new:
+        position = int(trace.position[i])
         ctx = StepContext(
             step=len(result.gammas),
-            position=int(trace.position[i]),
+            position=position,
             new_tokens=i,
             prev_gamma=prev_gamma,
             prev_accepted=prev_accepted,
@@ -170,26 +202,30 @@ def replay(
             # as in the loop: after each drafted token but the budget's last, ask whether to go on
             for j in range(budget - 1):
                 values = trace.signals[i, j]
-                signals = TokenSignals(
-                    *map(float, values), draft_index=j, position=int(trace.position[i]) + j
-                )
+                signals = TokenSignals(*map(float, values), draft_index=j, position=position + j)
                 if not controller.keep_drafting(signals):
                     k = j + 1
                     break
         n = submitted(controller, k)
         accepted = min(int(trace.match_len[i]), n)
-        result.gammas.append(n)
-        result.accepts.append(accepted)
-        result.model_ms += step_ms[k] if n == k else step_ms.trimmed(k, n)
+        ms = costs.step(k, position) if n == k else costs.trimmed(k, n, position)
+        if k:
+            # the draft's first forward reads every committed token it has not seen: the whole prompt on its
+            # first draft, one or two in a steady run (in the step cost), more after steps drafting nothing
+            lag = position - draft_cached
+            ms += costs.draft_first(position) if draft_cached == 0 else costs.draft_lag(lag)
+            draft_cached = position + min(accepted, k - 1)
         # what reading signals adds, as the loop computes them: every drafted token but a budget's last
         if controller.needs_signals and k:
-            result.model_ms += (k if k < budget else budget - 1) * getattr(step_ms, "signal_ms", 0.0)
+            ms += (k if k < budget else budget - 1) * costs.signal_ms
         if controller.needs_target_signals:
-            result.model_ms += getattr(step_ms, "target_signal_ms", 0.0)
+            ms += costs.target_signal_ms
+        produced = min(accepted + 1, trace.n_new - i)
+        result.add_step(n, accepted, produced, ms)
         result.trimmed += k - n
         controller.observe(n, accepted)
         prev_gamma, prev_accepted = n, accepted
-        i += min(accepted + 1, trace.n_new - i)
+        i += produced
     return result
 
 
@@ -229,28 +265,45 @@ class FirstTokenOracle:
 def oracle(trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = None) -> ReplayResult:
     """The hindsight-optimal gamma at every step: least modelled time to produce the whole continuation.
 
-    Every controller's run is a path i -> i + min(match_len_i, g) + 1 through the same positions, so the
-    shortest path over all g is a lower bound on any controller's modelled time on this trace.
+    Every controller's run is a path i -> i + min(match_len_i, g) + 1 through the same positions; the
+    shortest path over all g (with a second state for "the draft has not read the prompt yet", whose first
+    draft pays the prompt's read at its shortest, the first position; the small lag cost after steps
+    drafting nothing is left out: both only lower the bound) is a lower bound on any controller's
+    modelled time on this trace.
     """
     n, gamma_max = trace.n_new, trace.gamma_max
-    _step_costs(step_ms, gamma_max)
+    costs = _step_costs(step_ms, gamma_max)
     limit = _limit(trace, max_new_tokens)
-    best_ms = np.zeros(n + 1)
-    best_gamma = np.zeros(n, dtype=np.int64)
+    prompt_len = int(trace.position[0])
+    # best[s][i]: least ms from position i to the end; s = 1 once the draft has read the prompt
+    best = np.zeros((2, n + 1))
+    choice = np.zeros((2, n), dtype=np.int64)
     for i in range(n - 1, -1, -1):
-        choices = [
-            step_ms[g] + best_ms[i + min(min(int(trace.match_len[i]), g) + 1, n - i)]
-            for g in range(max(0, min(gamma_max, limit - i - 1)) + 1)
-        ]
-        best_gamma[i] = int(np.argmin(choices))
-        best_ms[i] = choices[best_gamma[i]]
+        position = int(trace.position[i])
+        top = max(0, min(gamma_max, limit - i - 1))
+        # the prompt read is charged as if at the first position: never more than any policy pays for it
+        for started in (1, 0):
+            options = []
+            for g in range(top + 1):
+                nxt = i + min(min(int(trace.match_len[i]), g) + 1, n - i)
+                ms = costs.step(g, position) + best[1 if g else started][nxt]
+                if g and not started:
+                    ms += costs.draft_first(prompt_len)
+                options.append(ms)
+            choice[started][i] = int(np.argmin(options))
+            best[started][i] = options[choice[started][i]]
     result = ReplayResult(new_tokens=n)
-    i = 0
+    result.prefill_ms = costs.target_prefill(int(trace.position[0]) - 1)
+    i = started = 0
     while i < n:
-        g = int(best_gamma[i])
+        g = int(choice[started][i])
+        position = int(trace.position[i])
         accepted = min(int(trace.match_len[i]), g)
-        result.gammas.append(g)
-        result.accepts.append(accepted)
-        result.model_ms += step_ms[g]
-        i += min(accepted + 1, n - i)
+        ms = costs.step(g, position)
+        if g and not started:
+            ms += costs.draft_first(prompt_len)
+            started = 1
+        produced = min(accepted + 1, n - i)
+        result.add_step(g, accepted, produced, ms)
+        i += produced
     return result

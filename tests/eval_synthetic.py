@@ -53,10 +53,20 @@ def trace_rows(
 
 
 def write_traces(
-    path: Path, seed: int = 0, per_split: int = 6, compressions=("fp32", "int8"), splits=("dev", "test")
+    path: Path,
+    seed: int = 0,
+    per_split: int = 6,
+    compressions=("fp32", "int8"),
+    splits=("dev", "test"),
+    extra: tuple[tuple[str, str, str, int], ...] = (),
 ) -> Path:
+    """Traces of `per_split` prompts per split and compression, plus one per (prompt_id, task, split, n_new)
+    in `extra` (e.g. the prompts a test times live)."""
     rng = np.random.default_rng(seed)
     rows = []
+    for compression in compressions:
+        for prompt_id, task, split, n_new in extra:
+            rows += trace_rows(rng, prompt_id, task, split, compression, n_new)
     for compression in compressions:
         for split in splits:
             for j in range(per_split):
@@ -70,8 +80,18 @@ def write_traces(
 
 
 def cost_model(compression: str = "fp32", gamma_max: int = GAMMA_MAX) -> CostModel:
-    verify = [40.0 + 2.0 * k for k in range(gamma_max + 1)]
-    return CostModel(compression, "cpu", draft_ms=5.0, verify_ms=verify)
+    steps = [40.0 + 7.0 * k for k in range(gamma_max + 1)]  # verify 40 + 2k ms, draft 5 ms per token
+    slopes = [0.02 + 0.001 * k for k in range(gamma_max + 1)]  # dearer with context, as measured
+    return CostModel(
+        compression,
+        "cpu",
+        context_tokens=100.0,
+        step_ms=steps,
+        step_ms_per_token=slopes,
+        draft_ms=5.0,
+        prefill_ms=[5.0, 0.1],
+        draft_prefill_ms=[2.0, 0.01],
+    )
 
 
 def write_costs(path: Path, compressions=("fp32", "int8"), gamma_max: int = GAMMA_MAX) -> Path:

@@ -91,6 +91,9 @@ def write_tokens(frame: pd.DataFrame, path: Path) -> Path:
 
 def write_costs(path: Path) -> Path:
     for i, compression in enumerate(COMPRESSIONS):
-        verify = [12.0 + 3 * i + 0.8 * k for k in range(GAMMA_MAX + 1)]
-        CostModel(compression, "cpu", draft_ms=1.5 + i, verify_ms=verify).save(path / f"{compression}.json")
+        draft = 1.5 + i
+        steps = [12.0 + 3 * i + (0.8 + draft) * k for k in range(GAMMA_MAX + 1)]
+        CostModel(compression, "cpu", 50.0, steps, [0.0] * (GAMMA_MAX + 1), draft_ms=draft).save(
+            path / f"{compression}.json"
+        )
     return path

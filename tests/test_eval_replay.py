@@ -39,7 +39,16 @@ def random_trace(rng: np.random.Generator, n_new: int, gamma_max: int = 4) -> Tr
 
 
 def random_costs(rng: np.random.Generator, gamma_max: int = 4) -> StepCosts:
-    return StepCosts(np.cumsum(rng.uniform(0.5, 10, gamma_max + 1)) + rng.uniform(5, 60), rng.uniform(0, 5))
+    """Steps dearer with gamma and with context, a draft whose first forward reads the prompt."""
+    return StepCosts(
+        np.cumsum(rng.uniform(0.5, 10, gamma_max + 1)) + rng.uniform(5, 60),
+        rng.uniform(0, 5),
+        context=30.0,
+        slopes=np.sort(rng.uniform(0, 0.2, gamma_max + 1)),
+        draft_slope=rng.uniform(0, 0.01),
+        prefill=(rng.uniform(0, 20), rng.uniform(0, 1)),
+        draft_prefill=(rng.uniform(0, 10), rng.uniform(0, 0.3)),
+    )
 
 
 class RateStub:
@@ -53,11 +62,18 @@ def paper_stub(cost: list[float]) -> PaperController:
     return PaperController(RateStub(), np.full(len(RUNNING), 0.5), cost, 4, "fp32")
 
 
-def brute_force_ms(trace: Trace, cost: list[float], i: int = 0) -> float:
+def brute_force_ms(trace: Trace, cost: StepCosts, i: int = 0, drafted: bool = False) -> float:
+    """Every gamma sequence tried: a step at its own context, the prompt's read (at its shortest) on the
+    draft's first draft."""
     if i >= trace.n_new:
         return 0.0
+    position = int(trace.position[i])
     return min(
-        cost[g] + brute_force_ms(trace, cost, i + min(min(int(trace.match_len[i]), g) + 1, trace.n_new - i))
+        cost.step(g, position)
+        + (cost.draft_first(int(trace.position[0])) if g and not drafted else 0.0)
+        + brute_force_ms(
+            trace, cost, i + min(min(int(trace.match_len[i]), g) + 1, trace.n_new - i), drafted or g > 0
+        )
         for g in range(min(trace.gamma_max, trace.n_new - i - 1) + 1)
     )
 
@@ -130,7 +146,15 @@ def test_replay_equals_live_loop(tiny_models, tmp_path):
         replayed = replay(make(), trace, cost, max_new_tokens=40)
         assert (replayed.gammas, replayed.accepts) == (live.gammas, live.accepts), spec
         assert replayed.new_tokens == live.new_tokens
+        assert (replayed.first_tokens, replayed.decode_tokens) == (live.produced[0], live.decode_tokens)
         trimmed += replayed.trimmed
+        # with a cost that grows with the context, each step is charged at the context the loop was at
+        grows = StepCosts(cost, 0.5, context=20.0, slopes=[0.1 * (k + 1) for k in range(5)])
+        timed = replay(make(), trace, grows, max_new_tokens=40)
+        if timed.trimmed == 0 and not make().needs_signals:
+            expected = [grows.step(g, p) for g, p in zip(live.gammas, live.positions, strict=True)]
+            assert timed.model_ms == pytest.approx(sum(expected))
+            assert timed.decode_ms == pytest.approx(sum(expected[1:]))
     assert trimmed > 0  # some trim happened, or the trim paths were not compared
 
 

@@ -226,17 +226,6 @@ def test_cost_model_is_monotone_in_verified_tokens():
     assert sum(smoothed) == pytest.approx(61.7 + 105.4 + 116.4 + 95.3 + 121.1 + 109.4 + 129.3 + 99.5 + 111.8)
 
 
-def test_calibrate_on_a_tiny_pair(pair):
-    from speckv.profiling.calibrate import calibrate
-
-    model = calibrate(
-        pair.target, pair.draft, "fp32", list(range(10, 40)), gamma_max=4, repeats=3, warmup=1, loop_tokens=8
-    )
-    assert len(model.verify_ms) == 5 and model.draft_ms > 0 and model.overhead_ms >= 0
-    assert all(a <= b for a, b in zip(model.verify_ms, model.verify_ms[1:], strict=False))
-    assert model.step_ms(4) == pytest.approx(4 * model.draft_ms + model.verify_ms[4] + model.overhead_ms)
-
-
 def test_verify_sizes_take_turns_so_a_burst_of_load_inflates_none_of_them(pair, monkeypatch):
     """A fake clock where a forward costs its token count, and 4x that for the first 40% of all calls (a
     neighbour's burst): timed one size after another, the first sizes would read 4x; interleaved, every

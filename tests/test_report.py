@@ -102,7 +102,7 @@ def test_page_opens_with_the_verdict_and_its_numbers(report):
     assert page.verdict[0] == "verdict up"
     assert page.verdict[1].startswith("The predictor pays") and "live wall-clock" in page.verdict[1]
     numbers = table(page, "headline", "Tokens/s ratios on test prompts")
-    live, replay = "live wall-clock [95% CI]", "replay, modelled time [95% CI]"
+    live, replay = "live, decode phase [95% CI]", "replay, modelled time [95% CI]"
     assert row(numbers, "MLP vs best-fixed")[live] == ("1.100× [1.050, 1.150]", "up")
     summary = json.loads((out.parent / "eval" / "summary.json").read_text())
     ci = summary["replay"]["test"]["vs_best_fixed"]["all"]["mlp"]["vs_best-fixed"]
@@ -137,7 +137,8 @@ def test_each_compression_has_its_section_with_per_task_tables(report):
         assert [r[0][0] for r in replay["rows"]] == ["chat", "code"]
         live = table(page, section, "Live wall-clock runs, test prompts")
         assert [r[0][0] for r in live["rows"]] == ["none", "best-fixed", "fixed:4", "mlp"]
-        assert row(live, "mlp")["tok/s"] == ("11.0", "")
+        assert row(live, "mlp")["decode tok/s"] == ("11.0", "")
+        assert row(live, "mlp")["median TTFT s"] == ("0.500", "")
         assert table(page, section, "Live per task, tokens/s ratio to none")["rows"]
 
 
@@ -214,7 +215,7 @@ def test_replay_only_evaluation_decides_on_replay(tmp_path):
     assert "live" not in page.sections and "provenance" not in page.sections
     assert not (tmp_path / "report" / "provenance.json").exists()
     numbers = table(page, "headline", "Tokens/s ratios on test prompts")
-    assert row(numbers, "MLP vs best-fixed")["live wall-clock [95% CI]"] == ("n/a", "")
+    assert row(numbers, "MLP vs best-fixed")["live, decode phase [95% CI]"] == ("n/a", "")
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ def compare(
     time_col: str,
     config: EvaluateConfig,
     by: tuple[str, ...] = (),
+    tokens_col: str = "new_tokens",
 ) -> dict:
     """Pooled tokens/s per role and its ratio to `base` (paired bootstrap CI), overall and per `by` group."""
     seconds = frame[time_col] / (1000.0 if time_col == "model_ms" else 1.0)
@@ -34,13 +35,14 @@ def compare(
             rows = group[group["policy"] == role]
             if rows.empty:
                 continue
-            entry[role] = {"tokens_per_s": pooled_rate(rows["new_tokens"].to_numpy(), rows["_s"].to_numpy())}
+            entry[role] = {"tokens_per_s": pooled_rate(rows[tokens_col].to_numpy(), rows["_s"].to_numpy())}
             if role != base and (group["policy"] == base).any():
                 ci = paired_ratio(
                     group,
                     role,
                     base,
                     time_col="_s",
+                    tokens_col=tokens_col,
                     n_boot=config.n_boot,
                     level=config.ci_level,
                     seed=config.seed,

@@ -1,5 +1,7 @@
 """Live wall-clock runs: every controller in the real decode loop on the same prompts, interleaved.
 
+Each run's time is split at its first token: time to first token (both models' prefill, whenever each
+happens) and the decode phase after it, which is what a gamma controller controls.
 Controllers take turns on each prompt (the order rotates from prompt to prompt) so that noise from other
 jobs on the machine hits all of them alike. Greedy outputs are compared with `none` (the target alone):
 the loop is lossless only if every one is token-identical. transformers' own assisted generation
@@ -54,8 +56,28 @@ def hf_role(name: str, gamma_max: int, threshold: float | None = None, assistant
 HF_ROLES = ("hf-assisted", "hf-heuristic", "hf-threshold")
 
 
+class FirstTokenClock:
+    """A generate() streamer that only notes when the first generated tokens arrive and how many: generate()
+    hands it the prompt first, then each step's new tokens, so decoding itself is unchanged."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_at: float | None = None
+        self.first_tokens = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.first_at = time.perf_counter()
+            self.first_tokens = int(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
 def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, settings: dict, assistant=None):
-    """Greedy `target.generate(assistant_model=assistant or the pair's draft)`; (new token ids, wall seconds).
+    """Greedy `target.generate(assistant_model=assistant or the pair's draft)`: (new token ids, wall seconds,
+    seconds to the first token, tokens of the first step).
 
     The draft's generation_config is restored afterwards: the heuristic schedule writes its state back
     into it, which would leak from one prompt into the next.
@@ -65,6 +87,7 @@ def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, se
     for key, value in settings.items():
         setattr(draft.generation_config, key, value)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=pair.device)
+    clock = FirstTokenClock()
     try:
         synchronize(pair.device)
         start = time.perf_counter()
@@ -77,12 +100,14 @@ def hf_assisted(pair: ModelPair, prompt_ids: list[int], config: DecodeConfig, se
                 max_new_tokens=config.max_new_tokens,
                 eos_token_id=list(config.eos_token_ids) or None,
                 pad_token_id=pair.tokenizer.pad_token_id or (config.eos_token_ids or (0,))[0],
+                streamer=clock,
             )
         synchronize(pair.device)
         wall_s = time.perf_counter() - start
     finally:
         draft.generation_config = saved
-    return out[0, len(prompt_ids) :].tolist(), wall_s
+    ttft_s = (clock.first_at - start) if clock.first_at is not None else wall_s
+    return out[0, len(prompt_ids) :].tolist(), wall_s, ttft_s, clock.first_tokens
 
 
 def _trim_after_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
@@ -106,10 +131,21 @@ def run_prompt(
     for name in order:
         role = roles[name]
         if isinstance(role, HFAssisted):
-            tokens, wall_s = hf_assisted(pair, prompt_ids, config, role.settings, role.assistant)
+            tokens, wall_s, ttft_s, first = hf_assisted(
+                pair, prompt_ids, config, role.settings, role.assistant
+            )
             tokens = _trim_after_eos(tokens, config.eos_token_ids)
-            out[name] = {"new_tokens": len(tokens), "wall_s": wall_s, "tokens_per_s": len(tokens) / wall_s}
-            out[name]["token_ids"] = tokens
+            decode_tokens, decode_s = max(0, len(tokens) - first), wall_s - ttft_s
+            out[name] = {
+                "new_tokens": len(tokens),
+                "wall_s": wall_s,
+                "tokens_per_s": len(tokens) / wall_s,
+                "ttft_s": ttft_s,
+                "decode_tokens": decode_tokens,
+                "decode_s": decode_s,
+                "decode_tokens_per_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
+                "token_ids": tokens,
+            }
         else:
             result = speculative_generate(pair.target, pair.draft, prompt_ids, role, config, pair.compression)
             out[name] = {**result.summary(), "token_ids": result.token_ids}
@@ -166,6 +202,6 @@ def run_live(
             "live %s %s: %s",
             pair.compression,
             prompt["prompt_id"],
-            ", ".join(f"{k} {v['tokens_per_s']:.1f}" for k, v in results.items()),
+            ", ".join(f"{k} {v['decode_tokens_per_s']:.1f}" for k, v in results.items()),
         )
     return rows

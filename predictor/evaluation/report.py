@@ -71,6 +71,23 @@ def dvc_metrics(summary: dict) -> dict[str, Any]:
                 metrics["live"][f"speedup_mlp_vs_{key}_high"] = ci["high"]
         metrics["live"]["lossless"] = live["lossless"]
         metrics["live"]["hf_matches_none"] = live["hf_matches_none"]
+        if "ttft_s" in live:
+            metrics["live"]["ttft_s"] = live["ttft_s"]["all"]
+    e2e = summary.get("live_e2e")
+    if e2e:
+        metrics["live_e2e"] = {}
+        for base, key in LIVE_BASES.items():
+            ci = e2e["ratios"].get(f"mlp_vs_{base}")
+            if ci:
+                metrics["live_e2e"][f"speedup_mlp_vs_{key}"] = ci["ratio"]
+                metrics["live_e2e"][f"speedup_mlp_vs_{key}_low"] = ci["low"]
+                metrics["live_e2e"][f"speedup_mlp_vs_{key}_high"] = ci["high"]
+    fidelity = summary.get("fidelity")
+    if fidelity:
+        metrics["fidelity"] = {
+            "max_abs_error": fidelity["max_abs_error"],
+            "ratio_max_abs_error": fidelity["ratio_max_abs_error"],
+        }
     share = gap_shares(summary).get("mlp", {}).get("all")
     if share:
         metrics["replay"]["oracle_gap_share"] = share.get("estimate", share.get("share"))

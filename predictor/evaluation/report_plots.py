@@ -115,14 +115,26 @@ def acceptance_figure(rates: pd.DataFrame) -> plt.Figure:
 
 
 def cost_figure(calibrate_dir: str, compressions: list[str]) -> plt.Figure:
+    """Modelled decode-step ms per gamma: solid at the shortest calibrated context, dashed at the longest."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for c in compressions:
         path = Path(calibrate_dir) / f"{c}.json"
         if path.is_file():
             cost = CostModel.load(path)
-            ax.plot([cost.step_ms(g) for g in range(cost.gamma_max + 1)], marker="o", label=f"{c} step")
-            ax.plot(cost.verify_ms, ls="--", label=f"{c} verify (draft {cost.draft_ms:.1f} ms/token)")
+            lo, hi = cost.meta.get("fit", {}).get("contexts", [cost.context_tokens] * 2)
+            gammas = range(cost.gamma_max + 1)
+            line = ax.plot(
+                [cost.step_at(g, lo) for g in gammas],
+                marker="o",
+                label=f"{c} at {lo:.0f} tokens (draft {cost.draft_ms:.1f} ms/token)",
+            )[0]
+            ax.plot(
+                [cost.step_at(g, hi) for g in gammas],
+                ls="--",
+                color=line.get_color(),
+                label=f"{c} at {hi:.0f}",
+            )
     ax.set_xlabel("gamma (tokens drafted)")
-    ax.set_ylabel("modelled ms per step")
+    ax.set_ylabel("modelled ms per decode step")
     ax.legend(fontsize=7)
     return fig

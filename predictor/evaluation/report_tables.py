@@ -135,6 +135,7 @@ def live_table(live: pd.DataFrame, caption: str = "") -> Table:
     rows = []
     for policy, runs in live.groupby("policy", sort=False):
         tps = runs["new_tokens"].sum() / runs["wall_s"].sum()
+        decode = runs["decode_tokens"].sum() / runs["decode_s"].sum()
         drafted = runs["drafted"].sum() if "drafted" in runs else 0
         steps = runs["steps"].sum() if "steps" in runs else 0
         acc = runs["accepted"].sum() / drafted if drafted > 0 else np.nan
@@ -144,13 +145,63 @@ def live_table(live: pd.DataFrame, caption: str = "") -> Table:
             [
                 Cell(str(policy)),
                 Cell(str(runs["spec"].iloc[0])),
+                Cell(f"{decode:.1f}"),
                 Cell(f"{tps:.1f}"),
+                Cell(f"{runs['ttft_s'].median():.3f}"),
                 Cell(_num(acc)),
                 Cell(_num(per_step)),
                 Cell("yes" if lossless else "NO", "" if lossless else "down"),
             ]
         )
-    return Table(["policy", "spec", "tok/s", "acceptance", "accepted/step", "lossless"], rows, caption)
+    return Table(
+        ["policy", "spec", "decode tok/s", "end-to-end tok/s", "median TTFT s", "acceptance", "accepted/step"]
+        + ["lossless"],
+        rows,
+        caption,
+    )
+
+
+def fidelity_table(fidelity: dict, level: str) -> Table:
+    """Replay-predicted against live-measured decode tokens/s and speedup over `none`, per compression and
+    live policy; a ratio's cell is green/red only where its CI excludes 1."""
+    rows = []
+    for r in fidelity["table"]:
+        vs_none = (
+            ratio_cell({"ratio": r["vs_none_ratio"], "low": r["vs_none_low"], "high": r["vs_none_high"]})
+            if "vs_none_ratio" in r
+            else Cell("–")
+        )
+        speedups = (
+            f"{r['predicted_vs_none']:.3f} / {r['measured_vs_none']:.3f}"
+            if "predicted_vs_none" in r
+            else "1 / 1"
+        )
+        rows.append(
+            [
+                Cell(r["compression"]),
+                Cell(r["policy"]),
+                Cell(f"{r['predicted_tokens_per_s']:.2f} / {r['measured_tokens_per_s']:.2f}"),
+                ratio_cell(r),
+                Cell(speedups),
+                vs_none,
+                Cell(f"{r['predicted_ttft_s']:.3f} / {r['measured_ttft_s']:.3f}"),
+                Cell(f"{r['same_decisions']:.0%}"),
+            ]
+        )
+    return Table(
+        [
+            "compression",
+            "policy",
+            "decode tok/s replay / live",
+            f"replay ÷ live [{level}]",
+            "speedup over none replay / live",
+            f"replay ÷ live [{level}]",
+            "median TTFT s replay / live",
+            "same steps",
+        ],
+        rows,
+        "Replay against live on the same test prompts and token counts (decode phase: after the first token)",
+    )
 
 
 def pipe_table(markdown: str) -> Table | None:

@@ -97,6 +97,9 @@ def _row(trace: Trace, policy: str, spec: str, result: ReplayResult) -> dict:
         "accepted": sum(result.accepts),
         "model_ms": result.model_ms,
         "goodput": result.goodput,
+        "decode_tokens": result.decode_tokens,
+        "decode_ms": result.decode_ms,
+        "ttft_ms": result.ttft_ms,
         "gammas": result.gammas,
         "accepts": result.accepts,
     }
