@@ -202,7 +202,8 @@ def loop_timings(
 
 def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> dict:
     """The loop's cost model from its own timed steps: per gamma a line in the context length over every
-    decode step (step 0 belongs to the time to first token), made non-decreasing in gamma at both ends of
+    decode step (step 0 belongs to the time to first token; the slope fitted robustly, the level the mean
+    step, as a run pays it), made non-decreasing in gamma at both ends of
     the measured contexts and in context (a negative slope is noise); the draft's per-token cost; the
     target's and the draft's prefill as lines in the prompt length."""
     decode = steps[steps["step"] > 0]
@@ -213,9 +214,10 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
         rows = decode[decode["gamma"] == gamma]
         if len(rows) < 3:
             raise SpeckvError(f"calibration has {len(rows)} decode steps drafting {gamma}; need >= 3")
-        intercept, slope = robust_line(rows["position"], rows["step_ms"])
+        _, slope = robust_line(rows["position"], rows["step_ms"])
         slope = max(slope, 0.0)
-        value = float(np.median(rows["step_ms"] - slope * (rows["position"] - reference)))
+        # the level is the mean step: a live run pays its occasional slow step too; the slope is robust
+        value = float(np.mean(rows["step_ms"] - slope * (rows["position"] - reference)))
         at_lo.append(value + slope * (lo - reference))
         at_hi.append(value + slope * (hi - reference))
         predicted = value + slope * (rows["position"] - reference)
@@ -232,7 +234,7 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
     per_token = drafting["draft_ms"] / drafting["gamma"]
     _, draft_slope = robust_line(drafting["position"], per_token)
     draft_slope = max(draft_slope, 0.0)
-    draft_ms = float(np.median(per_token - draft_slope * (drafting["position"] - reference)))
+    draft_ms = float(np.mean(per_token - draft_slope * (drafting["position"] - reference)))
 
     prefill = robust_line(runs["prompt_tokens"] - 1, runs["prefill_ms"])
     first = runs[runs["first_gamma"] > 0]

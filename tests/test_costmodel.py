@@ -78,7 +78,7 @@ def synthetic_steps(rng, gamma_max=4, noise=0.02, outliers=5):
 
 
 def test_fit_recovers_a_cost_that_grows_with_gamma_and_context():
-    steps, runs = synthetic_steps(np.random.default_rng(0))
+    steps, runs = synthetic_steps(np.random.default_rng(0), outliers=0)
     fitted = fit_cost_model(steps, runs, 4)
     model = CostModel("fp32", "cpu", **{k: v for k, v in fitted.items() if k != "fit"})
     for gamma in range(5):
@@ -152,3 +152,20 @@ def test_an_old_cost_model_file_says_to_recalibrate(tmp_path):
     path.write_text('{"compression": "fp32", "device": "cpu", "draft_ms": 3.0, "verify_ms": [70.0, 90.0]}')
     with pytest.raises(SpeckvError, match="rerun `speckv calibrate`"):
         CostModel.load(path)
+
+
+def test_a_slow_step_counts_in_the_level_but_not_in_the_slope():
+    """A run pays its occasional descheduled step, so the model's level is the mean; the context slope must
+    not swing with where the spike fell."""
+    rng = np.random.default_rng(3)
+    steps, runs = synthetic_steps(rng, noise=0.0, outliers=0)
+    clean = CostModel(
+        "fp32", "cpu", **{k: v for k, v in fit_cost_model(steps, runs, 4).items() if k != "fit"}
+    )
+    rows = steps.index[(steps["gamma"] == 2) & (steps["step"] > 0)]
+    steps.loc[rows[-1], "step_ms"] += 100.0  # one step at the longest context of gamma 2
+    spiked = CostModel(
+        "fp32", "cpu", **{k: v for k, v in fit_cost_model(steps, runs, 4).items() if k != "fit"}
+    )
+    assert spiked.step_ms_per_token[2] == pytest.approx(clean.step_ms_per_token[2], abs=1e-9)
+    assert spiked.step_ms[2] == pytest.approx(clean.step_ms[2] + 100.0 / len(rows), rel=1e-6)
