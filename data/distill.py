@@ -6,7 +6,7 @@ Recipe ("shallow copy", chosen because it reuses the target's output space exact
    `sample_temperature`) until they have that many sequences; a prompt's rows share one prefill
    (`data/teacher.py`). The target's final hidden state at every prompt and response position is kept;
    all is cached in one file. Generation runs the target in `teacher_dtype` (bfloat16: ~1.8x the tokens
-   per second of float32 on this CPU; its argmax matches float32's on 98.2% of teacher-forced dev
+   per second of float32 on a CPU with native bf16; its argmax matches float32's on 98.2% of teacher-forced dev
    positions); dev/test sequences, on which agreement is measured, are always the float32 target's greedy
    responses.
 2. Draft: a 2-layer Llama initialised from the target's first 2 layers, sharing the target's (tied) embedding
@@ -21,16 +21,16 @@ Recipe ("shallow copy", chosen because it reuses the target's output space exact
 
 Why this loss and lr (250-step trials on the cached teacher data, dev agreement): KL + 4·cos at lr 5e-4
 0.255; adding CE and cos weight 1 at lr 1.5e-3 0.282, 3e-3 0.302, 6e-3 0.303; a third layer at 1.5e-3
-0.294 for ~30% more time per step and per drafted token. Second round (session 2, same 250 steps, lr 3e-3):
+0.294 for ~30% more time per step and per drafted token. At lr 3e-3 (250 steps):
 KL + CE on prompt positions too, with the target's own argmax as the CE label there, at weight 0 .302,
 0.5 .315, 1.0 .313 (a step costs ~30% more); a second layer copied from the target's *last* layer instead
 of layer 1: .272. Overfitting limits the recipe (a few epochs of ~35k response tokens), so the default
 also takes longer responses (128 tokens) as data. On that data (250 steps): untying the input embedding
 and training it (head kept) .297 against .294, for 20% more time per step: not taken.
-Session 3 (data per minute): bf16 autocast against float32 training, 250 steps on the same data, dev .2996
-vs .2999 at ~1.5x the steps/s; bf16 teacher generation plus sampled repeats gave 72k response tokens in
-9.6 min (float32 greedy, session 2: 38.6k in ~7.5-8.5 min), and 1000 steps on them test .355 / dev .345
-(seed 0), test .356 / dev .354 (seed 1, same data) against .326 / .336 before.
+Data per minute: bf16 autocast against float32 training, 250 steps on the same data, dev .2996 vs .2999 at
+~1.5x the steps/s; bf16 teacher generation plus sampled repeats gave 72k response tokens in 9.6 min (float32
+greedy: 38.6k in ~7.5-8.5 min), and 1000 steps on them test .355 / dev .345 (seed 0), test .356 / dev .354
+(seed 1, same data) against .326 / .336 on the float32 greedy data.
 
 The stage's parts: teacher data in `data/teacher.py`, the loss in `data/distill_loss.py`, the draft and its
 training loop in `data/draft_training.py`, held-out agreement and the model card in `data/model_card.py`;
@@ -130,7 +130,7 @@ def resolve_config(config: DistillConfig) -> DistillConfig:
 
     Where both dtypes are `auto` and the CPU has no native bf16, the `no_bf16` replacements apply too (and
     are then emptied, so a resolved config says what ran): float32 generation and training take about twice
-    bf16's time, and the stage keeps its 25-minute budget on such CPUs by doing less work.
+    bf16's time, so on such CPUs the stage does less work.
     """
     bad = sorted(set(config.no_bf16) - set(NO_BF16_KEYS))
     if bad:

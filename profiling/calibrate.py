@@ -75,7 +75,7 @@ def verify_ms_interleaved(
 
     The sizes take turns within every repeat (one round: each size once, the order rotating), so a burst of
     load from elsewhere inflates all of them alike instead of a contiguous run of sizes: timed one size after
-    another, a few seconds of contention once made int8's 3..9-token verifies look 1.7x dearer than 2.
+    another, a few seconds of contention can make int8's 3..9-token verifies look 1.7x dearer than 2.
     """
     device = model.device
     cache = DynamicCache(config=model.config)

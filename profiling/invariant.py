@@ -7,7 +7,7 @@ quantized targets on CPU amplify it: LLM.int8 (threshold 0) rounds every activat
 linear layer, so a 1e-7 difference coming out of attention moves a value across a rounding boundary and the
 change grows through 30 layers. Measured on SmolLM2-135M, largest verify-vs-decode logit difference over 6
 greedy tokens on 4 test prompts: int8 up to 2.86, NF4 0.14-0.34; greedy live runs diverged from the target
-alone (int8 3 of 24 in the first evaluation, NF4 4 of 24 in the second).
+alone (int8 3 of 24 runs, NF4 4 of 24).
 
 The quantized layers themselves are batch-invariant on CPU (int8: row-wise absmax quantization, exact
 `torch._int_mm` int32 products, element-wise dequantization); RMSNorm, RoPE and the MLP's activation work

@@ -11,8 +11,8 @@ took 222-266 ms per decoded token against 90 ms at fp32, the NF4 one 192 ms.
 and `F.linear`), but convert the weight once, at install. Outputs are bit-identical to the unpatched layer
 (tests hold them so, for 1..40 rows); what changes is memory: one float32 copy of each weight (4x an int8
 weight, 8x an NF4 one), so `install` runs under the same memory plan as the fp32 kernels
-(`kernels.plan`), and the speed no longer shows the compressed format's memory traffic (on this CPU
-bitsandbytes never had a compressed-weight kernel to show it).
+(`kernels.plan`), and the speed no longer shows the compressed format's memory traffic (on such CPUs
+bitsandbytes has no compressed-weight kernel to show it).
 
 Where bitsandbytes has its native CPU kernels (int8: `torch._int_mm` with AVX-512; NF4: the fused AVX512-BF16
 kernel and its packed weight) nothing is patched. GPUs are never patched.

@@ -4,7 +4,7 @@ The package installs the repository's folders as one namespace: `speckv.profilin
 the decode loop, controllers, signals, cost model, replay), `speckv.data` (prompts, the default pair,
 distillation), `speckv.predictor` (the acceptance MLP, its stop rule, `speckv.predictor.evaluation`) and
 `speckv.pipeline` (the `speckv` CLI). Layers point one way: profiling <- data, predictor <- evaluation <-
-pipeline (checked by `lint-imports`, contracts in pyproject.toml).
+pipeline (checked by tests/test_layers.py).
 
 The public surface below is imported lazily, so `import speckv` stays cheap until it is used:
 
