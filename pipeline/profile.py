@@ -33,8 +33,8 @@ class CalibrateConfig:
     compressions: list[str] = field(default_factory=lambda: ["fp32", "int8", "nf4"])
     gamma_max: int = 8  # verify costs are measured for 1..gamma_max+1 tokens
     prompts: str = "artifacts/prompts/prompts.jsonl"  # dev prompts: the calibration runs' contexts
-    loop_prompts: int = 3  # dev prompts, spread over the prompt lengths, each decoded at every fixed gamma
-    max_new_tokens: int = 64  # tokens per calibration run: the context growth of a live run
+    loop_prompts: int = 6  # dev prompts, spread over the prompt lengths, each decoded at every fixed gamma
+    max_new_tokens: int = 32  # tokens per calibration run
     repeats: int = 15  # timed repeats of the isolated forwards kept beside the model (median)
     warmup: int = 3  # untimed repeats first
     out_dir: str = "artifacts/calibrate"  # {compression}.json and cost_model.png
