@@ -234,7 +234,11 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
     counts = decode["gamma"].value_counts()
     short = [g for g in range(gamma_max + 1) if counts.get(g, 0) < 3]
     if short:
-        raise SpeckvError(f"calibration has fewer than 3 decode steps drafting {short}; need >= 3 each")
+        raise SpeckvError(
+            f"calibration has fewer than 3 decode steps drafting {short} (a run drafts at most max_new_tokens "
+            "- new tokens - 1 per step, and a well-matched pair reaches the end in few steps): raise "
+            "calibrate.max_new_tokens or calibrate.loop_prompts"
+        )
     slope = pooled_slope(decode)
     levels, fit = [], {}
     for gamma in range(gamma_max + 1):
