@@ -6,22 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from speckv.profiling.calibrate import calibrate, calibration_prompts, fit_cost_model, robust_line
 from speckv.profiling.controllers import parse_controller
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.models import load_model
 from tiny import char_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tiny_pair_dir):
-    torch.set_num_threads(1)
-    target_dir, draft_dir = tiny_pair_dir
-    device = torch.device("cpu")
-    return load_model(str(target_dir), "target", device, "fp32"), load_model(str(draft_dir), "draft", device)
 
 
 @pytest.mark.parametrize("spec", ["none", "fixed:3", "threshold:0.5"])

@@ -10,7 +10,7 @@ from speckv.profiling.controllers import parse_controller
 from speckv.profiling.costmodel import StepCosts
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.models import ModelPair, load_model
+from speckv.profiling.models import ModelPair
 from speckv.profiling.replay import Trace, load_traces, oracle, replay, traces_from_frame
 from speckv.profiling.signals import SIGNALS
 from tiny import char_tokenizer
@@ -110,14 +110,6 @@ def test_replay_fixed_accepts_min_of_match_and_gamma():
             i += accepted + 1
         assert i >= trace.n_new
         assert result.model_ms == pytest.approx(sum(cost[g] for g in result.gammas))
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tiny_pair_dir):
-    torch.set_num_threads(1)
-    target_dir, draft_dir = tiny_pair_dir
-    device = torch.device("cpu")
-    return load_model(str(target_dir), "target", device, "fp32"), load_model(str(draft_dir), "draft", device)
 
 
 def test_replay_equals_live_loop(tiny_models, tmp_path):

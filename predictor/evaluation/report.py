@@ -58,30 +58,31 @@ def load_inputs(config: ReportConfig) -> tuple[dict, pd.DataFrame, pd.DataFrame]
     return summary, replay, live
 
 
+def _speedups(ratios: dict) -> dict[str, float]:
+    """speedup_mlp_vs_<base> with its _low and _high bounds, for every live base that ran."""
+    out = {}
+    for base, key in LIVE_BASES.items():
+        ci = ratios.get(f"mlp_vs_{base}")
+        if ci:
+            out |= {
+                f"speedup_mlp_vs_{key}{end}": ci[part]
+                for end, part in (("", "ratio"), ("_low", "low"), ("_high", "high"))
+            }
+    return out
+
+
 def dvc_metrics(summary: dict) -> dict[str, Any]:
     """The metrics.json DVC tracks: headline ratios (with CI bounds), losslessness, gap share, overhead."""
     metrics: dict[str, Any] = {"live": {}, "replay": {}, "overhead": summary["overhead"]}
     live = summary.get("live")
     if live:
-        for base, key in LIVE_BASES.items():
-            ci = live["ratios"].get(f"mlp_vs_{base}")
-            if ci:
-                metrics["live"][f"speedup_mlp_vs_{key}"] = ci["ratio"]
-                metrics["live"][f"speedup_mlp_vs_{key}_low"] = ci["low"]
-                metrics["live"][f"speedup_mlp_vs_{key}_high"] = ci["high"]
+        metrics["live"] = _speedups(live["ratios"])
         metrics["live"]["lossless"] = live["lossless"]
         metrics["live"]["hf_matches_none"] = live["hf_matches_none"]
         if "ttft_s" in live:
             metrics["live"]["ttft_s"] = live["ttft_s"]["all"]
-    e2e = summary.get("live_e2e")
-    if e2e:
-        metrics["live_e2e"] = {}
-        for base, key in LIVE_BASES.items():
-            ci = e2e["ratios"].get(f"mlp_vs_{base}")
-            if ci:
-                metrics["live_e2e"][f"speedup_mlp_vs_{key}"] = ci["ratio"]
-                metrics["live_e2e"][f"speedup_mlp_vs_{key}_low"] = ci["low"]
-                metrics["live_e2e"][f"speedup_mlp_vs_{key}_high"] = ci["high"]
+    if summary.get("live_e2e"):
+        metrics["live_e2e"] = _speedups(summary["live_e2e"]["ratios"])
     fidelity = summary.get("fidelity")
     if fidelity:
         metrics["fidelity"] = {
