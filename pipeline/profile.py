@@ -94,7 +94,9 @@ def _select(cfg_compressions: list[str], requested: str | None) -> list[str]:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("calibrate", help="measure draft and verify costs per compression (cost model)")
+    p = sub.add_parser(
+        "calibrate", help="fit the decode loop's step costs per compression: every fixed gamma on dev prompts"
+    )
     p.add_argument("--params", default="params.yaml", help="params file (section `calibrate`)")
     p.add_argument("--compression", help="only this compression (default: all in params)")
     p.set_defaults(func=run_calibrate)
