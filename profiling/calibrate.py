@@ -21,6 +21,7 @@ from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculati
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.feature_draft import FeatureCache, is_feature_draft
 from speckv.profiling.models import synchronize, vocab_size
+from tqdm import tqdm
 from transformers import DynamicCache
 
 
@@ -166,37 +167,36 @@ def loop_timings(
     for gamma in (0, gamma_max):
         speculative_generate(target, draft, prompts[0], FixedGamma(gamma), warm, compression)
     gammas = list(range(gamma_max + 1))
+    order = [
+        (n, g) for n in range(len(prompts)) for g in gammas[n % len(gammas) :] + gammas[: n % len(gammas)]
+    ]
     steps, runs = [], []
-    for n, prompt in enumerate(prompts):
-        shift = n % len(gammas)
-        for gamma in gammas[shift:] + gammas[:shift]:
-            result = speculative_generate(target, draft, prompt, FixedGamma(gamma), config, compression)
-            runs.append(
-                {
-                    "prompt": n,
-                    "controller": gamma,
-                    "prompt_tokens": len(prompt),
-                    "prefill_ms": result.prefill_s * 1e3,
-                    "first_gamma": result.gammas[0],
-                    "first_draft_ms": result.draft_s[0] * 1e3,
-                    "ttft_ms": result.ttft_s * 1e3,
-                    "decode_ms": result.decode_s * 1e3,
-                    "decode_tokens": result.decode_tokens,
-                }
-            )
-            steps += [
-                {
-                    "prompt": n,
-                    "controller": gamma,
-                    "step": i,
-                    "position": result.positions[i],
-                    "gamma": result.gammas[i],
-                    "step_ms": result.step_s[i] * 1e3,
-                    "draft_ms": result.draft_s[i] * 1e3,
-                    "verify_ms": result.verify_s[i] * 1e3,
-                }
-                for i in range(result.steps)
-            ]
+    for n, gamma in tqdm(order, desc=f"calibrate {compression}", unit="run"):
+        prompt = prompts[n]
+        result = speculative_generate(target, draft, prompt, FixedGamma(gamma), config, compression)
+        runs.append(
+            {
+                "prompt": n,
+                "controller": gamma,
+                "prompt_tokens": len(prompt),
+                "prefill_ms": result.prefill_s * 1e3,
+                "first_gamma": result.gammas[0],
+                "first_draft_ms": result.draft_s[0] * 1e3,
+            }
+        )
+        steps += [
+            {
+                "prompt": n,
+                "controller": gamma,
+                "step": i,
+                "position": result.positions[i],
+                "gamma": result.gammas[i],
+                "step_ms": result.step_s[i] * 1e3,
+                "draft_ms": result.draft_s[i] * 1e3,
+                "verify_ms": result.verify_s[i] * 1e3,
+            }
+            for i in range(result.steps)
+        ]
     return pd.DataFrame(steps), pd.DataFrame(runs)
 
 

@@ -87,7 +87,7 @@ class Recorder(Protocol):
 class GenerationResult:
     """Tokens, per-step statistics and timings of one generation.
 
-    Timings chain without gaps: wall_s = setup + prefill_s + sum(step_s). The first token is committed at
+    Timings chain without gaps: wall_s = prefill_s + sum(step_s). The first token is committed at
     the end of step 0, so time to first token covers both models' prompt prefill (the target's before step
     0, the draft's lazily on the first token it drafts) and the decode phase is every later step: what a
     gamma controller controls.
@@ -99,9 +99,13 @@ class GenerationResult:
     produced: list[int] = field(default_factory=list)  # tokens committed per step (after EOS/length cuts)
     positions: list[int] = field(default_factory=list)  # context length at each step's start
     step_s: list[float] = field(default_factory=list)  # wall time of each step: draft, verify, commit
-    draft_s: list[float] = field(default_factory=list)  # per step: its draft forwards
+    draft_s: list[float] = field(
+        default_factory=list
+    )  # per step, up to the verify: controller and draft forwards
     verify_s: list[float] = field(default_factory=list)  # per step: the target's verify forward
-    prefill_s: float = 0.0  # the target's prefill of the prompt (all tokens but the last)
+    prefill_s: float = (
+        0.0  # up to step 0: cache set-up and the target's prefill (all prompt tokens but the last)
+    )
     wall_s: float = 0.0
     stop_reason: str = "length"  # "eos" or "length"
 
@@ -334,8 +338,8 @@ def speculative_generate(
                 drafted, draft_probs, target_probs, generator
             )
         synchronize(device)
-        verify_ms = (time.perf_counter() - t0) * 1e3
-        result.verify_s.append(verify_ms / 1e3)
+        result.verify_s.append(time.perf_counter() - t0)
+        verify_ms = result.verify_s[-1] * 1e3
         if wants_target:
             # rows 0..n_accepted chose the tokens committed now: the accepted drafts and the next token; only
             # the last RECENT_TOKENS of them can reach the running window

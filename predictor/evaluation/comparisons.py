@@ -12,6 +12,17 @@ from speckv.predictor.stats import gap_share, paired_ratio, pooled_rate
 if TYPE_CHECKING:
     from speckv.predictor.evaluation.evaluate import EvaluateConfig
 
+# Live roles the MLP is set against (when they ran), and the name each takes in metrics.json.
+LIVE_BASES = {
+    "best-fixed": "best_fixed",
+    "none": "none",
+    "threshold:best": "threshold_best",
+    "hf-assisted": "hf_assisted",
+    "hf-heuristic": "hf_heuristic",
+    "hf-threshold": "hf_threshold",
+    "fixed:4": "fixed4",
+}
+
 
 def compare(
     frame: pd.DataFrame,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from speckv.predictor.evaluation.comparisons import compare, gap_shares, mlp_versus
+from speckv.predictor.evaluation.comparisons import LIVE_BASES, compare, gap_shares, mlp_versus
 from speckv.predictor.evaluation.fidelity import fidelity, replayed_live_runs
 from speckv.predictor.evaluation.promotion import alias_version, promotion
 from speckv.predictor.evaluation.tuning import (
@@ -171,17 +171,6 @@ def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
         rows += run_live(pair, prompts, roles, decode, config.warmup_tokens, run_of)
         del pair, assistant
     return pd.DataFrame(rows)
-
-
-LIVE_BASES = (
-    "best-fixed",
-    "none",
-    "threshold:best",
-    "hf-assisted",
-    "hf-heuristic",
-    "hf-threshold",
-    "fixed:4",
-)
 
 
 def live_comparisons(live: pd.DataFrame, config: EvaluateConfig, time_col: str, tokens_col: str) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from speckv.predictor.evaluation.comparisons import LIVE_BASES
 from speckv.predictor.evaluation.report_plots import (
     acceptance_by_position,
     acceptance_figure,
@@ -27,7 +28,7 @@ from speckv.predictor.evaluation.report_plots import (
     to_png,
 )
 from speckv.predictor.evaluation.report_render import render_html, render_markdown
-from speckv.predictor.evaluation.report_sections import LIVE_BASES, build_sections, verdict
+from speckv.predictor.evaluation.report_sections import build_sections, verdict
 from speckv.predictor.evaluation.report_tables import Figure, gap_shares
 from speckv.profiling.atomic import write_bytes
 from speckv.profiling.errors import SpeckvError

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from speckv.predictor.evaluation.comparisons import LIVE_BASES
 from speckv.predictor.evaluation.report_tables import (
     Cell,
     Figure,
@@ -24,15 +25,6 @@ from speckv.predictor.evaluation.report_tables import (
     share_table,
 )
 
-LIVE_BASES = {
-    "best-fixed": "best_fixed",
-    "none": "none",
-    "threshold:best": "threshold_best",
-    "hf-assisted": "hf_assisted",
-    "hf-heuristic": "hf_heuristic",
-    "hf-threshold": "hf_threshold",
-    "fixed:4": "fixed4",
-}
 # replay ratios shown per compression and task
 BY_TASK_ROLES = ("mlp", "paper", "threshold:tuned", "first-token-oracle", "oracle")
 
