@@ -153,28 +153,28 @@ def robust_line(x, y) -> tuple[float, float]:
     return float(intercept), float(slope)
 
 
-@torch.inference_mode()
-def loop_timings(
-    target, draft, prompts: list[list[int]], compression: str, gamma_max: int, max_new_tokens: int
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every fixed gamma 0..gamma_max on every prompt, in the real decode loop: (per step, per run) tables.
-
-    Runs take turns (the gamma order rotating from prompt to prompt) so that load from elsewhere spreads over
-    all of them; EOS does not stop a run, so each covers max_new_tokens of context growth.
-    """
-    config = DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=gamma_max)
-    warm = DecodeConfig(max_new_tokens=8, gamma_max=gamma_max)
-    for gamma in (0, gamma_max):
-        speculative_generate(target, draft, prompts[0], FixedGamma(gamma), warm, compression)
+def run_order(n_prompts: int, gamma_max: int) -> list[tuple[int, int]]:
+    """(prompt index, gamma) of every calibration run: each prompt at every fixed gamma 0..gamma_max, the gamma
+    order rotating from prompt to prompt so that load from elsewhere spreads over all of them."""
     gammas = list(range(gamma_max + 1))
-    order = [
-        (n, g) for n in range(len(prompts)) for g in gammas[n % len(gammas) :] + gammas[: n % len(gammas)]
-    ]
-    steps, runs = [], []
-    for n, gamma in tqdm(order, desc=f"calibrate {compression}", unit="run"):
+    return [(n, g) for n in range(n_prompts) for g in gammas[n % len(gammas) :] + gammas[: n % len(gammas)]]
+
+
+@torch.inference_mode()
+def time_runs(
+    target,
+    draft,
+    prompts: list[list[int]],
+    runs: list[tuple[int, int]],
+    compression: str,
+    config: DecodeConfig,
+) -> tuple[list[dict], list[dict]]:
+    """Decode each (prompt index, fixed gamma) of `runs` in the real loop: (per step rows, per run rows)."""
+    steps, summaries = [], []
+    for n, gamma in runs:
         prompt = prompts[n]
         result = speculative_generate(target, draft, prompt, FixedGamma(gamma), config, compression)
-        runs.append(
+        summaries.append(
             {
                 "prompt": n,
                 "controller": gamma,
@@ -197,6 +197,33 @@ def loop_timings(
             }
             for i in range(result.steps)
         ]
+    return steps, summaries
+
+
+def loop_config(gamma_max: int, max_new_tokens: int) -> DecodeConfig:
+    """Calibration runs: no EOS, so each covers max_new_tokens of context growth."""
+    return DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=gamma_max)
+
+
+def warm_up(target, draft, prompt: list[int], compression: str, gamma_max: int) -> None:
+    """One short untimed run at gamma 0 and at gamma_max (allocations, kernel selection)."""
+    warm = loop_config(gamma_max, 8)
+    for gamma in (0, gamma_max):
+        speculative_generate(target, draft, prompt, FixedGamma(gamma), warm, compression)
+
+
+@torch.inference_mode()
+def loop_timings(
+    target, draft, prompts: list[list[int]], compression: str, gamma_max: int, max_new_tokens: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every fixed gamma 0..gamma_max on every prompt, in the real decode loop: (per step, per run) tables."""
+    warm_up(target, draft, prompts[0], compression, gamma_max)
+    config = loop_config(gamma_max, max_new_tokens)
+    steps, runs = [], []
+    for run in tqdm(run_order(len(prompts), gamma_max), desc=f"calibrate {compression}", unit="run"):
+        more_steps, more_runs = time_runs(target, draft, prompts, [run], compression, config)
+        steps += more_steps
+        runs += more_runs
     return pd.DataFrame(steps), pd.DataFrame(runs)
 
 

@@ -144,6 +144,29 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
     assert metrics["fidelity"]["ratio_max_abs_error"] == pytest.approx(
         max(abs(r["vs_none_ratio"] - 1) for r in fidelity["table"] if r["policy"] != "none")
     )
+    # the table's clock is the cost model measured beside the live runs (dev prompts, every fixed gamma);
+    # the calibrate stage's model is replayed against the same runs, and the machine's drift between them
+    assert fidelity["cost_model"] == "measured beside the live runs"
+    measured = summary["live_cost_models"]["fp32"]
+    assert len(measured["step_ms"]) == 7 and measured["meta"]["prompt_tokens"]
+    assert measured["meta"]["runs"] == 4 * 7  # every dev prompt at every gamma 0..6, over all the blocks
+    tuning = fidelity["tuning_model"]
+    assert [(r["compression"], r["policy"]) for r in tuning["table"]] == [
+        (r["compression"], r["policy"]) for r in fidelity["table"]
+    ]
+    assert metrics["fidelity"]["tuning_model"]["max_abs_error"] == pytest.approx(
+        max(abs(r["ratio"] - 1) for r in tuning["table"])
+    )
+    stage = json.loads((tmp_path / "calibrate" / "fp32.json").read_text())
+    drift = fidelity["drift"]["fp32"]
+    at = stage["context_tokens"]
+    for g in (0, 6):
+        live_step = measured["step_ms"][g] + measured["step_ms_per_token"][g] * (at - measured["context_tokens"])
+        assert drift["step_ratio"][g] == pytest.approx(live_step / stage["step_ms"][g])
+    # a policy's measured tokens/s does not depend on the clock replay is read with
+    assert [r["measured_tokens_per_s"] for r in tuning["table"]] == pytest.approx(
+        [r["measured_tokens_per_s"] for r in fidelity["table"]]
+    )
     # the gap share is (MLP - best fixed) / (oracle - best fixed) in pooled test tokens/s
     replay_ = metrics["replay"]
     closed = (replay_["speedup_mlp_vs_best_fixed"] - 1) / (replay_["speedup_oracle_vs_best_fixed"] - 1)

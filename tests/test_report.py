@@ -206,6 +206,22 @@ def test_dvc_plot_data_and_metrics(report):
     assert metrics["live"]["speedup_mlp_vs_best_fixed_low"] == pytest.approx(1.05)
 
 
+def test_fidelity_under_both_clocks(report):
+    out, page, metrics = report
+    section = page.sections["fidelity"]
+    (table,) = section["tables"]
+    fp32_mlp = [r for r in table["rows"] if r[0][0] == "fp32" and r[1][0] == "mlp"]
+    assert len(fp32_mlp) == 1
+    cells = dict(zip(table["columns"], fp32_mlp[0], strict=True))
+    assert cells["calibrate stage's model: replay ÷ live, tok/s / speedup"][0] == "1.350 / 1.040"
+    assert "0.78–0.82×" in section["text"]
+    assert metrics["fidelity"] == {
+        "max_abs_error": 0.08,
+        "ratio_max_abs_error": 0.04,
+        "tuning_model": {"max_abs_error": 0.35, "ratio_max_abs_error": 0.04},
+    }
+
+
 def test_replay_only_evaluation_decides_on_replay(tmp_path):
     config = write_evaluation(tmp_path, live=False)
     build_report(config)

@@ -65,6 +65,10 @@ class EvaluateConfig:
     live_per_task: int = 2
     max_new_tokens: int = 48
     warmup_tokens: int = 8
+    live_calibration_prompts: int = (
+        6  # dev prompts re-calibrated beside the live runs (live_clock.py); 0: off
+    )
+    live_calibration_tokens: int = 32  # tokens per such calibration run (as calibrate.max_new_tokens)
     threads: int = 1
     cpu_kernels: bool = (
         True  # few-row fp32 kernels (profiling/kernels.py), float32 int8/nf4 weights (quant_kernels.py)
@@ -89,6 +93,8 @@ class EvaluateConfig:
                 problems.append(f"live_controllers.{compression} must be a list including none")
         if self.live_per_task < 0 or self.max_new_tokens < 1 or self.threads < 1 or self.n_boot < 1:
             problems.append("live_per_task >= 0, max_new_tokens, threads and n_boot >= 1 required")
+        if self.live_calibration_prompts < 0 or self.live_calibration_tokens < 2:
+            problems.append("live_calibration_prompts >= 0 and live_calibration_tokens >= 2 required")
         if not 0 < self.ci_level < 1:
             problems.append("ci_level must be in (0, 1)")
         if problems:
@@ -120,57 +126,85 @@ def load_costs(calibrate_dir: str, compressions: list[str], gamma_max: int) -> d
     return costs
 
 
-def run_live_all(config: EvaluateConfig, tuned: dict, make) -> pd.DataFrame:
-    """Live runs on test prompts for every compression in live_controllers; empty when nothing is asked."""
+def run_live_all(
+    config: EvaluateConfig, tuned: dict, make, costs: dict[str, StepCosts]
+) -> tuple[pd.DataFrame, dict[str, CostModel]]:
+    """Live runs on test prompts for every compression in live_controllers (empty when nothing is asked),
+    and per compression the cost model measured beside them on dev prompts (live_clock.py; none when
+    live_calibration_prompts is 0)."""
     import torch
     from speckv.data.prompts import load_prompt_file
-    from speckv.predictor.evaluation.live import HF_ROLES, HFAssisted, hf_role, run_live
+    from speckv.predictor.evaluation.live import run_live
+    from speckv.predictor.evaluation.live_clock import LiveClock
+    from speckv.profiling.calibrate import calibration_prompts
     from speckv.profiling.decode import DecodeConfig
-    from speckv.profiling.models import draft_compression_for, eos_ids, load_pair, standalone_assistant
+    from speckv.profiling.models import eos_ids
 
     if config.live_per_task == 0 or not config.live_controllers:
-        return pd.DataFrame()
+        return pd.DataFrame(), {}
     torch.set_num_threads(config.threads)
     prompts = load_prompt_file(Path(config.prompts), splits=["test"], per_task=config.live_per_task)
     if not prompts:
         raise SpeckvError(f"{config.prompts} holds no test prompts")
-    rows = []
+    clock_prompts = []
+    if config.live_calibration_prompts:
+        dev = [p["input_ids"] for p in load_prompt_file(Path(config.prompts), splits=["dev"])]
+        if not dev:
+            raise SpeckvError(f"{config.prompts} holds no dev prompts to calibrate beside the live runs")
+        clock_prompts = calibration_prompts(dev, config.live_calibration_prompts)
+    rows, clocks = [], {}
     for compression, specs in config.live_controllers.items():
-        draft_compression = draft_compression_for(config.draft_compression, compression)
-        pair = load_pair(
-            config.target, config.draft, compression, config.device, config.cpu_kernels, draft_compression
-        )
+        pair, roles, run_of = _live_roles(config, tuned, make, compression, specs)
         decode = DecodeConfig(
             max_new_tokens=config.max_new_tokens,
             gamma_max=config.gamma_max,
             eos_token_ids=eos_ids(pair.tokenizer, pair.target),
         )
-        roles: dict[str, Controller | HFAssisted] = {}
-        run_of: dict[str, str] = {}  # a role tuned to the same controller as an earlier one shares its run
-        concrete_role: dict[str, str] = {}
-        assistant = None
-        if any(spec in HF_ROLES for spec in specs):
-            assistant = standalone_assistant(
-                pair, config.hf_draft or config.draft, config.draft, config.cpu_kernels
+        clock = None
+        if clock_prompts:
+            clock = LiveClock(
+                pair, clock_prompts, config.gamma_max, config.live_calibration_tokens, len(prompts) + 1
             )
-        for spec in specs:
-            if spec in HF_ROLES:
-                # hf-threshold: transformers' own confidence stop at our dev-tuned threshold
-                tuned_threshold = tuned.get(compression, {}).get("threshold:tuned", "threshold:")
-                value = tuned_threshold.split(":", 1)[1].removesuffix("+trim")
-                roles[spec] = hf_role(spec, config.gamma_max, float(value) if value else None, assistant)
-            else:
-                concrete = tuned.get(compression, {}).get(spec, spec) if spec in TUNED_ROLES else spec
-                if spec in TUNED_ROLES and spec != "mlp" and compression not in tuned:
-                    raise SpeckvError(f"live {spec} on {compression} needs dev traces of {compression}")
-                if concrete in concrete_role:  # e.g. best-fixed tuned to `none`: a second run adds only noise
-                    run_of[spec] = concrete_role[concrete]
-                    continue
-                concrete_role[concrete] = spec
-                roles[spec] = make(concrete, compression)
-        rows += run_live(pair, prompts, roles, decode, config.warmup_tokens, run_of)
-        del pair, assistant
-    return pd.DataFrame(rows)
+        rows += run_live(pair, prompts, roles, decode, config.warmup_tokens, run_of, clock)
+        if clock is not None:
+            clocks[compression] = clock.model(costs[compression])
+        del pair, roles, clock
+    return pd.DataFrame(rows), clocks
+
+
+def _live_roles(config: EvaluateConfig, tuned: dict, make, compression: str, specs: list[str]):
+    """The pair at `compression` and the live roles of `specs` on it: (pair, roles, run_of)."""
+    from speckv.predictor.evaluation.live import HF_ROLES, HFAssisted, hf_role
+    from speckv.profiling.models import draft_compression_for, load_pair, standalone_assistant
+
+    draft_compression = draft_compression_for(config.draft_compression, compression)
+    pair = load_pair(
+        config.target, config.draft, compression, config.device, config.cpu_kernels, draft_compression
+    )
+    roles: dict[str, Controller | HFAssisted] = {}
+    run_of: dict[str, str] = {}  # a role tuned to the same controller as an earlier one shares its run
+    concrete_role: dict[str, str] = {}
+    assistant = None
+    if any(spec in HF_ROLES for spec in specs):
+        assistant = standalone_assistant(
+            pair, config.hf_draft or config.draft, config.draft, config.cpu_kernels
+        )
+    for spec in specs:
+        if spec in HF_ROLES:
+            # hf-threshold: transformers' own confidence stop at our dev-tuned threshold
+            tuned_threshold = tuned.get(compression, {}).get("threshold:tuned", "threshold:")
+            value = tuned_threshold.split(":", 1)[1].removesuffix("+trim")
+            roles[spec] = hf_role(spec, config.gamma_max, float(value) if value else None, assistant)
+        else:
+            concrete = tuned.get(compression, {}).get(spec, spec) if spec in TUNED_ROLES else spec
+            if spec in TUNED_ROLES and spec != "mlp" and compression not in tuned:
+                raise SpeckvError(f"live {spec} on {compression} needs dev traces of {compression}")
+            if concrete in concrete_role:  # e.g. best-fixed tuned to `none`: a second run adds only noise
+                run_of[spec] = concrete_role[concrete]
+                continue
+            concrete_role[concrete] = spec
+            roles[spec] = make(concrete, compression)
+    return pair, roles, run_of
 
 
 def live_comparisons(live: pd.DataFrame, config: EvaluateConfig, time_col: str, tokens_col: str) -> dict:
@@ -200,6 +234,42 @@ def live_comparisons(live: pd.DataFrame, config: EvaluateConfig, time_col: str, 
             )
             out["ratios"][f"mlp_vs_{base}"] = ci.as_dict()
     return out
+
+
+def live_fidelity(
+    summary: dict, live: pd.DataFrame, traces, tuned: dict, make, costs: dict, live_models: dict, config
+) -> None:
+    """summary["fidelity"]: every live run of our loop replayed on its test trace under the cost model
+    measured beside the live runs (when every live compression has one), and under the calibrate stage's
+    model (`tuning_model`, with the `drift` between the two); summary["live_cost_models"]."""
+    from speckv.predictor.evaluation.live_clock import drift
+
+    def measure(step_costs: dict) -> dict | None:
+        replayed = replayed_live_runs(live, traces, tuned, make, step_costs, config.max_new_tokens)
+        if replayed.empty:
+            return None
+        return fidelity(live, replayed, config.n_boot, config.ci_level, config.seed)
+
+    stage = measure(costs)
+    if stage is None:
+        return
+    compressions = set(live["compression"])
+    if live_models and compressions <= set(live_models):
+        measured = {c: m.step_costs(config.gamma_max) for c, m in live_models.items()}
+        result = measure({**costs, **measured})
+        result["cost_model"] = "measured beside the live runs"
+        result["tuning_model"] = stage
+        result["drift"] = {c: drift(costs[c], measured[c]) for c in sorted(measured)}
+        summary["live_cost_models"] = {c: asdict(m) for c, m in live_models.items()}
+    else:
+        result = {**stage, "cost_model": "calibrate stage"}
+    summary["fidelity"] = result
+    log.info(
+        "fidelity (%s): decode tokens/s max |predicted/measured - 1| %.3f, speedup over none %s",
+        result["cost_model"],
+        result["max_abs_error"],
+        result["ratio_max_abs_error"],
+    )
 
 
 def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
@@ -261,7 +331,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     log.info("promotion: %s", summary["promotion"]["reason"])
     summary["overhead"] = {"decision_ms": decision_overhead_ms(config.export_dir, config.overhead_calls)}
 
-    live_frame = run_live_all(config, tuned, make)
+    live_frame, live_models = run_live_all(config, tuned, make, costs)
     if not live_frame.empty:
         # headline: the decode phase (what a gamma controller controls); end to end beside it
         summary["live"] = live_comparisons(live_frame, config, "decode_s", "decode_tokens")
@@ -273,14 +343,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 for c, g in live_frame.groupby("compression")
             },
         }
-        replayed = replayed_live_runs(live_frame, traces, tuned, make, costs, config.max_new_tokens)
-        if not replayed.empty:
-            summary["fidelity"] = fidelity(live_frame, replayed, config.n_boot, config.ci_level, config.seed)
-            log.info(
-                "fidelity: decode tokens/s max |predicted/measured - 1| %.3f, speedup over none %s",
-                summary["fidelity"]["max_abs_error"],
-                summary["fidelity"]["ratio_max_abs_error"],
-            )
+        live_fidelity(summary, live_frame, traces, tuned, make, costs, live_models, config)
+    summary["wall_s"] = time.perf_counter() - started
     summary["wall_s"] = time.perf_counter() - started
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -159,11 +160,14 @@ def run_live(
     config: DecodeConfig,
     warmup_tokens: int,
     run_of: dict[str, str] | None = None,
+    between: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Per prompt × role rows (tokens/s, acceptance, matches_none) on `pair`; `roles` must include none.
 
     `run_of` maps further role names to a role in `roles` that runs the same controller (a tuned role that
-    resolved to another one): they get rows of that run, marked in `run_of`, instead of a run of their own."""
+    resolved to another one): they get rows of that run, marked in `run_of`, instead of a run of their own.
+    `between(n)` runs before the n-th prompt and once more (n = len(prompts)) after the last: timings that
+    must share the live runs' machine state (live_clock.LiveClock)."""
     run_of = dict(run_of or {})
     unknown = sorted(name for name, source in run_of.items() if source not in roles or name in roles)
     if unknown:
@@ -178,6 +182,8 @@ def run_live(
     rows = []
     bar = tqdm(prompts, desc=f"live {pair.compression} ({len(roles)} policies)", unit="prompt")
     for n, prompt in enumerate(bar):
+        if between is not None:
+            between(n)
         results = run_prompt(pair, prompt["input_ids"], roles, config, n)
         reference = results["none"]["token_ids"]
         for name, source in run_of.items():
@@ -204,4 +210,6 @@ def run_live(
             prompt["prompt_id"],
             ", ".join(f"{k} {v['decode_tokens_per_s']:.1f}" for k, v in results.items()),
         )
+    if between is not None:
+        between(len(prompts))
     return rows

@@ -90,6 +90,11 @@ def dvc_metrics(summary: dict) -> dict[str, Any]:
             "max_abs_error": fidelity["max_abs_error"],
             "ratio_max_abs_error": fidelity["ratio_max_abs_error"],
         }
+        if "tuning_model" in fidelity:
+            metrics["fidelity"]["tuning_model"] = {
+                "max_abs_error": fidelity["tuning_model"]["max_abs_error"],
+                "ratio_max_abs_error": fidelity["tuning_model"]["ratio_max_abs_error"],
+            }
     share = gap_shares(summary).get("mlp", {}).get("all")
     if share:
         metrics["replay"]["oracle_gap_share"] = share.get("estimate", share.get("share"))

@@ -163,7 +163,9 @@ def live_table(live: pd.DataFrame, caption: str = "") -> Table:
 
 def fidelity_table(fidelity: dict, level: str) -> Table:
     """Replay-predicted against live-measured decode tokens/s and speedup over `none`, per compression and
-    live policy; a ratio's cell is green/red only where its CI excludes 1."""
+    live policy; a ratio's cell is green/red only where its CI excludes 1. With a `tuning_model` (the
+    calibrate stage's model, when the table's is the one measured beside the live runs) its two ratios too."""
+    tuning = {(r["compression"], r["policy"]): r for r in fidelity.get("tuning_model", {}).get("table", [])}
     rows = []
     for r in fidelity["table"]:
         vs_none = (
@@ -176,29 +178,40 @@ def fidelity_table(fidelity: dict, level: str) -> Table:
             if "predicted_vs_none" in r
             else "1 / 1"
         )
-        rows.append(
-            [
-                Cell(r["compression"]),
-                Cell(r["policy"]),
-                Cell(f"{r['predicted_tokens_per_s']:.2f} / {r['measured_tokens_per_s']:.2f}"),
-                ratio_cell(r),
-                Cell(speedups),
-                vs_none,
-                Cell(f"{r['predicted_ttft_s']:.3f} / {r['measured_ttft_s']:.3f}"),
-                Cell(f"{r['same_decisions']:.0%}"),
-            ]
-        )
+        row = [
+            Cell(r["compression"]),
+            Cell(r["policy"]),
+            Cell(f"{r['predicted_tokens_per_s']:.2f} / {r['measured_tokens_per_s']:.2f}"),
+            ratio_cell(r),
+            Cell(speedups),
+            vs_none,
+            Cell(f"{r['predicted_ttft_s']:.3f} / {r['measured_ttft_s']:.3f}"),
+            Cell(f"{r['same_decisions']:.0%}"),
+        ]
+        if tuning:
+            t = tuning[(r["compression"], r["policy"])]
+            row.append(
+                Cell(
+                    f"{t['ratio']:.3f} / {t['vs_none_ratio']:.3f}"
+                    if "vs_none_ratio" in t
+                    else f"{t['ratio']:.3f} / –"
+                )
+            )
+        rows.append(row)
+    header = [
+        "compression",
+        "policy",
+        "decode tok/s replay / live",
+        f"replay ÷ live [{level}]",
+        "speedup over none replay / live",
+        f"replay ÷ live [{level}]",
+        "median TTFT s replay / live",
+        "same steps",
+    ]
+    if tuning:
+        header.append("calibrate stage's model: replay ÷ live, tok/s / speedup")
     return Table(
-        [
-            "compression",
-            "policy",
-            "decode tok/s replay / live",
-            f"replay ÷ live [{level}]",
-            "speedup over none replay / live",
-            f"replay ÷ live [{level}]",
-            "median TTFT s replay / live",
-            "same steps",
-        ],
+        header,
         rows,
         "Replay against live on the same test prompts and token counts (decode phase: after the first token)",
     )
