@@ -133,7 +133,8 @@ def make_executor(cfg: ProfileConfig, compression: str, device: torch.device):
 def run_calibrate(args: argparse.Namespace) -> int:
     from speckv.data.prompts import load_prompt_file
     from speckv.profiling.atomic import atomic_path
-    from speckv.profiling.calibrate import calibrate, calibration_prompts, plot_cost_models
+    from speckv.profiling.calibrate import calibrate, calibration_prompts
+    from speckv.profiling.costmodel import plot_cost_models
 
     cfg = load_section(CalibrateConfig, "calibrate", args.params)
     compressions = _select(cfg.compressions, args.compression)

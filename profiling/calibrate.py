@@ -250,11 +250,23 @@ def pooled_slope(steps: pd.DataFrame) -> float:
     return max(slope, 0.0)
 
 
+def stalled(ms: np.ndarray) -> np.ndarray:
+    """Steps the process spent descheduled: more than eight median absolute deviations above the median.
+
+    On a shared machine a step now and then takes 10-50x its time (another job took the core); one such
+    step moves a gamma's mean by more than the differences between gammas. Slower stretches of load stay in:
+    they are what a run pays."""
+    median = float(np.median(ms))
+    mad = float(np.median(np.abs(ms - median)))
+    return ms > median + 8 * max(mad, 1e-3 * median)
+
+
 def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> dict:
     """The loop's cost model from its own timed steps: every decode step (step 0 belongs to the time to
     first token) is a gamma's level plus a context slope shared by all gammas (`pooled_slope`); a level is
-    the mean step, as a run pays it, made non-decreasing in gamma. The draft's per-token cost is a line in
-    the context; the target's and the draft's prefill are lines in the prompt length."""
+    the mean step as a run pays it (`stalled` steps left out), made non-decreasing in gamma. The draft's
+    per-token cost is a line in the context; the target's and the draft's prefill are lines in the prompt
+    length."""
     decode = steps[steps["step"] > 0]
     lo, hi = float(decode["position"].min()), float(decode["position"].max())
     reference = float(decode["position"].mean())
@@ -270,15 +282,19 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
     levels, fit = [], {}
     for gamma in range(gamma_max + 1):
         rows = decode[decode["gamma"] == gamma]
-        levels.append(float(np.mean(rows["step_ms"] - slope * (rows["position"] - reference))))
+        at_reference = (rows["step_ms"] - slope * (rows["position"] - reference)).to_numpy()
+        kept = at_reference[~stalled(at_reference)]
+        levels.append(float(np.mean(kept)))
         predicted = levels[-1] + slope * (rows["position"] - reference)
         fit[gamma] = {
             "steps": len(rows),
+            "stalled": int(len(rows) - len(kept)),
             "median_abs_error": float(np.median(np.abs(rows["step_ms"] - predicted) / predicted)),
         }
     step_ms = monotone(levels)
 
     drafting = decode[decode["gamma"] > 0]
+    drafting = drafting[~stalled((drafting["draft_ms"] / drafting["gamma"]).to_numpy())]
     per_token = drafting["draft_ms"] / drafting["gamma"]
     _, draft_slope = robust_line(drafting["position"], per_token)
     draft_slope = max(draft_slope, 0.0)
@@ -360,31 +376,3 @@ def calibrate(
         **fitted,
     )
     return model, steps.assign(compression=compression)
-
-
-def plot_cost_models(models: list[CostModel], path) -> None:
-    """Modelled decode-step ms against gamma, one colour per compression: solid at the shortest measured
-    context, dashed at the longest; the draft's per-token cost on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_draft) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 1]})
-    for n, model in enumerate(models):
-        lo, hi = model.meta.get("fit", {}).get("contexts", [model.context_tokens] * 2)
-        ks = list(range(model.gamma_max + 1))
-        line = ax.plot(ks, [model.step_at(k, lo) for k in ks], marker="o", label=f"{model.compression}")[0]
-        ax.plot(ks, [model.step_at(k, hi) for k in ks], ls="--", color=line.get_color())
-        draft = [model.draft_ms + model.draft_ms_per_token * (c - model.context_tokens) for c in (lo, hi)]
-        ax_draft.bar([n - 0.2, n + 0.2], draft, width=0.35, color=line.get_color(), alpha=0.8)
-    ax.set_xlabel("tokens drafted in the step (gamma)")
-    ax.set_ylabel("ms per decode step")
-    ax.set_title("Step cost in the decode loop (solid: shortest context, dashed: longest)", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.set_ylim(bottom=0)
-    ax_draft.set_xticks(range(len(models)), [m.compression for m in models])
-    ax_draft.set_title("draft ms per token", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

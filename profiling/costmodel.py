@@ -169,3 +169,31 @@ class CostModel:
         ):
             raise SpeckvError(f"cost model {path} holds non-positive or inconsistent timings")
         return model
+
+
+def plot_cost_models(models: list[CostModel], path) -> None:
+    """Modelled decode-step ms against gamma, one colour per compression: solid at the shortest measured
+    context, dashed at the longest; the draft's per-token cost on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_draft) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [3, 1]})
+    for n, model in enumerate(models):
+        lo, hi = model.meta.get("fit", {}).get("contexts", [model.context_tokens] * 2)
+        ks = list(range(model.gamma_max + 1))
+        line = ax.plot(ks, [model.step_at(k, lo) for k in ks], marker="o", label=f"{model.compression}")[0]
+        ax.plot(ks, [model.step_at(k, hi) for k in ks], ls="--", color=line.get_color())
+        draft = [model.draft_ms + model.draft_ms_per_token * (c - model.context_tokens) for c in (lo, hi)]
+        ax_draft.bar([n - 0.2, n + 0.2], draft, width=0.35, color=line.get_color(), alpha=0.8)
+    ax.set_xlabel("tokens drafted in the step (gamma)")
+    ax.set_ylabel("ms per decode step")
+    ax.set_title("Step cost in the decode loop (solid: shortest context, dashed: longest)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.set_ylim(bottom=0)
+    ax_draft.set_xticks(range(len(models)), [m.compression for m in models])
+    ax_draft.set_title("draft ms per token", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
