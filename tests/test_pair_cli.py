@@ -61,7 +61,9 @@ def test_add_writes_an_entry_dvc_runs_and_remove_restores_the_file(checkout, pla
 
     assert main(["pair", "list"]) == 0
     listed = capsys.readouterr().out
-    assert "tiny2: target" in listed and "plain-text prompts" in listed and "default: target default" in listed
+    assert (
+        "tiny2: target" in listed and "plain-text prompts" in listed and "default: target default" in listed
+    )
 
     assert main(["pair", "remove", "tiny2"]) == 0
     assert (checkout / "params.yaml").read_text() == before
@@ -95,7 +97,9 @@ def _refused(checkout: Path, capsys, argv: list[str], message: str) -> None:
 def test_a_bad_add_is_one_line_and_writes_nothing(checkout, plain_pair, tmp_path, capsys):
     target, draft = plain_pair
     add = ["pair", "add", "tiny2", "--no-chat-template"]
-    _refused(checkout, capsys, [*add, "--target", str(tmp_path / "nowhere"), "--draft", str(draft)], "not found")
+    _refused(
+        checkout, capsys, [*add, "--target", str(tmp_path / "nowhere"), "--draft", str(draft)], "not found"
+    )
     other_vocab, _ = save_pair(tmp_path / "small", vocab_size=96)
     _refused(
         checkout,
