@@ -124,3 +124,7 @@ def test_force_replaces_an_existing_pair(checkout, plain_pair):
     entry = yaml.safe_load((checkout / "params.yaml").read_text())["pairs"]["qwen-coder"]
     assert entry["draft_weights"] == str(draft / "model.safetensors")
     assert entry["artifacts"] == "artifacts/qwen-coder"
+
+
+def test_a_stage_for_an_unknown_pair_is_one_error_line(checkout, capsys):
+    _refused(checkout, capsys, ["prompts", "--pair", "nope"], "no pair 'nope'")
