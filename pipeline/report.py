@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from speckv.data.prompts import PromptsConfig
 from speckv.pipeline.config import add_params_arguments, load_section
 from speckv.predictor.evaluation.provenance import collect
 from speckv.predictor.evaluation.report import ReportConfig, build_report
@@ -17,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_section(ReportConfig, "report", args.params, args.pair)
     # The checkout holding the params file: the commit, dirty files and params hash the report records.
     provenance = collect(Path(args.params).resolve().parent, args.params)
+    provenance["chat_template"] = load_section(PromptsConfig, "prompts", args.params, args.pair).chat
     metrics = build_report(config, provenance)
     log.info("report written to %s; metrics %s", config.out_dir, metrics)
     return 0
