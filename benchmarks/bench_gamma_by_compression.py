@@ -3,10 +3,10 @@ machine's calibrated cost models (none, fixed:1..gamma_max, the hindsight oracle
 plus acceptance by draft position.
 
     speckv models fetch qwen-coder
-    python benchmarks/bench_gamma_by_compression.py --params benchmarks/qwen_coder_gamma.yaml
+    python benchmarks/bench_gamma_by_compression.py --pair qwen-coder
 
-Runs `speckv prompts`, `speckv calibrate` and `speckv profile` with the params file when their outputs are
-missing (`--rerun` forces them), then replays. `--draft-compression int8|nf4|same` compresses the draft too
+Reads the pair's pipeline outputs (params.yaml's `pairs:` entry), running `speckv prompts`, `speckv calibrate`
+and `speckv profile --pair NAME` when they are missing (`--rerun` forces them), then replays its traces. `--draft-compression int8|nf4|same` compresses the draft too
 (the pipeline compresses the target only): the benchmark then loads each pair itself, calibrates and traces
 the params' test prompts with the library functions the stages call, and keeps nothing on disk. A quantized
 draft's teacher-forced batched passes may differ in the last bits from its one-token decoding: acceptance
@@ -25,14 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
+from speckv.pipeline.config import load_params, pair_section
 from speckv.predictor.stats import paired_ratio
 from speckv.profiling.controllers import parse_controller
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.replay import load_traces, oracle, replay
 
 
-def run_stages(params: Path, config: dict, rerun: bool) -> None:
+def pair_params(params: Path, pair: str) -> dict:
+    """The prompts, calibrate and profile sections as pair `pair` runs them."""
+    raw = load_params(params)
+    return {section: pair_section(raw, section, pair) for section in ("prompts", "calibrate", "profile")}
+
+
+def run_stages(params: Path, pair: str, config: dict, rerun: bool) -> None:
     speckv = str(Path(sys.executable).with_name("speckv"))
     outputs = {
         "prompts": Path(config["prompts"]["out"]),
@@ -41,8 +47,8 @@ def run_stages(params: Path, config: dict, rerun: bool) -> None:
     }
     for stage, out in outputs.items():
         if rerun or not out.exists():
-            print(f"running speckv {stage} --params {params}", flush=True)
-            subprocess.run([speckv, stage, "--params", str(params)], check=True)
+            print(f"running speckv {stage} --params {params} --pair {pair}", flush=True)
+            subprocess.run([speckv, stage, "--params", str(params), "--pair", pair], check=True)
 
 
 def measure_with_compressed_draft(config: dict, draft_compression: str) -> tuple[list, dict]:
@@ -162,7 +168,8 @@ def sweep(traces, costs, gamma_max: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("benchmarks/qwen_coder_gamma.yaml"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--pair", default="qwen-coder", help="an entry of the params file's `pairs:`")
     parser.add_argument(
         "--rerun", action="store_true", help="rerun prompts/calibrate/profile even if present"
     )
@@ -173,12 +180,12 @@ def main() -> int:
         help="compress the draft too (default: its own dtype, as the pipeline runs it)",
     )
     args = parser.parse_args()
-    config = yaml.safe_load(args.params.read_text())
+    config = pair_params(args.params, args.pair)
     gamma_max = int(config["profile"]["gamma_max"])
     if args.draft_compression:
         traces, costs = measure_with_compressed_draft(config, args.draft_compression)
     else:
-        run_stages(args.params, config, args.rerun)
+        run_stages(args.params, args.pair, config, args.rerun)
         traces = load_traces(Path(config["profile"]["out_dir"]) / "traces")
         cal = Path(config["calibrate"]["out_dir"])
         costs = {

@@ -161,6 +161,11 @@ def check_splits(path: Path = SPLITS_PATH, prompts: Sequence[Prompt] | None = No
 def _render(tokenizer: Any, content: str, chat: bool) -> str:
     if not chat:
         return content
+    if not getattr(tokenizer, "chat_template", None):
+        raise SpeckvError(
+            "the target's tokenizer has no chat template: set prompts.chat: false to use the prompts as plain "
+            "text (`speckv pair add --no-chat-template`)"
+        )
     messages = [{"role": "user", "content": content}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

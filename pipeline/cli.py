@@ -15,6 +15,7 @@ STAGE_MODULES = (
     "speckv.pipeline.generate",
     "speckv.pipeline.profile",
     "speckv.pipeline.models",
+    "speckv.pipeline.pair",
     "speckv.pipeline.prompts",
     "speckv.pipeline.report",
     "speckv.pipeline.train",

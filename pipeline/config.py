@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -12,6 +13,12 @@ import yaml
 from speckv.profiling.errors import SpeckvError
 
 T = TypeVar("T")
+
+
+# The stage sections a pair's entry overlays; the distill section belongs to the default pair alone.
+PAIR_SECTIONS = ("prompts", "calibrate", "profile", "train", "serve", "evaluate", "report")
+# The default sections' output paths start with this directory; a pair's start with its `artifacts` instead.
+ARTIFACTS = "artifacts"
 
 
 class ConfigError(SpeckvError):
@@ -97,10 +104,72 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return data
 
 
-def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
-    """The `section` of params.yaml as a `cls` instance."""
-    return from_dict(cls, load_params(path).get(section), section)
+def load_section(cls: type[T], section: str, path: str | Path = "params.yaml", pair: str | None = None) -> T:
+    """The `section` of params.yaml as a `cls` instance; with `pair`, as that entry of `pairs:` runs it."""
+    params = load_params(path)
+    if pair is None:
+        return from_dict(cls, params.get(section), section)
+    if section not in PAIR_SECTIONS:
+        raise ConfigError(f"section {section!r} is the default pair's alone: run it without --pair")
+    return from_dict(cls, pair_section(params, section, pair), f"pairs.{pair}: {section}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+@dataclasses.dataclass
+class PairConfig:
+    """One entry of params.yaml's `pairs:`: the pair's output directory, the model files its stages depend
+    on (dvc.yaml lists them as deps), and per stage section only the keys that differ from that section."""
+
+    artifacts: str  # every output of the pair goes under it (its sections' `artifacts/...` paths move here)
+    tokenizer: str  # the target's tokenizer file (or the .gguf or directory holding it): a prompts dep
+    target_weights: str  # the target's weights file or directory: a dep of every stage that loads the target
+    draft_weights: str  # the draft's weights file or directory
+    hf_draft_weights: str  # weights of the draft transformers' assisted generation runs (evaluate.hf_draft)
+    # Keys that replace the section's own, whole (a mapping replaces a mapping); {} when none differ, since
+    # DVC tracks each of these by key and a missing one is an error there.
+    prompts: dict[str, Any]
+    calibrate: dict[str, Any]
+    profile: dict[str, Any]
+    train: dict[str, Any]
+    serve: dict[str, Any]
+    evaluate: dict[str, Any]
+    report: dict[str, Any]
+
+
+def pair_config(params: dict[str, Any], pair: str) -> PairConfig:
+    """Entry `pair` of the params' `pairs:` map, checked."""
+    pairs = params.get("pairs") or {}
+    if not isinstance(pairs, dict) or pair not in pairs:
+        known = ", ".join(pairs) if isinstance(pairs, dict) else ""
+        raise ConfigError(f"no pair {pair!r} in the params' `pairs:`; known pairs: {known or 'none'}")
+    return from_dict(PairConfig, pairs[pair], f"pairs.{pair}")
+
+
+def _rebase(value: Any, artifacts: str) -> Any:
+    if isinstance(value, str) and (value == ARTIFACTS or value.startswith(ARTIFACTS + "/")):
+        return artifacts + value[len(ARTIFACTS) :]
+    return value
+
+
+def pair_section(params: dict[str, Any], section: str, pair: str) -> dict[str, Any]:
+    """Section `section` as pair `pair` runs it: its output paths under the pair's `artifacts` directory, then
+    the pair's own keys of that section in place of the section's."""
+    entry = pair_config(params, pair)
+    raw = params.get(section) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}] must be a mapping, got {raw!r}")
+    rebased = {key: _rebase(value, entry.artifacts) for key, value in raw.items()}
+    return {**rebased, **getattr(entry, section)}
+
+
+def add_params_arguments(parser: argparse.ArgumentParser, sections: str) -> None:
+    """--params and --pair, shared by every stage command."""
+    parser.add_argument("--params", default="params.yaml", help=f"params file ({sections})")
+    parser.add_argument(
+        "--pair",
+        help="run for this entry of the params file's `pairs:` (dvc.yaml passes it): its own keys in place "
+        "of the sections', outputs under its `artifacts` directory (default: the sections as written)",
+    )

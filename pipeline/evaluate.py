@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from speckv.pipeline.config import load_section
+from speckv.pipeline.config import add_params_arguments, load_section
 from speckv.predictor.evaluation.evaluate import EvaluateConfig, run_evaluation
 
 log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_section(EvaluateConfig, "evaluate", args.params)
+    config = load_section(EvaluateConfig, "evaluate", args.params, args.pair)
     if args.no_live:
         config.live_controllers = {}
     summary = run_evaluation(config)
@@ -39,6 +39,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate", help="replay and live-time every gamma policy; promote the MLP if it pays"
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (section `evaluate:`)")
+    add_params_arguments(parser, "section `evaluate:`")
     parser.add_argument("--no-live", action="store_true", help="replay only: skip the wall-clock runs")
     parser.set_defaults(func=run)

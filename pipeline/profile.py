@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from speckv.pipeline.config import load_section
+from speckv.pipeline.config import add_params_arguments, load_section
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig
 from speckv.profiling.errors import SpeckvError
@@ -97,11 +97,11 @@ def register(sub) -> None:
     p = sub.add_parser(
         "calibrate", help="fit the decode loop's step costs per compression: every fixed gamma on dev prompts"
     )
-    p.add_argument("--params", default="params.yaml", help="params file (section `calibrate`)")
+    add_params_arguments(p, "section `calibrate:`")
     p.add_argument("--compression", help="only this compression (default: all in params)")
     p.set_defaults(func=run_calibrate)
     p = sub.add_parser("profile", help="run prompts x controllers with the recorder on; write Parquet tables")
-    p.add_argument("--params", default="params.yaml", help="params file (section `profile`)")
+    add_params_arguments(p, "section `profile:`")
     p.add_argument("--compression", help="only this compression (default: all in params)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--executor", choices=EXECUTORS, help="override profile.executor (local | ray)")
@@ -136,7 +136,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from speckv.profiling.calibrate import calibrate, calibration_prompts
     from speckv.profiling.costmodel import plot_cost_models
 
-    cfg = load_section(CalibrateConfig, "calibrate", args.params)
+    cfg = load_section(CalibrateConfig, "calibrate", args.params, args.pair)
     compressions = _select(cfg.compressions, args.compression)
     torch.set_num_threads(cfg.threads)
     if cfg.loop_prompts < 1 or cfg.max_new_tokens < 2:
@@ -182,7 +182,7 @@ def run_profile_cmd(args: argparse.Namespace) -> int:
     from speckv.data.prompts import load_prompt_file
     from speckv.profiling.profile import run_profile
 
-    cfg = load_section(ProfileConfig, "profile", args.params)
+    cfg = load_section(ProfileConfig, "profile", args.params, args.pair)
     compressions = _select(cfg.compressions, args.compression)
     for name in ("per_task", "trace_per_task"):
         if not set(getattr(cfg, name)) <= {"train", "dev", "test"}:

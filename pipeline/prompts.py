@@ -8,14 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 from speckv.data.prompts import PromptsConfig, build_prompt_file, check_splits
-from speckv.pipeline.config import load_section
+from speckv.pipeline.config import add_params_arguments, load_section
 from speckv.profiling.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_section(PromptsConfig, "prompts", args.params)
+    config = load_section(PromptsConfig, "prompts", args.params, args.pair)
     check_splits()
     tokenizer = load_tokenizer(config.target)  # any model reference: a pair name, directory, .gguf or hub id
     rows = build_prompt_file(tokenizer, Path(config.out), config.chat, config.max_prompt_tokens, config.tasks)
@@ -29,5 +29,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prompts", help="tokenize the prompt suites with their train/dev/test split"
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (section `prompts:`)")
+    add_params_arguments(parser, "section `prompts:`")
     parser.set_defaults(func=run)

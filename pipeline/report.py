@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from speckv.pipeline.config import load_section
+from speckv.data.prompts import PromptsConfig
+from speckv.pipeline.config import add_params_arguments, load_section
 from speckv.predictor.evaluation.provenance import collect
 from speckv.predictor.evaluation.report import ReportConfig, build_report
 
@@ -14,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_section(ReportConfig, "report", args.params)
+    config = load_section(ReportConfig, "report", args.params, args.pair)
     # The checkout holding the params file: the commit, dirty files and params hash the report records.
     provenance = collect(Path(args.params).resolve().parent, args.params)
+    provenance["chat_template"] = load_section(PromptsConfig, "prompts", args.params, args.pair).chat
     metrics = build_report(config, provenance)
     log.info("report written to %s; metrics %s", config.out_dir, metrics)
     return 0
@@ -26,5 +28,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report", help="write the evaluation report (HTML, Markdown, metrics.json, provenance.json)"
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (section `report:`)")
+    add_params_arguments(parser, "section `report:`")
     parser.set_defaults(func=run)

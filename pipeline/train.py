@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from speckv.pipeline.config import load_section
+from speckv.pipeline.config import add_params_arguments, load_section
 from speckv.predictor.train import TrainConfig, run_training
 
 from speckv.serving_schema import ServeConfig
@@ -18,8 +18,8 @@ OUTPUT_FILES = ("metrics.json", "importance.json", "importance.md", "reliability
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_section(TrainConfig, "train", args.params)
-    serve = load_section(ServeConfig, "serve", args.params)
+    config = load_section(TrainConfig, "train", args.params, args.pair)
+    serve = load_section(ServeConfig, "serve", args.params, args.pair)
     metrics = run_training(config)
     for name, scores in metrics["models"].items():
         log.info(
@@ -61,7 +61,5 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train, export and register the acceptance predictor")
-    parser.add_argument(
-        "--params", default="params.yaml", help="params file (sections `train:` and `serve:`)"
-    )
+    add_params_arguments(parser, "sections `train:` and `serve:`")
     parser.set_defaults(func=run)

@@ -138,7 +138,7 @@ def load_model(ref: str, role: str, device: torch.device, compression: str | Non
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise SpeckvError(f"cannot load {role} model {ref!r}: {exc}") from exc
+        raise SpeckvError(f"cannot load {role} model {ref!r}: {' '.join(str(exc).split())}") from exc
     if "device_map" not in kwargs:
         model = model.to(device)
     if compression is None and model.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -158,7 +158,7 @@ def load_tokenizer(ref: str):
     try:
         return AutoTokenizer.from_pretrained(source.path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise SpeckvError(f"cannot load the tokenizer of {ref!r}: {exc}") from exc
+        raise SpeckvError(f"cannot load the tokenizer of {ref!r}: {' '.join(str(exc).split())}") from exc
 
 
 def vocab_size(model) -> int:

@@ -123,6 +123,19 @@ def test_prompt_file_round_trip_and_truncation(suites: Path, tmp_path: Path, cha
         assert all(r["text"].startswith("<s>") and r["text"].endswith("go") for r in rows)
 
 
+def test_a_tokenizer_without_chat_template_takes_plain_text_only(suites: Path, tmp_path: Path) -> None:
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None  # a base model's
+    splits_path = tmp_path / "splits.json"
+    write_splits(splits_path, load_prompts(suites))
+    out = tmp_path / "prompts.jsonl"
+    with pytest.raises(SpeckvError, match="prompts.chat: false"):
+        build_prompt_file(tokenizer, out, True, 30, suites_dir=suites, splits_path=splits_path)
+    assert not out.exists()
+    rows = build_prompt_file(tokenizer, out, False, 30, suites_dir=suites, splits_path=splits_path)
+    assert rows and all(not r["text"].startswith("<s>") for r in rows)
+
+
 def test_load_prompt_file_selects_first_n_per_task_stably(suites: Path, tmp_path: Path) -> None:
     splits_path = tmp_path / "splits.json"
     write_splits(splits_path, load_prompts(suites))

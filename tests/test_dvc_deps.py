@@ -1,5 +1,6 @@
 """dvc.yaml cannot drift from the code: each stage's `deps` hold every repo module its command imports (and
-no code it never imports), and its `params` every key of the config it loads.
+no code it never imports), and its `params` every key of the config it loads. The stages are those DVC itself
+resolves from the template, once per pair of params.yaml's `pairs:`.
 
 A stage's imports are walked with `ast`, never by importing: from the handler its `speckv ...` command
 dispatches to (only the code that handler reaches in its CLI module, since several stages share one), then
@@ -34,9 +35,21 @@ from repo_modules import (
     walk,
 )
 from speckv.pipeline.cli import build_parser
-from speckv.pipeline.config import from_dict, load_params
+from speckv.pipeline.config import PAIR_SECTIONS, load_params, load_section, pair_config
 
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+def resolved_stages(root: Path) -> dict[str, dict]:
+    """{stage name: its definition} as DVC resolves dvc.yaml's templates (`calibrate@qwen-coder`, ...)."""
+    from dvc.parsing import DataResolver
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        resolver = DataResolver(repo, repo.root_dir, yaml.safe_load((root / "dvc.yaml").read_text()))
+        return resolver.resolve()["stages"]
+
+
+STAGES = resolved_stages(ROOT)
+PAIRS = list(load_params(ROOT / "params.yaml")["pairs"])
 
 # Modules a stage imports but leaves out of its deps on purpose (their own imports are not walked either).
 LEFT_OUT = {
@@ -198,15 +211,21 @@ def config_sections(stage: str) -> dict[str, type]:
     return sections
 
 
+def stage_pair(stage: str) -> str | None:
+    """The pair a stage runs for: its command's `--pair`, or None (the default pair's own stages)."""
+    argv = shlex.split(STAGES[stage]["cmd"])
+    return argv[argv.index("--pair") + 1] if "--pair" in argv else None
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_params_hold_every_key_the_stage_reads(stage):
     params = STAGES[stage].get("params", [])
     assert all(isinstance(p, str) for p in params), f"stage {stage!r}: list params.yaml keys as strings"
-    expected = {
-        f"{section}.{f.name}"
-        for section, cls in config_sections(stage).items()
-        for f in dataclasses.fields(cls)
-    }
+    sections = config_sections(stage)
+    expected = {f"{section}.{f.name}" for section, cls in sections.items() for f in dataclasses.fields(cls)}
+    pair = stage_pair(stage)
+    if pair is not None:  # the pair's entry: its outputs directory and its keys of each section read
+        expected |= {f"pairs.{pair}.artifacts"} | {f"pairs.{pair}.{section}" for section in sections}
     missing = sorted(k for k in expected if k not in params and k.split(".")[0] not in params)
     unknown = sorted(p for p in params if "." in p and p not in expected)
     assert not missing, f"dvc.yaml stage {stage!r} reads params it does not list: add {missing}"
@@ -215,26 +234,13 @@ def test_params_hold_every_key_the_stage_reads(stage):
 
 def test_the_walk_sees_lazy_imports_and_skips_other_handlers():
     # pipeline/profile.py serves two stages: calibrate imports profiling.calibrate lazily, profile does not.
-    assert "profiling/calibrate.py" in stage_imports("calibrate")
-    assert "profiling/calibrate.py" not in stage_imports("profile")
-    assert "profiling/profile.py" in stage_imports("profile")
+    assert "profiling/calibrate.py" in stage_imports("calibrate@default")
+    assert "profiling/calibrate.py" not in stage_imports("profile@default")
+    assert "profiling/profile.py" in stage_imports("profile@default")
     # models fetch shares pipeline/models.py with distill but never reaches data/distill.py
     assert "data/distill.py" not in stage_imports("fetch")
     # transitive: the report's cost-model plot loads profiling/costmodel.py through its report module
-    assert {"predictor/evaluation/report.py", "profiling/costmodel.py"} <= stage_imports("report")
-
-
-PAIR_PIPELINES = sorted((ROOT / "pipeline" / "pairs").glob("*/dvc.yaml"))
-
-
-def _root_stage(stage: dict) -> str | None:
-    """The root stage whose command this stage runs with its own `--params FILE`, or None."""
-    argv = shlex.split(stage["cmd"])
-    if "--params" not in argv:
-        return None
-    at = argv.index("--params")
-    base = " ".join(argv[:at] + argv[at + 2 :])
-    return next((s for s, r in STAGES.items() if r["cmd"] == base), None)
+    assert {"predictor/evaluation/report.py", "profiling/costmodel.py"} <= stage_imports("report@default")
 
 
 def _outputs(stage: dict) -> set[str]:
@@ -245,33 +251,55 @@ def _outputs(stage: dict) -> set[str]:
     }
 
 
-@pytest.mark.parametrize("dvc_file", PAIR_PIPELINES, ids=lambda p: p.parent.name)
-def test_a_pair_pipeline_runs_the_root_stages_on_its_own_params(dvc_file):
-    """Every stage of another pair's pipeline is a root stage's command with `--params` its own file: the same
-    code deps (so the checks above cover it), its params file listed with every section that command reads
-    and valid for those configs, paths from the repository root, and no output shared with the default pair."""
-    assert PAIR_PIPELINES, "no pipeline under pipeline/pairs/"
-    root_outputs = set().union(*(_outputs(s) for s in STAGES.values()))
-    for name, stage in yaml.safe_load(dvc_file.read_text())["stages"].items():
-        argv = shlex.split(stage["cmd"])
-        params_file = argv[argv.index("--params") + 1]
-        root = _root_stage(stage)
-        assert root, f"{dvc_file.name} stage {name!r}: `{stage['cmd']}` is no root stage's command + --params"
-        assert stage["wdir"] == "../../.." and (ROOT / params_file).is_file(), name
+def _within(path: str, other: str) -> bool:
+    return path == other or path.startswith(other.rstrip("/") + "/")
 
-        def code(deps: list[str]) -> set[str]:
-            return {d for d in deps if d.split("/")[0] not in ("models", "artifacts")}
 
-        assert code(stage["deps"]) == code(STAGES[root]["deps"]), name
-        sections = config_sections(root)
-        assert stage["params"] == [{params_file: sorted(sections)}], name
-        raw = load_params(ROOT / params_file)
-        for section, cls in sections.items():
-            from_dict(cls, raw.get(section), section)  # raises on an unknown key or a wrong type
-        assert not _outputs(stage) & root_outputs, name
-        assert all(
-            (ROOT / d).exists() for d in stage["deps"] if d.split("/")[0] not in ("models", "artifacts")
-        )
+def test_every_pair_runs_every_templated_stage_and_no_other_dvc_yaml_exists():
+    templated = {name.partition("@")[0] for name in STAGES if "@" in name}
+    assert templated == {"prompts", "calibrate", "profile", "train", "evaluate", "report"}
+    assert {name for name in STAGES if "@" in name} == {f"{s}@{p}" for s in templated for p in PAIRS}
+    assert {"default", "qwen-coder"} <= set(PAIRS)
+    assert all(stage_pair(f"{s}@{p}") == p for s in templated for p in PAIRS)
+    others = [p for folder in (*FOLDERS, "benchmarks", "tests") for p in (ROOT / folder).rglob("dvc.yaml")]
+    assert not others, f"one pipeline definition: move {others} into dvc.yaml's templates"
+
+
+def test_no_two_stages_write_the_same_place():
+    owner: dict[str, str] = {}
+    for name, stage in STAGES.items():
+        for out in _outputs(stage):
+            clash = next((o for o in owner if _within(out, o) or _within(o, out)), None)
+            assert clash is None, f"{name} writes {out}, inside or around {clash} of {owner.get(clash)}"
+            owner[out] = name
+
+
+@pytest.mark.parametrize("stage", sorted(s for s in STAGES if stage_pair(s)))
+def test_a_pair_stage_reads_and_writes_where_its_config_says(stage):
+    """The pair's config, as its command loads it (valid: unknown keys and wrong types raise), names only paths
+    of its own outputs directory that the stage lists among its deps or outputs, so DVC tracks what it runs."""
+    pair = stage_pair(stage)
+    artifacts = pair_config(load_params(ROOT / "params.yaml"), pair).artifacts
+    listed = set(STAGES[stage]["deps"]) | _outputs(STAGES[stage])
+    for section, cls in config_sections(stage).items():
+        config = load_section(cls, section, ROOT / "params.yaml", pair)
+        for field in dataclasses.fields(cls):
+            value = getattr(config, field.name)
+            if not isinstance(value, str) or not value.startswith("artifacts"):
+                continue
+            assert _within(value, artifacts), (
+                f"{stage}: {section}.{field.name} = {value} is not under {artifacts}"
+            )
+            assert any(_within(value, p) or _within(p, value) for p in listed), (
+                f"{stage}: {section}.{field.name} = {value} is neither a dep nor an output of the stage"
+            )
+
+
+def test_every_pair_entry_holds_each_section_dvc_tracks():
+    params = load_params(ROOT / "params.yaml")
+    for pair in PAIRS:
+        entry = pair_config(params, pair)  # raises on a missing or unknown key
+        assert {f.name for f in dataclasses.fields(entry)} >= set(PAIR_SECTIONS)
 
 
 def _stand_in(path: Path) -> None:
@@ -289,35 +317,31 @@ def _stand_in(path: Path) -> None:
 @pytest.mark.slow  # runs DVC itself on a copy of the code
 def test_dvc_status_flags_exactly_the_stages_that_import_an_edited_module(tmp_path):
     """Real DVC on a copy of the code, dvc.yaml and params.yaml with stand-in artifacts: once committed every
-    stage is up to date, and one edited line of predictor/policy.py changes exactly the stages importing it."""
+    stage of every pair is up to date, and one edited line of predictor/policy.py changes exactly the stages
+    importing it, for each pair."""
     repo = tmp_path / "repo"
     for package in FOLDERS:
         shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, repo / name)
-    pair_stages = {  # DVC's name for each stage of another pair's pipeline -> (stage, its root stage)
-        f"{_rel(path)}:{name}": (stage, _root_stage(stage))
-        for path in PAIR_PIPELINES
-        for name, stage in yaml.safe_load(path.read_text())["stages"].items()
-    }
-    for stage in [*STAGES.values(), *(stage for stage, _ in pair_stages.values())]:
+    for stage in STAGES.values():
         for key in ("deps", "outs", "metrics", "plots"):
             for entry in stage.get(key, []):
                 _stand_in(repo / (entry if isinstance(entry, str) else next(iter(entry))))
-    dvc = str(Path(sys.executable).with_name("dvc"))
+    dvc = [sys.executable, "-m", "dvc"]
 
     def status() -> dict:
-        done = subprocess.run([dvc, "status", "--json"], cwd=repo, capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [*dvc, "status", "--json"], cwd=repo, capture_output=True, text=True, check=True
+        )
         return json.loads(done.stdout)
 
-    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
-    subprocess.run([dvc, "commit", "-f", "-q"], cwd=repo, check=True, capture_output=True)
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=repo, check=True)
+    subprocess.run([*dvc, "commit", "-f", "-q"], cwd=repo, check=True, capture_output=True)
     assert status() == {}
     edited = "predictor/policy.py"
     with (repo / edited).open("a") as f:
         f.write("# one more line\n")
     expected = {s for s in STAGES if edited in stage_imports(s)}
-    assert "evaluate" in expected
-    expected |= {key for key, (_, root) in pair_stages.items() if root in expected}
-    assert any(key.endswith(":evaluate") for key in expected - set(STAGES)) == bool(PAIR_PIPELINES)
+    assert {"evaluate@default", "evaluate@qwen-coder"} <= expected
     assert set(status()) == expected

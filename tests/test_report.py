@@ -222,6 +222,15 @@ def test_fidelity_under_both_clocks(report):
     }
 
 
+def test_plain_text_prompts_are_said(tmp_path):
+    config = write_evaluation(tmp_path)
+    provenance = {**collect(ROOT, ROOT / "params.yaml"), "chat_template": False}
+    build_report(config, provenance)
+    md = (Path(config.out_dir) / "report.md").read_text()
+    assert "Prompts: **plain text**" in md
+    assert json.loads((Path(config.out_dir) / "provenance.json").read_text())["chat_template"] is False
+
+
 def test_replay_only_evaluation_decides_on_replay(tmp_path):
     config = write_evaluation(tmp_path, live=False)
     build_report(config)

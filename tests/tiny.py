@@ -81,10 +81,16 @@ def perturbed_draft(target: LlamaForCausalLM, noise: float, seed: int = 1) -> Ll
     return draft.eval()
 
 
-def save_pair(root: Path, noise: float = 0.04, vocab_size: int = 128) -> tuple[Path, Path]:
+def save_pair(
+    root: Path, noise: float = 0.04, vocab_size: int = 128, chat_template: bool = True
+) -> tuple[Path, Path]:
+    """A tiny target and a draft that mostly agrees with it, saved with their tokenizer under root/target and
+    root/draft (`chat_template=False`: a tokenizer without one, as a base model's)."""
     target = tiny_target(vocab_size=vocab_size)
     draft = perturbed_draft(target, noise)
     tok = char_tokenizer(vocab_size)
+    if not chat_template:
+        tok.chat_template = None
     paths = root / "target", root / "draft"
     for model, path in zip((target, draft), paths, strict=True):
         model.save_pretrained(path)

@@ -205,7 +205,17 @@ def provenance_rows(provenance: dict, summary: dict) -> list[str]:
         + ", ".join(f"{var}={threads[var] or 'unset'}" for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")),
         f"Versions: {versions}",
         f"Platform: {provenance['platform']}",
-    ]
+    ] + _prompt_form(provenance)
+
+
+def _prompt_form(provenance: dict) -> list[str]:
+    """How the prompts reached the target: through its chat template, or as plain text (prompts.chat false:
+    a base model without one)."""
+    if "chat_template" not in provenance:
+        return []
+    if provenance["chat_template"]:
+        return ["Prompts: rendered with the target's chat template"]
+    return ["Prompts: **plain text** (prompts.chat is false: the target has no chat template)"]
 
 
 def _is_fixed(role: str) -> bool:
