@@ -104,7 +104,9 @@ def fidelity_summary() -> dict:
                 )
             rows.append(row)
     # the calibrate stage's model, read against the same runs: the machine ran 20% faster live
-    tuning = [{**r, "ratio": r["ratio"] * 1.25, "low": r["low"] * 1.25, "high": r["high"] * 1.25} for r in rows]
+    tuning = [
+        {**r, "ratio": r["ratio"] * 1.25, "low": r["low"] * 1.25, "high": r["high"] * 1.25} for r in rows
+    ]
     return {
         "table": rows,
         "max_abs_error": 0.08,

@@ -161,7 +161,9 @@ def test_evaluate_and_report_end_to_end(tmp_path, tiny_pair_dir, monkeypatch):
     drift = fidelity["drift"]["fp32"]
     at = stage["context_tokens"]
     for g in (0, 6):
-        live_step = measured["step_ms"][g] + measured["step_ms_per_token"][g] * (at - measured["context_tokens"])
+        live_step = measured["step_ms"][g] + measured["step_ms_per_token"][g] * (
+            at - measured["context_tokens"]
+        )
         assert drift["step_ratio"][g] == pytest.approx(live_step / stage["step_ms"][g])
     # a policy's measured tokens/s does not depend on the clock replay is read with
     assert [r["measured_tokens_per_s"] for r in tuning["table"]] == pytest.approx(
