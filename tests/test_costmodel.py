@@ -152,14 +152,17 @@ def test_a_descheduled_step_is_left_out_but_a_slower_stretch_counts():
     """One step 20x its time (another job took the core) must not move the level or the context slope; a
     stretch of steps a few percent slower is load a run pays, so it stays in the mean."""
     rng = np.random.default_rng(3)
-    steps, runs = synthetic_steps(rng, noise=0.02, outliers=0)
+    steps, runs = synthetic_steps(rng, noise=0.0, outliers=0)
     clean = fit_cost_model(steps, runs, 4)
     rows = steps.index[(steps["gamma"] == 2) & (steps["step"] > 0)]
     spiked = steps.copy()
     spiked.loc[rows[-1], "step_ms"] *= 20  # one step at the longest context of gamma 2
     fitted = fit_cost_model(spiked, runs, 4)
-    assert fitted["step_ms_per_token"] == pytest.approx(clean["step_ms_per_token"], rel=0.01)
-    assert fitted["step_ms"] == pytest.approx(clean["step_ms"], rel=0.01)
+    assert fitted["step_ms_per_token"] == pytest.approx(clean["step_ms_per_token"], abs=1e-9)
+    assert fitted["step_ms"] == pytest.approx(clean["step_ms"], rel=1e-9)
+    # with timing noise (a median absolute deviation to measure against), 4% slower steps are not stalls
+    steps, runs = synthetic_steps(rng, noise=0.02, outliers=0)
+    clean = fit_cost_model(steps, runs, 4)
     slower = steps.copy()
     slower.loc[rows[:4], "step_ms"] *= 1.04
     level = fit_cost_model(slower, runs, 4)["step_ms"][2]

@@ -65,9 +65,7 @@ class EvaluateConfig:
     live_per_task: int = 2
     max_new_tokens: int = 48
     warmup_tokens: int = 8
-    live_calibration_prompts: int = (
-        6  # dev prompts re-calibrated beside the live runs (live_clock.py); 0: off
-    )
+    live_calibration_prompts: int = 6  # dev prompts calibrated beside the live runs (live_clock.py); 0: off
     live_calibration_tokens: int = 32  # tokens per such calibration run (as calibrate.max_new_tokens)
     threads: int = 1
     cpu_kernels: bool = (
@@ -344,7 +342,6 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             },
         }
         live_fidelity(summary, live_frame, traces, tuned, make, costs, live_models, config)
-    summary["wall_s"] = time.perf_counter() - started
     summary["wall_s"] = time.perf_counter() - started
 
     out_dir.mkdir(parents=True, exist_ok=True)

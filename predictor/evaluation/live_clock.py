@@ -28,16 +28,21 @@ class LiveClock:
         self.gamma_max = gamma_max
         self.config = loop_config(gamma_max, max_new_tokens)
         order = run_order(len(prompts), gamma_max)
-        self.blocks = [list(map(tuple, b)) for b in np.array_split(np.array(order), max(1, blocks)) if len(b)]
+        split = np.array_split(np.arange(len(order)), max(1, blocks))
+        self.blocks = [[order[i] for i in idx] for idx in split if len(idx)]
         self.steps: list[dict] = []
         self.runs: list[dict] = []
         warm_up(pair.target, pair.draft, prompts[0], pair.compression, gamma_max)
 
     def __call__(self, n: int) -> None:
         if n < len(self.blocks):
-            runs = [(int(p), int(g)) for p, g in self.blocks[n]]
             steps, summaries = time_runs(
-                self.pair.target, self.pair.draft, self.prompts, runs, self.pair.compression, self.config
+                self.pair.target,
+                self.pair.draft,
+                self.prompts,
+                self.blocks[n],
+                self.pair.compression,
+                self.config,
             )
             self.steps += steps
             self.runs += summaries

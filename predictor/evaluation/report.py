@@ -86,15 +86,10 @@ def dvc_metrics(summary: dict) -> dict[str, Any]:
         metrics["live_e2e"] = _speedups(summary["live_e2e"]["ratios"])
     fidelity = summary.get("fidelity")
     if fidelity:
-        metrics["fidelity"] = {
-            "max_abs_error": fidelity["max_abs_error"],
-            "ratio_max_abs_error": fidelity["ratio_max_abs_error"],
-        }
+        errors = ("max_abs_error", "ratio_max_abs_error")
+        metrics["fidelity"] = {key: fidelity[key] for key in errors}
         if "tuning_model" in fidelity:
-            metrics["fidelity"]["tuning_model"] = {
-                "max_abs_error": fidelity["tuning_model"]["max_abs_error"],
-                "ratio_max_abs_error": fidelity["tuning_model"]["ratio_max_abs_error"],
-            }
+            metrics["fidelity"]["tuning_model"] = {key: fidelity["tuning_model"][key] for key in errors}
     share = gap_shares(summary).get("mlp", {}).get("all")
     if share:
         metrics["replay"]["oracle_gap_share"] = share.get("estimate", share.get("share"))
