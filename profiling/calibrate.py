@@ -1,9 +1,9 @@
 """Measure the cost model on this device and compression in the decode loop itself.
 
-Every fixed gamma runs through `speculative_generate` on prompts spanning the prompt lengths; the per-step
-wall times it returns (draft, verify and bookkeeping, at each step's own context length) are fitted as a
-level per gamma plus one slope in the context length, and the prefills as lines in the prompt length. Isolated forward
-timings are measured beside it for comparison.
+Every fixed gamma, and one run that alternates drafting with idle steps, runs through `speculative_generate`
+on prompts spanning the prompt lengths; the per-step wall times it returns (draft, verify and bookkeeping, at
+each step's own context length) are fitted by profiling/costfit.py. Isolated forward timings are measured
+beside it for comparison.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from speckv.profiling.controllers import FixedGamma
+from speckv.profiling.controllers import FixedGamma, StepContext
+from speckv.profiling.costfit import ALTERNATE, fit_cost_model
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
 from speckv.profiling.errors import SpeckvError
@@ -36,21 +37,6 @@ def _median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
         synchronize(device)
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
-
-
-def monotone(values: list[float]) -> list[float]:
-    """The closest non-decreasing sequence (pool adjacent violators, least squares).
-
-    Verifying more tokens never costs less; medians that say otherwise are timing noise, and a replay or a
-    stop rule fed with them would prefer a longer draft for no reason.
-    """
-    blocks: list[list[float]] = []  # [mean, weight]
-    for v in values:
-        blocks.append([v, 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m2, w2), (m1, w1) = blocks.pop(), blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
-    return [m for m, w in blocks for _ in range(int(w))]
 
 
 @torch.inference_mode()
@@ -135,29 +121,39 @@ def signal_costs_ms(draft, target, repeats: int, warmup: int) -> tuple[float, fl
     return signal_ms, target_signal_ms
 
 
-def robust_line(x, y) -> tuple[float, float]:
-    """(intercept, slope) of a least-squares line through (x, y), refitted once without the points more than
-    four median absolute deviations off the first fit (a descheduled step is an outlier, not a cost).
-    A single x gives slope 0 at the median."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) == 0:
-        raise SpeckvError("no timings to fit")
-    if np.ptp(x) == 0:
-        return float(np.median(y)), 0.0
-    slope, intercept = np.polyfit(x, y, 1)
-    residual = y - (intercept + slope * x)
-    mad = float(np.median(np.abs(residual - np.median(residual))))
-    keep = np.abs(residual) <= 4 * max(mad, 1e-9)
-    if keep.sum() >= 2 and np.ptp(x[keep]) > 0:
-        slope, intercept = np.polyfit(x[keep], y[keep], 1)
-    return float(intercept), float(slope)
+class Alternating:
+    """Drafts 1, 2, ..., gamma_max tokens in turn (then again from 1) with a step drafting nothing between
+    every two, so that every other step switches between drafting and not: what a policy mixing both pays
+    beyond the fixed-gamma steps (`costfit.switch_costs`)."""
+
+    name = ALTERNATE
+    needs_signals = False
+    needs_target_signals = False
+
+    def __init__(self, gamma_max: int) -> None:
+        self.gamma_max = gamma_max
+
+    def reset(self) -> None:
+        pass
+
+    def start_step(self, ctx: StepContext) -> int:
+        return 0 if ctx.step % 2 else (ctx.step // 2) % self.gamma_max + 1
+
+    def keep_drafting(self, signals) -> bool:
+        return True  # never consulted: needs_signals is False
+
+    def submit(self, drafted: int) -> int:
+        return drafted
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        pass
 
 
-def run_order(n_prompts: int, gamma_max: int) -> list[tuple[int, int]]:
-    """(prompt index, gamma) of every calibration run: each prompt at every fixed gamma 0..gamma_max, the gamma
-    order rotating from prompt to prompt so that load from elsewhere spreads over all of them."""
-    gammas = list(range(gamma_max + 1))
-    return [(n, g) for n in range(n_prompts) for g in gammas[n % len(gammas) :] + gammas[: n % len(gammas)]]
+def run_order(n_prompts: int, gamma_max: int) -> list[tuple[int, int | str]]:
+    """(prompt index, controller) of every calibration run: each prompt at every fixed gamma 0..gamma_max and
+    once `ALTERNATE`, the order rotating from prompt to prompt so that load from elsewhere spreads over all."""
+    kinds: list[int | str] = [*range(gamma_max + 1), ALTERNATE]
+    return [(n, k) for n in range(n_prompts) for k in kinds[n % len(kinds) :] + kinds[: n % len(kinds)]]
 
 
 @torch.inference_mode()
@@ -165,19 +161,21 @@ def time_runs(
     target,
     draft,
     prompts: list[list[int]],
-    runs: list[tuple[int, int]],
+    runs: list[tuple[int, int | str]],
     compression: str,
     config: DecodeConfig,
 ) -> tuple[list[dict], list[dict]]:
-    """Decode each (prompt index, fixed gamma) of `runs` in the real loop: (per step rows, per run rows)."""
+    """Decode each (prompt index, fixed gamma or `ALTERNATE`) of `runs` in the real loop: (per step rows, per
+    run rows)."""
     steps, summaries = [], []
-    for n, gamma in runs:
+    for n, kind in runs:
         prompt = prompts[n]
-        result = speculative_generate(target, draft, prompt, FixedGamma(gamma), config, compression)
+        controller = Alternating(config.gamma_max) if kind == ALTERNATE else FixedGamma(kind)
+        result = speculative_generate(target, draft, prompt, controller, config, compression)
         summaries.append(
             {
                 "prompt": n,
-                "controller": gamma,
+                "controller": controller.name,
                 "prompt_tokens": len(prompt),
                 "prefill_ms": result.prefill_s * 1e3,
                 "first_gamma": result.gammas[0],
@@ -187,10 +185,11 @@ def time_runs(
         steps += [
             {
                 "prompt": n,
-                "controller": gamma,
+                "controller": controller.name,
                 "step": i,
                 "position": result.positions[i],
                 "gamma": result.gammas[i],
+                "prev_gamma": result.gammas[i - 1] if i else 0,
                 "step_ms": result.step_s[i] * 1e3,
                 "draft_ms": result.draft_s[i] * 1e3,
                 "verify_ms": result.verify_s[i] * 1e3,
@@ -216,7 +215,8 @@ def warm_up(target, draft, prompt: list[int], compression: str, gamma_max: int) 
 def loop_timings(
     target, draft, prompts: list[list[int]], compression: str, gamma_max: int, max_new_tokens: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every fixed gamma 0..gamma_max on every prompt, in the real decode loop: (per step, per run) tables."""
+    """Every fixed gamma 0..gamma_max and `ALTERNATE` on every prompt, in the real decode loop: (per step, per
+    run) tables."""
     warm_up(target, draft, prompts[0], compression, gamma_max)
     config = loop_config(gamma_max, max_new_tokens)
     steps, runs = [], []
@@ -225,98 +225,6 @@ def loop_timings(
         steps += more_steps
         runs += more_runs
     return pd.DataFrame(steps), pd.DataFrame(runs)
-
-
-def pooled_slope(steps: pd.DataFrame) -> float:
-    """ms per context token shared by every gamma: the least-squares slope of the steps' time on their
-    context length within each gamma, refitted once without the steps more than four median absolute
-    deviations off the first fit; never negative.
-
-    One slope for all gammas, not one per gamma: a few calibration prompts give each gamma a handful of
-    contexts, and per-gamma slopes swung with the load during each run (leave-one-prompt-out error of the
-    mean step on the calibration's own prompts: int8 8.4% -> 6.2%, nf4 17.9% -> 10.5%, fp32 13.6% -> 14.0%).
-    """
-    kept = steps
-    slope = 0.0
-    for _ in range(2):
-        by_gamma = kept.groupby("gamma")
-        x = kept["position"] - by_gamma["position"].transform("mean")
-        y = kept["step_ms"] - by_gamma["step_ms"].transform("mean")
-        denominator = float((x**2).sum())
-        slope = float((x * y).sum()) / denominator if denominator > 0 else 0.0
-        residual = y - slope * x
-        mad = float(np.median(np.abs(residual - np.median(residual))))
-        kept = kept[(np.abs(residual) <= 4 * max(mad, 1e-9)).to_numpy()]
-    return max(slope, 0.0)
-
-
-def stalled(ms: np.ndarray) -> np.ndarray:
-    """Steps the process spent descheduled: more than eight median absolute deviations above the median.
-
-    On a shared machine a step now and then takes 10-50x its time (another job took the core); one such
-    step moves a gamma's mean by more than the differences between gammas. Slower stretches of load stay in:
-    they are what a run pays."""
-    median = float(np.median(ms))
-    mad = float(np.median(np.abs(ms - median)))
-    return ms > median + 8 * max(mad, 1e-3 * median)
-
-
-def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> dict:
-    """The loop's cost model from its own timed steps: every decode step (step 0 belongs to the time to
-    first token) is a gamma's level plus a context slope shared by all gammas (`pooled_slope`); a level is
-    the mean step as a run pays it (`stalled` steps left out), made non-decreasing in gamma. The draft's
-    per-token cost is a line in the context; the target's and the draft's prefill are lines in the prompt
-    length."""
-    decode = steps[steps["step"] > 0]
-    lo, hi = float(decode["position"].min()), float(decode["position"].max())
-    reference = float(decode["position"].mean())
-    counts = decode["gamma"].value_counts()
-    short = [g for g in range(gamma_max + 1) if counts.get(g, 0) < 3]
-    if short:
-        raise SpeckvError(
-            f"calibration has fewer than 3 decode steps drafting {short} (a run drafts at most max_new_tokens "
-            "- new tokens - 1 per step, and a well-matched pair reaches the end in few steps): raise "
-            "calibrate.max_new_tokens or calibrate.loop_prompts"
-        )
-    slope = pooled_slope(decode)
-    levels, fit = [], {}
-    for gamma in range(gamma_max + 1):
-        rows = decode[decode["gamma"] == gamma]
-        at_reference = (rows["step_ms"] - slope * (rows["position"] - reference)).to_numpy()
-        kept = at_reference[~stalled(at_reference)]
-        levels.append(float(np.mean(kept)))
-        predicted = levels[-1] + slope * (rows["position"] - reference)
-        fit[gamma] = {
-            "steps": len(rows),
-            "stalled": int(len(rows) - len(kept)),
-            "median_abs_error": float(np.median(np.abs(rows["step_ms"] - predicted) / predicted)),
-        }
-    step_ms = monotone(levels)
-
-    drafting = decode[decode["gamma"] > 0]
-    drafting = drafting[~stalled((drafting["draft_ms"] / drafting["gamma"]).to_numpy())]
-    per_token = drafting["draft_ms"] / drafting["gamma"]
-    _, draft_slope = robust_line(drafting["position"], per_token)
-    draft_slope = max(draft_slope, 0.0)
-    draft_ms = float(np.mean(per_token - draft_slope * (drafting["position"] - reference)))
-
-    prefill = robust_line(runs["prompt_tokens"] - 1, runs["prefill_ms"])
-    first = runs[runs["first_gamma"] > 0]
-    # the draft's first forward reads the whole prompt; the rest of step 0's drafts are ordinary tokens
-    own = first["first_draft_ms"] - (first["first_gamma"] - 1) * (
-        draft_ms + draft_slope * (first["prompt_tokens"] - reference)
-    )
-    draft_prefill = robust_line(first["prompt_tokens"], own) if len(first) else (0.0, 0.0)
-    return {
-        "context_tokens": reference,
-        "step_ms": step_ms,
-        "step_ms_per_token": [slope] * (gamma_max + 1),
-        "draft_ms": draft_ms,
-        "draft_ms_per_token": draft_slope,
-        "prefill_ms": [max(prefill[0], 0.0), max(prefill[1], 0.0)],
-        "draft_prefill_ms": [max(draft_prefill[0], 0.0), max(draft_prefill[1], 0.0)],
-        "fit": {"contexts": [lo, hi], "by_gamma": fit},
-    }
 
 
 def calibration_prompts(prompts: list[list[int]], count: int) -> list[list[int]]:

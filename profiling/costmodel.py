@@ -3,7 +3,8 @@
 A step that drafts k tokens at context length L (tokens committed before it) costs
 `step_ms[k] + step_ms_per_token[k] * (L - context_tokens)`: the draft forwards, the target's verify of k + 1
 tokens and the loop's own bookkeeping (cache crops, commit), fitted to the loop's own timed steps
-(profiling/calibrate.py). Prefill is modelled apart, because it belongs to the time to first token: the
+(profiling/calibrate.py, profiling/costfit.py). A step that switches between drafting and not pays
+`switch_ms` more. Prefill is modelled apart, because it belongs to the time to first token: the
 target's prefill of the prompt, and the draft's lazy prefill of it on the first token it drafts.
 """
 
@@ -24,7 +25,8 @@ class StepCosts(list):
     The list itself is the table at `context` (what controllers decide with); `step(g, position)` is the
     cost at any context (what replay charges). Also: the draft cost a trimmed step still pays, what
     signal-driven controllers add (`signal_ms` per drafted token whose signals they read, `target_signal_ms`
-    per step), the target's prefill and the draft's lazy prefill as [intercept ms, ms per prompt token].
+    per step), the target's prefill and the draft's lazy prefill as [intercept ms, ms per prompt token], and
+    `switch` = (an idle step after a drafting one, a drafting step after an idle one): ms beyond the table.
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class StepCosts(list):
         draft_slope: float = 0.0,
         prefill: tuple[float, float] = (0.0, 0.0),
         draft_prefill: tuple[float, float] = (0.0, 0.0),
+        switch: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         super().__init__(float(t) for t in step_ms)
         self.draft_ms = float(draft_ms)
@@ -51,6 +54,7 @@ class StepCosts(list):
         self.draft_slope = float(draft_slope)
         self.prefill = (float(prefill[0]), float(prefill[1]))
         self.draft_prefill = (float(draft_prefill[0]), float(draft_prefill[1]))
+        self.switch = (float(switch[0]), float(switch[1]))
 
     def _extras(self, **changes) -> dict:
         base = {
@@ -59,6 +63,7 @@ class StepCosts(list):
             "draft_slope": self.draft_slope,
             "prefill": self.prefill,
             "draft_prefill": self.draft_prefill,
+            "switch": self.switch,
         }
         return {**base, **changes}
 
@@ -88,6 +93,13 @@ class StepCosts(list):
         read first: a steady run reads one or two (in the table); steps drafting nothing leave more."""
         return max(0, tokens - 2) * self.draft_prefill[1]
 
+    def switched(self, gamma: int, previous: int) -> float:
+        """What a step drafting `gamma` tokens pays beyond the table after a step that drafted `previous`
+        (the draft has read the prompt: a first draft pays `draft_first` instead)."""
+        if gamma == 0:
+            return self.switch[0] if previous > 0 else 0.0
+        return self.switch[1] if previous == 0 else 0.0
+
     def upto(self, gamma_max: int) -> StepCosts:
         return StepCosts(
             self[: gamma_max + 1],
@@ -116,6 +128,8 @@ class CostModel:
     draft_ms_per_token: float = 0.0  # d draft_ms / d context length
     prefill_ms: list[float] = field(default_factory=lambda: [0.0, 0.0])  # target prefill: [ms, ms/token]
     draft_prefill_ms: list[float] = field(default_factory=lambda: [0.0, 0.0])  # draft's first forward
+    # beyond step_ms: [an idle step after a drafting one, a drafting step after an idle one]
+    switch_ms: list[float] = field(default_factory=lambda: [0.0, 0.0])
     signal_ms: float = 0.0  # the draft's signals of one drafted token, for controllers that read them
     target_signal_ms: float = 0.0  # the target's confidence per step, for controllers that read it
     meta: dict = field(default_factory=dict)  # how it was measured (prompts, contexts, fit, versions)
@@ -144,6 +158,7 @@ class CostModel:
             draft_slope=self.draft_ms_per_token,
             prefill=tuple(self.prefill_ms),
             draft_prefill=tuple(self.draft_prefill_ms),
+            switch=tuple(self.switch_ms),
         )
 
     def save(self, path: str | Path) -> None:
@@ -166,6 +181,8 @@ class CostModel:
             or not model.step_ms
             or any(v <= 0 for v in model.step_ms)
             or len(model.step_ms_per_token) != len(model.step_ms)
+            or len(model.switch_ms) != 2
+            or min(model.switch_ms) < 0
         ):
             raise SpeckvError(f"cost model {path} holds non-positive or inconsistent timings")
         return model

@@ -4,7 +4,8 @@ Greedy speculative output does not depend on the gamma policy, so a trace (the t
 at every position, the draft's greedy gamma_max tokens with their signals) fixes what every step of every
 controller would draft and accept. Time is modelled with the loop's measured cost model: a step drafting g
 tokens at context length L costs `StepCosts.step(g, L)`, the draft's first forward also reads every token it
-has not seen (its lazy prefill), and the target's prefill opens the run. As in the decode loop, step 0 ends
+has not seen (its lazy prefill), a step switching between drafting and not pays the measured switch cost,
+and the target's prefill opens the run. As in the decode loop, step 0 ends
 at the first token: prefill + step 0 is the time to first token, every later step the decode phase. The
 oracle minimises the modelled time by dynamic programming over positions (and whether the draft has been
 prefilled yet), so no controller can beat it.
@@ -165,7 +166,8 @@ def replay(
 
     `step_ms` is a profiling.costmodel.StepCosts (a plain list: the same cost at every context): a step
     drafting g tokens at context L costs `step(g, L)`, a trimmed one (drafted k, verified n < k)
-    `trimmed(k, n, L)`, the draft's first forward `draft_first` (or `draft_lag`) more, and
+    `trimmed(k, n, L)`, the draft's first forward `draft_first` (or `draft_lag`) more, a step switching
+    between drafting and not (once the draft has read the prompt) `switched(k, previous k)` more, and
     reading signals what it says (`signal_ms` per drafted token whose signals the loop computes,
     `target_signal_ms` per step). `max_new_tokens` (default: the trace's length) caps drafting as the live
     loop does, at max_new_tokens - new_tokens - 1.
@@ -179,7 +181,7 @@ def replay(
     controller.reset()
     peek = getattr(controller, "peek", None)  # only hindsight policies (FirstTokenOracle) have it
     recent = trace.target_recent
-    i = prev_gamma = prev_accepted = 0
+    i = prev_gamma = prev_accepted = prev_drafted = 0
     draft_cached = 0  # positions the draft has read; the loop fills it lazily, on the first drafted token
     while i < trace.n_new:
         position = int(trace.position[i])
@@ -209,6 +211,8 @@ def replay(
         n = submitted(controller, k)
         accepted = min(int(trace.match_len[i]), n)
         ms = costs.step(k, position) if n == k else costs.trimmed(k, n, position)
+        if draft_cached:
+            ms += costs.switched(k, prev_drafted)
         if k:
             # the draft's first forward reads every committed token it has not seen: the whole prompt on its
             # first draft, one or two in a steady run (in the step cost), more after steps drafting nothing
@@ -224,7 +228,7 @@ def replay(
         result.add_step(n, accepted, produced, ms)
         result.trimmed += k - n
         controller.observe(n, accepted)
-        prev_gamma, prev_accepted = n, accepted
+        prev_gamma, prev_accepted, prev_drafted = n, accepted, k
         i += produced
     return result
 
@@ -268,7 +272,8 @@ def oracle(trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = 
     Every controller's run is a path i -> i + min(match_len_i, g) + 1 through the same positions; the
     shortest path over all g (with a second state for "the draft has not read the prompt yet", whose first
     draft pays the prompt's read at its shortest, the first position; the small lag cost after steps
-    drafting nothing is left out: both only lower the bound) is a lower bound on any controller's
+    drafting nothing and the cost of switching between drafting and not are left out: both only lower the
+    bound) is a lower bound on any controller's
     modelled time on this trace.
     """
     n, gamma_max = trace.n_new, trace.gamma_max

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from speckv.profiling.calibrate import calibrate, calibration_prompts, fit_cost_model, robust_line
+from speckv.profiling.calibrate import calibrate, calibration_prompts
 from speckv.profiling.controllers import parse_controller
+from speckv.profiling.costfit import fit_cost_model, robust_line
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
@@ -65,6 +66,40 @@ def synthetic_steps(rng, gamma_max=4, noise=0.02, outliers=5):
     spikes = rng.choice(len(frame), outliers, replace=False)
     frame.loc[spikes, "step_ms"] *= 8  # a descheduled step is not a cost
     return frame, pd.DataFrame(runs)
+
+
+def alternating_steps(rng, idle_extra: float, draft_extra: float, gamma_max=4, noise=0.02) -> pd.DataFrame:
+    """Steps of alternating runs on the prompts of `synthetic_steps`: the same true cost, plus `idle_extra`
+    on an idle step after a drafting one and `draft_extra` on a drafting step after an idle one."""
+    steps = []
+    for prompt, length in enumerate((40, 160, 300)):
+        position, previous = length, 0
+        for step in range(25):
+            gamma = 0 if step % 2 else (step // 2) % gamma_max + 1
+            true = 20 + 6 * gamma + 0.06 * position
+            true += (idle_extra if previous else 0.0) if gamma == 0 else (draft_extra if step else 0.0)
+            ms = true * (1 + noise * rng.standard_normal())
+            steps.append(
+                dict(prompt=prompt, controller="alternate", step=step, position=position, gamma=gamma)
+                | dict(prev_gamma=previous, step_ms=ms, draft_ms=2.0 * gamma, verify_ms=ms - 2.0 * gamma)
+            )
+            position, previous = position + 1 + gamma // 2, gamma
+    return pd.DataFrame(steps)
+
+
+def test_alternating_runs_give_the_switch_costs_and_leave_the_levels_alone():
+    rng = np.random.default_rng(5)
+    steps, runs = synthetic_steps(rng, outliers=0)
+    plain = fit_cost_model(steps, runs, 4)
+    assert plain["switch_ms"] == [0.0, 0.0]  # no alternating run: nothing measured, nothing charged
+    mixed = pd.concat([steps, alternating_steps(rng, idle_extra=1.5, draft_extra=0.7)], ignore_index=True)
+    fitted = fit_cost_model(mixed, runs, 4)
+    assert fitted["step_ms"] == plain["step_ms"] and fitted["draft_ms"] == plain["draft_ms"]
+    assert fitted["switch_ms"] == pytest.approx([1.5, 0.7], abs=0.25)
+    assert fitted["fit"]["switch"]["steps"] == [36, 36]  # 12 of each in steps 1..24 of 3 runs
+    # a switch measured cheaper than the level is noise: never a negative cost
+    cheaper = pd.concat([steps, alternating_steps(rng, idle_extra=-3.0, draft_extra=0.0)], ignore_index=True)
+    assert fit_cost_model(cheaper, runs, 4)["switch_ms"][0] == 0.0
 
 
 def test_fit_recovers_a_cost_that_grows_with_gamma_and_context():
@@ -132,13 +167,15 @@ def test_calibrate_fits_the_real_loop(tiny_models, tmp_path):
         target, draft, "fp32", prompts, gamma_max=3, max_new_tokens=12, repeats=2, warmup=1
     )
     assert model.gamma_max == 3 and len(model.step_ms_per_token) == 4
-    assert set(steps["controller"]) == {0, 1, 2, 3} and set(steps["prompt"]) == {0, 1}
+    assert set(steps["controller"]) == {"fixed:0", "fixed:1", "fixed:2", "fixed:3", "alternate"}
+    assert set(steps["prompt"]) == {0, 1} and len(model.switch_ms) == 2 and min(model.switch_ms) >= 0
     assert model.step_ms == sorted(model.step_ms) and min(model.step_ms_per_token) >= 0
     assert model.meta["prompt_tokens"] == [len(p) for p in prompts]
     assert len(model.meta["isolated"]["verify_ms"]) == 4
     model.save(tmp_path / "fp32.json")
     again = CostModel.load(tmp_path / "fp32.json")
     assert again.step_costs().step(2, 30) == pytest.approx(model.step_at(2, 30))
+    assert again.step_costs().switch == tuple(model.switch_ms)
 
 
 def test_an_old_cost_model_file_says_to_recalibrate(tmp_path):

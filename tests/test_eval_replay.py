@@ -48,6 +48,7 @@ def random_costs(rng: np.random.Generator, gamma_max: int = 4) -> StepCosts:
         draft_slope=rng.uniform(0, 0.01),
         prefill=(rng.uniform(0, 20), rng.uniform(0, 1)),
         draft_prefill=(rng.uniform(0, 10), rng.uniform(0, 0.3)),
+        switch=(rng.uniform(0, 3), rng.uniform(0, 3)),
     )
 
 
@@ -252,6 +253,43 @@ def test_replay_charges_what_reading_signals_costs():
                 i += accepted + 1
             assert b.model_ms == pytest.approx(a.model_ms + 0.5 * reads)
     assert charged.with_signals(True)[2] == pytest.approx(12 + 2 * 0.5 + 0.25)
+
+
+class Scripted:
+    """Drafts script[step] tokens at each step, whatever happens."""
+
+    name = "scripted"
+    needs_signals = needs_target_signals = False
+
+    def __init__(self, script: list[int]) -> None:
+        self.script = script
+
+    def reset(self) -> None:
+        pass
+
+    def start_step(self, ctx) -> int:
+        return self.script[ctx.step]
+
+    def submit(self, drafted: int) -> int:
+        return drafted
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+def test_replay_charges_switching_between_drafting_and_not():
+    """An idle step right after a drafting one pays switch[0], a drafting step right after an idle one
+    switch[1]; steps before the draft's first draft (which pays draft_first instead) pay neither."""
+    n = 10
+    trace = Trace(
+        "p", "t", "test", "fp32", np.zeros(n, int), 10 + np.arange(n), np.zeros((n, 4, 4)), *[np.ones(n)] * 2
+    )
+    costs = StepCosts([10.0, 20, 30, 40, 50], 1.0, switch=(2.0, 3.0))
+    result = replay(Scripted([0, 1, 0, 0, 2, 0, 1, 1, 0, 0]), trace, costs)
+    assert result.gammas == [0, 1, 0, 0, 2, 0, 1, 1, 0, 0]
+    # 10 | 20 (first draft) | 10+2 | 10 | 30+3 | 10+2 | 20+3 | 20 | 10+2 | 10
+    assert result.model_ms == pytest.approx(162.0)
+    assert replay(Scripted([0, 1, 0, 0, 2, 0, 1, 1, 0, 0]), trace, StepCosts(costs, 1.0)).model_ms == 150.0
 
 
 def test_a_compressed_draft_runs_live_beside_its_target(tiny_pair_dir):

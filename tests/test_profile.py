@@ -217,7 +217,7 @@ def test_cli_bad_inputs(tiny_pair_dir, tmp_path, capsys):
 
 
 def test_cost_model_is_monotone_in_verified_tokens():
-    from speckv.profiling.calibrate import monotone
+    from speckv.profiling.costfit import monotone
 
     assert monotone([60.0, 66.0, 70.0]) == [60.0, 66.0, 70.0]
     assert monotone([60.0, 80.0, 70.0, 90.0]) == [60.0, 75.0, 75.0, 90.0]

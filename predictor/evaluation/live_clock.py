@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from speckv.profiling.calibrate import fit_cost_model, loop_config, run_order, time_runs, warm_up
+from speckv.profiling.calibrate import loop_config, run_order, time_runs, warm_up
+from speckv.profiling.costfit import fit_cost_model
 from speckv.profiling.costmodel import CostModel, StepCosts
 
 
 class LiveClock:
-    """Calibration runs of `prompts` (every fixed gamma 0..gamma_max each) cut into `blocks` blocks; calling
+    """Calibration runs of `prompts` (every fixed gamma 0..gamma_max and the alternating run each) cut into `blocks` blocks; calling
     it with n times block n (past the last block: nothing)."""
 
     def __init__(
