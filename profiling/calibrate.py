@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from speckv.profiling.controllers import FixedGamma, StepContext
-from speckv.profiling.costfit import ALTERNATE, fit_cost_model
+from speckv.profiling.costfit import ALTERNATE, ALTERNATE_READING, fit_cost_model
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
 from speckv.profiling.errors import SpeckvError
@@ -130,8 +130,11 @@ class Alternating:
     needs_signals = False
     needs_target_signals = False
 
-    def __init__(self, gamma_max: int) -> None:
+    def __init__(self, gamma_max: int, reading: bool = False) -> None:
         self.gamma_max = gamma_max
+        if reading:  # the same schedule, paying for every signal a signal-driven controller reads
+            self.name = ALTERNATE_READING
+            self.needs_signals = self.needs_target_signals = True
 
     def reset(self) -> None:
         pass
@@ -151,8 +154,9 @@ class Alternating:
 
 def run_order(n_prompts: int, gamma_max: int) -> list[tuple[int, int | str]]:
     """(prompt index, controller) of every calibration run: each prompt at every fixed gamma 0..gamma_max and
-    once `ALTERNATE`, the order rotating from prompt to prompt so that load from elsewhere spreads over all."""
-    kinds: list[int | str] = [*range(gamma_max + 1), ALTERNATE]
+    once each alternating run (`ALTERNATE`, `ALTERNATE_READING`), the order rotating from prompt to prompt so
+    that load from elsewhere spreads over all."""
+    kinds: list[int | str] = [*range(gamma_max + 1), ALTERNATE, ALTERNATE_READING]
     return [(n, k) for n in range(n_prompts) for k in kinds[n % len(kinds) :] + kinds[: n % len(kinds)]]
 
 
@@ -165,12 +169,15 @@ def time_runs(
     compression: str,
     config: DecodeConfig,
 ) -> tuple[list[dict], list[dict]]:
-    """Decode each (prompt index, fixed gamma or `ALTERNATE`) of `runs` in the real loop: (per step rows, per
-    run rows)."""
+    """Decode each (prompt index, fixed gamma or an alternating run's name) of `runs` in the real loop: (per
+    step rows, per run rows)."""
     steps, summaries = [], []
     for n, kind in runs:
         prompt = prompts[n]
-        controller = Alternating(config.gamma_max) if kind == ALTERNATE else FixedGamma(kind)
+        if kind in (ALTERNATE, ALTERNATE_READING):
+            controller = Alternating(config.gamma_max, reading=kind == ALTERNATE_READING)
+        else:
+            controller = FixedGamma(kind)
         result = speculative_generate(target, draft, prompt, controller, config, compression)
         summaries.append(
             {
@@ -215,8 +222,7 @@ def warm_up(target, draft, prompt: list[int], compression: str, gamma_max: int) 
 def loop_timings(
     target, draft, prompts: list[list[int]], compression: str, gamma_max: int, max_new_tokens: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every fixed gamma 0..gamma_max and `ALTERNATE` on every prompt, in the real decode loop: (per step, per
-    run) tables."""
+    """Every run of `run_order` on every prompt, in the real decode loop: (per step, per run) tables."""
     warm_up(target, draft, prompts[0], compression, gamma_max)
     config = loop_config(gamma_max, max_new_tokens)
     steps, runs = [], []
@@ -257,13 +263,15 @@ def calibrate(
     context = prompts[len(prompts) // 2]
     isolated_verify = verify_ms_interleaved(target, context, list(range(1, gamma_max + 2)), repeats, warmup)
     isolated_draft = draft_ms_per_token(draft, context, repeats, warmup)
-    signal_ms, target_signal_ms = signal_costs_ms(draft, target, repeats, warmup)
+    isolated_signals = signal_costs_ms(draft, target, repeats, warmup)
+    # reading signals as the loop pays for it (`ALTERNATE_READING` runs), else the isolated measurement
+    for key, isolated in zip(("signal_ms", "target_signal_ms"), isolated_signals, strict=True):
+        if fitted[key] is None:
+            fitted[key] = isolated
     fit = fitted.pop("fit")
     model = CostModel(
         compression=compression,
         device=str(target.device),
-        signal_ms=signal_ms,
-        target_signal_ms=target_signal_ms,
         meta={
             "fit": fit,
             "prompt_tokens": [len(p) for p in prompts],
@@ -273,6 +281,8 @@ def calibrate(
                 "context_tokens": len(context),
                 "verify_ms": isolated_verify,
                 "draft_ms": isolated_draft,
+                "signal_ms": isolated_signals[0],
+                "target_signal_ms": isolated_signals[1],
             },
             "repeats": repeats,
             "warmup": warmup,

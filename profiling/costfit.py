@@ -15,6 +15,9 @@ from speckv.profiling.errors import SpeckvError
 # the calibration run that takes turns between drafting and not (calibrate.Alternating): its steps give the
 # switch costs and nothing else
 ALTERNATE = "alternate"
+# the same schedule reading every drafted token's signals (but a budget's last) and the target's confidence at
+# every step, as signal-driven controllers make the loop do: its steps give what reading signals costs
+ALTERNATE_READING = "alternate+signals"
 
 
 def monotone(values: list[float]) -> list[float]:
@@ -89,12 +92,12 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
     first token) is a gamma's level plus a context slope shared by all gammas (`pooled_slope`); a level is
     the mean step as a run pays it (`stalled` steps left out), made non-decreasing in gamma. The draft's
     per-token cost is a line in the context; the target's and the draft's prefill are lines in the prompt
-    length. Steps of `ALTERNATE` runs (if any) give only the switch costs (`switch_costs`)."""
+    length. Steps of `ALTERNATE` runs (if any) give only the switch costs (`switch_costs`), those of
+    `ALTERNATE_READING` runs only what reading signals costs (`signal_costs`; None without them)."""
     every = steps[steps["step"] > 0]
-    alternating = (
-        (every["controller"] == ALTERNATE).to_numpy() if "controller" in every else np.zeros(len(every), bool)
-    )
-    decode, switching = every[~alternating], every[alternating]
+    kind = every["controller"] if "controller" in every else pd.Series("", index=every.index)
+    switching, reading = every[kind == ALTERNATE], every[kind == ALTERNATE_READING]
+    decode = every[(kind != ALTERNATE) & (kind != ALTERNATE_READING)]
     lo, hi = float(decode["position"].min()), float(decode["position"].max())
     reference = float(decode["position"].mean())
     counts = decode["gamma"].value_counts()
@@ -120,6 +123,7 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
         }
     step_ms = monotone(levels)
     switch_ms, switch_fit = switch_costs(switching, step_ms, slope, reference)
+    signal_ms, target_signal_ms, signal_fit = signal_costs(reading, step_ms, slope, reference, switch_ms)
 
     drafting = decode[decode["gamma"] > 0]
     drafting = drafting[~stalled((drafting["draft_ms"] / drafting["gamma"]).to_numpy())]
@@ -144,8 +148,28 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
         "prefill_ms": [max(prefill[0], 0.0), max(prefill[1], 0.0)],
         "draft_prefill_ms": [max(draft_prefill[0], 0.0), max(draft_prefill[1], 0.0)],
         "switch_ms": switch_ms,
-        "fit": {"contexts": [lo, hi], "by_gamma": fit, "switch": switch_fit},
+        "signal_ms": signal_ms,
+        "target_signal_ms": target_signal_ms,
+        "fit": {"contexts": [lo, hi], "by_gamma": fit, "switch": switch_fit, "signals": signal_fit},
     }
+
+
+def _switch_rows(steps: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of the idle steps after a drafting one and of the drafting steps after an idle one."""
+    gamma, before = steps["gamma"].to_numpy(), steps["prev_gamma"].to_numpy()
+    return (gamma == 0) & (before > 0), (gamma > 0) & (before == 0)
+
+
+def _excess(
+    steps: pd.DataFrame, rows: np.ndarray, step_ms: list[float], slope: float, reference: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ms beyond the fitted level, gamma) of the `rows` of `steps` that were not `stalled`."""
+    index = np.flatnonzero(rows)
+    gamma = steps["gamma"].to_numpy()[index]
+    modelled = np.asarray(step_ms)[gamma] + slope * (steps["position"].to_numpy()[index] - reference)
+    measured = steps["step_ms"].to_numpy()[index]
+    kept = ~stalled(measured / modelled) if len(index) else np.ones(0, bool)
+    return (measured - modelled)[kept], gamma[kept]
 
 
 def switch_costs(
@@ -162,15 +186,32 @@ def switch_costs(
     """
     if steps.empty:
         return [0.0, 0.0], {"steps": [0, 0], "stalled": [0, 0]}
-    gamma, before = steps["gamma"].to_numpy(), steps["prev_gamma"].to_numpy()
-    modelled = np.asarray(step_ms)[gamma] + slope * (steps["position"].to_numpy() - reference)
-    ratio = steps["step_ms"].to_numpy() / modelled
     extras, counts, dropped = [], [], []
-    for rows in ((gamma == 0) & (before > 0), (gamma > 0) & (before == 0)):
-        index = np.flatnonzero(rows)
-        kept = index[~stalled(ratio[index])] if len(index) else index
-        counts.append(len(index))
-        dropped.append(len(index) - len(kept))
-        excess = steps["step_ms"].to_numpy()[kept] - modelled[kept]
-        extras.append(max(0.0, float(np.mean(excess))) if len(kept) else 0.0)
+    for rows in _switch_rows(steps):
+        excess, _ = _excess(steps, rows, step_ms, slope, reference)
+        counts.append(int(rows.sum()))
+        dropped.append(int(rows.sum()) - len(excess))
+        extras.append(max(0.0, float(np.mean(excess))) if len(excess) else 0.0)
     return extras, {"steps": counts, "stalled": dropped}
+
+
+def signal_costs(
+    steps: pd.DataFrame, step_ms: list[float], slope: float, reference: float, switch_ms: list[float]
+) -> tuple[float | None, float | None, dict]:
+    """(ms per drafted token whose signals the loop reads, ms per step for the target's confidence) from
+    the decode steps of `ALTERNATE_READING` runs: what their idle steps take beyond the level and the switch
+    cost is the target's confidence; what their drafting steps take beyond that, per token read (every
+    drafted token but the budget's last), the draft's signals. Never negative; None without such steps.
+
+    Measured in the loop because there it costs far more than the same calls repeated in isolation
+    (docs/fidelity.md)."""
+    idle, drafting = _switch_rows(steps) if not steps.empty else (np.zeros(0, bool),) * 2
+    if not idle.any() or not drafting.any():
+        return None, None, {"steps": [int(idle.sum()), int(drafting.sum())]}
+    per_step, _ = _excess(steps, idle, step_ms, slope, reference)
+    target_signal_ms = max(0.0, float(np.mean(per_step - switch_ms[0])))
+    excess, gamma = _excess(steps, drafting, step_ms, slope, reference)
+    reads = (gamma - 1).astype(float)
+    residual = excess - switch_ms[1] - target_signal_ms
+    signal_ms = max(0.0, float(residual @ reads / (reads @ reads))) if reads.any() else None
+    return signal_ms, target_signal_ms, {"steps": [int(idle.sum()), int(drafting.sum())]}

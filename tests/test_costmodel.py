@@ -68,9 +68,20 @@ def synthetic_steps(rng, gamma_max=4, noise=0.02, outliers=5):
     return frame, pd.DataFrame(runs)
 
 
-def alternating_steps(rng, idle_extra: float, draft_extra: float, gamma_max=4, noise=0.02) -> pd.DataFrame:
+def alternating_steps(
+    rng,
+    idle_extra: float,
+    draft_extra: float,
+    gamma_max=4,
+    noise=0.02,
+    reading: tuple[float, float] | None = None,
+) -> pd.DataFrame:
     """Steps of alternating runs on the prompts of `synthetic_steps`: the same true cost, plus `idle_extra`
-    on an idle step after a drafting one and `draft_extra` on a drafting step after an idle one."""
+    on an idle step after a drafting one and `draft_extra` on a drafting step after an idle one; `reading`
+    = (ms per step, ms per token read) makes it the run that reads signals (every drafted token but the
+    last)."""
+    name = "alternate" if reading is None else "alternate+signals"
+    per_step, per_token = reading or (0.0, 0.0)
     steps = []
     for prompt, length in enumerate((40, 160, 300)):
         position, previous = length, 0
@@ -78,9 +89,10 @@ def alternating_steps(rng, idle_extra: float, draft_extra: float, gamma_max=4, n
             gamma = 0 if step % 2 else (step // 2) % gamma_max + 1
             true = 20 + 6 * gamma + 0.06 * position
             true += (idle_extra if previous else 0.0) if gamma == 0 else (draft_extra if step else 0.0)
+            true += per_step + per_token * max(gamma - 1, 0)
             ms = true * (1 + noise * rng.standard_normal())
             steps.append(
-                dict(prompt=prompt, controller="alternate", step=step, position=position, gamma=gamma)
+                dict(prompt=prompt, controller=name, step=step, position=position, gamma=gamma)
                 | dict(prev_gamma=previous, step_ms=ms, draft_ms=2.0 * gamma, verify_ms=ms - 2.0 * gamma)
             )
             position, previous = position + 1 + gamma // 2, gamma
@@ -100,6 +112,18 @@ def test_alternating_runs_give_the_switch_costs_and_leave_the_levels_alone():
     # a switch measured cheaper than the level is noise: never a negative cost
     cheaper = pd.concat([steps, alternating_steps(rng, idle_extra=-3.0, draft_extra=0.0)], ignore_index=True)
     assert fit_cost_model(cheaper, runs, 4)["switch_ms"][0] == 0.0
+
+
+def test_the_reading_run_gives_what_reading_signals_costs_in_the_loop():
+    rng = np.random.default_rng(6)
+    steps, runs = synthetic_steps(rng, outliers=0)
+    assert fit_cost_model(steps, runs, 4)["signal_ms"] is None  # not measured: the caller's fallback
+    plain = alternating_steps(rng, idle_extra=1.0, draft_extra=0.5, noise=0.005)
+    reading = alternating_steps(rng, idle_extra=1.0, draft_extra=0.5, noise=0.005, reading=(0.4, 0.8))
+    fitted = fit_cost_model(pd.concat([steps, plain, reading], ignore_index=True), runs, 4)
+    assert fitted["switch_ms"] == pytest.approx([1.0, 0.5], abs=0.15)
+    assert fitted["target_signal_ms"] == pytest.approx(0.4, abs=0.15)
+    assert fitted["signal_ms"] == pytest.approx(0.8, abs=0.1)
 
 
 def test_fit_recovers_a_cost_that_grows_with_gamma_and_context():
@@ -167,7 +191,17 @@ def test_calibrate_fits_the_real_loop(tiny_models, tmp_path):
         target, draft, "fp32", prompts, gamma_max=3, max_new_tokens=12, repeats=2, warmup=1
     )
     assert model.gamma_max == 3 and len(model.step_ms_per_token) == 4
-    assert set(steps["controller"]) == {"fixed:0", "fixed:1", "fixed:2", "fixed:3", "alternate"}
+    assert set(steps["controller"]) == {
+        "fixed:0",
+        "fixed:1",
+        "fixed:2",
+        "fixed:3",
+        "alternate",
+        "alternate+signals",
+    }
+    assert (
+        model.meta["fit"]["signals"]["steps"][0] > 0 and model.signal_ms >= 0 and model.target_signal_ms >= 0
+    )
     assert set(steps["prompt"]) == {0, 1} and len(model.switch_ms) == 2 and min(model.switch_ms) >= 0
     assert model.step_ms == sorted(model.step_ms) and min(model.step_ms_per_token) >= 0
     assert model.meta["prompt_tokens"] == [len(p) for p in prompts]

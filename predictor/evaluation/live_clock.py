@@ -18,7 +18,7 @@ from speckv.profiling.costmodel import CostModel, StepCosts
 
 
 class LiveClock:
-    """Calibration runs of `prompts` (every fixed gamma 0..gamma_max and the alternating run each) cut into `blocks` blocks; calling
+    """Calibration runs of `prompts` (every run of calibrate.run_order) cut into `blocks` blocks; calling
     it with n times block n (past the last block: nothing)."""
 
     def __init__(
@@ -49,14 +49,15 @@ class LiveClock:
             self.runs += summaries
 
     def model(self, stage: StepCosts) -> CostModel:
-        """The cost model of the timed blocks; the signal costs (isolated microbenchmarks) are the stage's."""
+        """The cost model of the timed blocks (the signal costs: the stage's where the blocks measured none)."""
         fitted = fit_cost_model(pd.DataFrame(self.steps), pd.DataFrame(self.runs), self.gamma_max)
+        fitted["signal_ms"] = stage.signal_ms if fitted["signal_ms"] is None else fitted["signal_ms"]
+        if fitted["target_signal_ms"] is None:
+            fitted["target_signal_ms"] = stage.target_signal_ms
         fit = fitted.pop("fit")
         return CostModel(
             compression=self.pair.compression,
             device=str(self.pair.target.device),
-            signal_ms=stage.signal_ms,
-            target_signal_ms=stage.target_signal_ms,
             meta={
                 "fit": fit,
                 "prompt_tokens": [len(p) for p in self.prompts],
