@@ -76,9 +76,11 @@ class StepCosts(list):
         return self.draft_ms + self.draft_slope * (position - self.context)
 
     def trimmed(self, drafted: int, submitted: int, position: float | None = None) -> float:
-        """A step that drafted `drafted` tokens and verified `submitted` of them."""
+        """A step that drafted `drafted` tokens and verified `submitted` of them. Verifying none, the target
+        runs alone right after the draft, as an idle step after a drafting one does: it pays `switch[0]`."""
         at = self.context if position is None else position
-        return self.step(submitted, at) + (drafted - submitted) * self.draft(at)
+        alone = self.switch[0] if submitted == 0 < drafted else 0.0
+        return self.step(submitted, at) + (drafted - submitted) * self.draft(at) + alone
 
     def target_prefill(self, tokens: int) -> float:
         """The target's prefill of `tokens` prompt tokens (0 for none)."""

@@ -290,6 +290,9 @@ def test_replay_charges_switching_between_drafting_and_not():
     # 10 | 20 (first draft) | 10+2 | 10 | 30+3 | 10+2 | 20+3 | 20 | 10+2 | 10
     assert result.model_ms == pytest.approx(162.0)
     assert replay(Scripted([0, 1, 0, 0, 2, 0, 1, 1, 0, 0]), trace, StepCosts(costs, 1.0)).model_ms == 150.0
+    # a draft trimmed to nothing: the target verifies alone right after the draft, like an idle step after
+    # a drafting one; a partly trimmed draft still verifies drafted tokens
+    assert costs.trimmed(1, 0) == 10.0 + 1.0 + 2.0 and costs.trimmed(3, 1) == 20.0 + 2.0
 
 
 def test_a_compressed_draft_runs_live_beside_its_target(tiny_pair_dir):
