@@ -1,7 +1,7 @@
 """Measure the cost model on this device and compression in the decode loop itself.
 
-Every fixed gamma, and one run that alternates drafting with idle steps, runs through `speculative_generate`
-on prompts spanning the prompt lengths; the per-step wall times it returns (draft, verify and bookkeeping, at
+Every fixed gamma, and two runs that alternate drafting with idle steps (one of them reading every signal),
+run through `speculative_generate` on prompts spanning the prompt lengths; the per-step wall times it returns (draft, verify and bookkeeping, at
 each step's own context length) are fitted by profiling/costfit.py. Isolated forward timings are measured
 beside it for comparison.
 """
@@ -143,7 +143,7 @@ class Alternating:
         return 0 if ctx.step % 2 else (ctx.step // 2) % self.gamma_max + 1
 
     def keep_drafting(self, signals) -> bool:
-        return True  # never consulted: needs_signals is False
+        return True  # the schedule decides; the reading run only pays for the signals
 
     def submit(self, drafted: int) -> int:
         return drafted
@@ -259,15 +259,12 @@ def calibrate(
     it: they leave out what the loop pays between forwards, which is why the model is fitted in the loop.
     """
     steps, runs = loop_timings(target, draft, prompts, compression, gamma_max, max_new_tokens)
-    fitted = fit_cost_model(steps, runs, gamma_max)
     context = prompts[len(prompts) // 2]
     isolated_verify = verify_ms_interleaved(target, context, list(range(1, gamma_max + 2)), repeats, warmup)
     isolated_draft = draft_ms_per_token(draft, context, repeats, warmup)
     isolated_signals = signal_costs_ms(draft, target, repeats, warmup)
     # reading signals as the loop pays for it (`ALTERNATE_READING` runs), else the isolated measurement
-    for key, isolated in zip(("signal_ms", "target_signal_ms"), isolated_signals, strict=True):
-        if fitted[key] is None:
-            fitted[key] = isolated
+    fitted = fit_cost_model(steps, runs, gamma_max, signals=isolated_signals)
     fit = fitted.pop("fit")
     model = CostModel(
         compression=compression,

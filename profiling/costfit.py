@@ -1,9 +1,10 @@
 """Fit the cost model to the decode loop's own timed steps (profiling/calibrate.py measures them).
 
 A decode step drafting g tokens costs a level per g plus one context slope shared by every g; the draft's
-per-token cost is a line in the context; the prefills are lines in the prompt length; and a step that
-switches between drafting and not (an idle step after a drafting one, a drafting step after an idle one)
-pays a measured extra on top of its level, fitted from runs that alternate the two.
+per-token cost is a line in the context; the prefills are lines in the prompt length; a step that switches
+between drafting and not (an idle step after a drafting one, a drafting step after an idle one) pays a
+measured extra on top of its level, fitted from runs that alternate the two; and reading signals costs what
+the same alternating schedule costs beyond that when it reads every signal a signal-driven controller reads.
 """
 
 from __future__ import annotations
@@ -87,13 +88,16 @@ def stalled(ms: np.ndarray) -> np.ndarray:
     return ms > median + 8 * max(mad, 1e-3 * median)
 
 
-def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> dict:
+def fit_cost_model(
+    steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int, signals: tuple[float, float] = (0.0, 0.0)
+) -> dict:
     """The loop's cost model from its own timed steps: every decode step (step 0 belongs to the time to
     first token) is a gamma's level plus a context slope shared by all gammas (`pooled_slope`); a level is
     the mean step as a run pays it (`stalled` steps left out), made non-decreasing in gamma. The draft's
     per-token cost is a line in the context; the target's and the draft's prefill are lines in the prompt
     length. Steps of `ALTERNATE` runs (if any) give only the switch costs (`switch_costs`), those of
-    `ALTERNATE_READING` runs only what reading signals costs (`signal_costs`; None without them)."""
+    `ALTERNATE_READING` runs only what reading signals costs (`signal_costs`); without them the signal costs
+    are `signals` (signal_ms, target_signal_ms), e.g. an isolated measurement."""
     every = steps[steps["step"] > 0]
     kind = every["controller"] if "controller" in every else pd.Series("", index=every.index)
     switching, reading = every[kind == ALTERNATE], every[kind == ALTERNATE_READING]
@@ -124,6 +128,8 @@ def fit_cost_model(steps: pd.DataFrame, runs: pd.DataFrame, gamma_max: int) -> d
     step_ms = monotone(levels)
     switch_ms, switch_fit = switch_costs(switching, step_ms, slope, reference)
     signal_ms, target_signal_ms, signal_fit = signal_costs(reading, step_ms, slope, reference, switch_ms)
+    signal_ms = signals[0] if signal_ms is None else signal_ms
+    target_signal_ms = signals[1] if target_signal_ms is None else target_signal_ms
 
     drafting = decode[decode["gamma"] > 0]
     drafting = drafting[~stalled((drafting["draft_ms"] / drafting["gamma"]).to_numpy())]

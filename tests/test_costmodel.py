@@ -117,7 +117,8 @@ def test_alternating_runs_give_the_switch_costs_and_leave_the_levels_alone():
 def test_the_reading_run_gives_what_reading_signals_costs_in_the_loop():
     rng = np.random.default_rng(6)
     steps, runs = synthetic_steps(rng, outliers=0)
-    assert fit_cost_model(steps, runs, 4)["signal_ms"] is None  # not measured: the caller's fallback
+    unmeasured = fit_cost_model(steps, runs, 4, signals=(0.01, 0.09))  # no reading run: the caller's figures
+    assert (unmeasured["signal_ms"], unmeasured["target_signal_ms"]) == (0.01, 0.09)
     plain = alternating_steps(rng, idle_extra=1.0, draft_extra=0.5, noise=0.005)
     reading = alternating_steps(rng, idle_extra=1.0, draft_extra=0.5, noise=0.005, reading=(0.4, 0.8))
     fitted = fit_cost_model(pd.concat([steps, plain, reading], ignore_index=True), runs, 4)

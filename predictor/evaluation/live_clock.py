@@ -50,10 +50,8 @@ class LiveClock:
 
     def model(self, stage: StepCosts) -> CostModel:
         """The cost model of the timed blocks (the signal costs: the stage's where the blocks measured none)."""
-        fitted = fit_cost_model(pd.DataFrame(self.steps), pd.DataFrame(self.runs), self.gamma_max)
-        fitted["signal_ms"] = stage.signal_ms if fitted["signal_ms"] is None else fitted["signal_ms"]
-        if fitted["target_signal_ms"] is None:
-            fitted["target_signal_ms"] = stage.target_signal_ms
+        signals = (stage.signal_ms, stage.target_signal_ms)
+        fitted = fit_cost_model(pd.DataFrame(self.steps), pd.DataFrame(self.runs), self.gamma_max, signals)
         fit = fitted.pop("fit")
         return CostModel(
             compression=self.pair.compression,
