@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from speckv.profiling.decode import DecodeConfig
+    from speckv.profiling.generation import DecodeConfig
 
 
 def logits_to_probs(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:

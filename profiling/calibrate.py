@@ -18,9 +18,11 @@ import torch
 from speckv.profiling.controllers import FixedGamma, StepContext
 from speckv.profiling.costfit import ALTERNATE, ALTERNATE_READING, fit_cost_model
 from speckv.profiling.costmodel import CostModel
-from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.feature_draft import FeatureCache, is_feature_draft
+from speckv.profiling.kv_cache import forward as _forward
+from speckv.profiling.kv_cache import truncate as _truncate
 from speckv.profiling.models import synchronize, vocab_size
 from tqdm import tqdm
 from transformers import DynamicCache

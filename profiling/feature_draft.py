@@ -222,7 +222,7 @@ class FeatureDraft(nn.Module):
 
 
 def forward_with_features(model, ids: list[int], cache, device: torch.device, all_logits: bool):
-    """The decode loop's target forward (`decode._forward`) that also returns the final (normed) hidden state
+    """The decode loop's target forward (`kv_cache.forward`) that also returns the final (normed) hidden state
     of every fed position, [len(ids), H]: the features a feature draft reads. The head is applied here, as
     the model's own forward applies it (Llama-style targets: logits = head(final hidden))."""
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)

@@ -1,4 +1,5 @@
-"""A KV cache that appends in place: transformers' `DynamicCache` with layers that grow a buffer, not a copy.
+"""The KV-cached forward and rollback the engine shares (`forward`, `truncate`), and a KV cache that appends
+in place: transformers' `DynamicCache` with layers that grow a buffer, not a copy.
 
 `DynamicLayer.update` concatenates: every decoded token copies the whole cache of every layer. At batch 1
 that is cheap; batched (teacher generation, traced target continuations, tails drafted together) it is most
@@ -23,7 +24,23 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["GrowingLayer", "growing_cache", "stack_left_padded"]
+__all__ = ["GrowingLayer", "forward", "growing_cache", "stack_left_padded", "truncate"]
+
+
+def forward(model, ids: list[int], cache: DynamicCache, device: torch.device, all_logits: bool):
+    """Feed `ids` after what `cache` holds; logits of the last position (or of every position)."""
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model(
+        input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1
+    )
+    return out.logits[0] if all_logits else out.logits[0, -1]
+
+
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Drop cached positions beyond `length` (DynamicCache.crop takes a negative count in transformers 5)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
 
 
 class GrowingLayer(DynamicLayer):

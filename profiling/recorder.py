@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
-from speckv.profiling.decode import StepOutcome
+from speckv.profiling.generation import StepOutcome
 from speckv.profiling.schema import STEP_SCHEMA, TOKEN_SCHEMA
 from speckv.profiling.signals import SIGNALS, RunningStats
 

@@ -1,4 +1,5 @@
-"""Draft-side signals of one drafted token, and their running aggregates over the draft so far.
+"""Draft-side signals of one drafted token, their running aggregates over the draft so far, and the target's
+confidence in the tokens it committed.
 
 Everything here is known the moment a token is drafted, before the target sees it: these are the only
 inputs a gamma controller may use (the published SpecKV features used post-hoc step aggregates).
@@ -7,6 +8,7 @@ inputs a gamma controller may use (the published SpecKV features used post-hoc s
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 SIGNALS = ("draft_prob", "top1_prob", "margin", "entropy")
@@ -102,6 +104,29 @@ def recent_mean(top1, window: int):
     idx = np.arange(len(top1))
     lo = np.maximum(idx - window + 1, 0)
     return (csum[idx + 1] - csum[lo]) / (idx + 1 - lo)
+
+
+class TargetConfidence:
+    """The target's (top-1, entropy) where it chose the last committed token, and its mean top-1 over the
+    last RECENT_TOKENS committed tokens: what a controller with `needs_target_signals` reads."""
+
+    def __init__(self) -> None:
+        self.last = (float("nan"), float("nan"))
+        self.recent: deque[float] = deque(maxlen=RECENT_TOKENS)
+
+    def see_prefill(self, logits) -> None:
+        (self.last,) = target_signals(logits[None])
+        self.recent.append(self.last[0])
+
+    def see_verify(self, target_logits, accepted: int) -> None:
+        # rows 0..accepted chose the tokens committed now: the accepted drafts and the next token; only the
+        # last RECENT_TOKENS of them can reach the running window
+        committed = target_signals(target_logits[max(0, accepted + 1 - RECENT_TOKENS) : accepted + 1])
+        self.recent.extend(row[0] for row in committed)
+        self.last = committed[-1]
+
+    def recent_mean(self) -> float:
+        return sum(self.recent) / len(self.recent) if self.recent else float("nan")
 
 
 class RunningStats:

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 from speckv.profiling.controllers import NoDraft
-from speckv.profiling.decode import DecodeConfig, _forward, _truncate, speculative_generate
+from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.feature_draft import forward_with_features, is_feature_draft
 from speckv.profiling.feature_traces import (
     feature_draft_path,
     feature_draft_path_incremental,
     target_features,
 )
-from speckv.profiling.kv_cache import growing_cache, stack_left_padded
+from speckv.profiling.kv_cache import forward, growing_cache, stack_left_padded, truncate
 from speckv.profiling.schema import TRACE_SCHEMA
 from speckv.profiling.signals import SIGNALS, distribution_signals, target_signals
 from speckv.profiling.trace_types import DraftPath, match_length
@@ -238,14 +238,14 @@ def draft_path_incremental(
         drafted: list[int] = []
         rows: list[torch.Tensor] = []
         for _ in range(gamma_max):
-            logits = _forward(draft, pending, cache, device, all_logits=False)
+            logits = forward(draft, pending, cache, device, all_logits=False)
             cached += len(pending)
             rows.append(torch.softmax(logits.float(), dim=-1))
             drafted.append(int(logits.argmax()))
             pending = [drafted[-1]]
         # the next position's context is one committed token longer: drop the drafted tail
         cached = context_end
-        _truncate(cache, cached)
+        truncate(cache, cached)
         tokens.append(drafted)
         match.append(match_length(drafted, continuation[i:]))
         signals.append(distribution_signals(torch.stack(rows), drafted))

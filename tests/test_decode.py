@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from speckv.profiling.controllers import parse_controller
-from speckv.profiling.decode import DecodeConfig, _truncate, speculative_generate, verify_sampling
+from speckv.profiling.decode import DecodeConfig, speculative_generate, verify_sampling
+from speckv.profiling.kv_cache import truncate
 from speckv.profiling.models import load_pair
 from tiny import char_tokenizer, perturbed_draft, tiny_target
 
@@ -111,10 +112,10 @@ def test_truncate_drops_only_the_tail():
     cache = DynamicCache(config=target.config)
     target(input_ids=torch.arange(3, 13)[None], past_key_values=cache, use_cache=True)
     keys_before = cache.layers[0].keys.clone()
-    _truncate(cache, 6)
+    truncate(cache, 6)
     assert cache.get_seq_length() == 6
     assert torch.equal(cache.layers[0].keys, keys_before[..., :6, :])
-    _truncate(cache, 8)  # growing is not truncating: nothing happens
+    truncate(cache, 8)  # growing is not truncating: nothing happens
     assert cache.get_seq_length() == 6
 
 

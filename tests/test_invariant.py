@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from speckv.profiling import invariant
-from speckv.profiling.decode import _truncate
+from speckv.profiling.kv_cache import truncate
 from speckv.profiling.models import load_pair
 from tiny import tiny_target
 from transformers import DynamicCache
@@ -22,7 +22,7 @@ def decode_then_verify(model, prompt: list[int], k: int) -> tuple[torch.Tensor, 
             logits = model(torch.tensor([[seq[-1]]]), past_key_values=cache).logits[0, -1]
             one_by_one.append(logits)
             seq.append(int(logits.argmax()))
-        _truncate(cache, start)
+        truncate(cache, start)
         batched = model(torch.tensor([seq[:-1]]), past_key_values=cache).logits[0]
     return torch.stack(one_by_one), batched
 
