@@ -6,7 +6,7 @@ yields E(k) = 1 + S_1 + ... + S_k tokens (the target always adds one) in T(k) = 
 The next tokens' p is unknown until they are drafted; it is estimated as `discount * p_k` and the rule
 looks ahead to every m <= gamma_max: keep drafting iff some E(m)/T(m) beats E(k)/T(k).
 `discount` is tuned on dev prompts by replaying the deployed controller on dense traces
-(predictor.train.tune_stop_rule), never on test prompts. The step-start decision (draft at all?) is the same
+(predictor.stop_rule.tune_stop_rule), never on test prompts. The step-start decision (draft at all?) is the same
 rule at k = 0 with the step-start model's first-token acceptance and its own tuned discount (or off: always
 draft). `draft_cap` bounds how far the rule can ever go under a cost table: where a dearer verify makes a
 second token never worth it, the loop drafts one and reads no signals at all.

@@ -18,19 +18,18 @@ from speckv.profiling.signals import RunningStats, TokenSignals
 
 
 def fit_paper_regressor(traces: list, seed: int):
-    """The step-rate regressor of predictor.train.paper_reference, fitted on train traces: every position as
-    one full-draft (fixed:gamma_max) step.
+    """The step-rate regressor of predictor.paper_regression, fitted on train traces: every position as one
+    full-draft (fixed:gamma_max) step.
 
     Returns (fitted pipeline, mean step feature row: the input before any step has been observed).
     """
-    from speckv.predictor.dataset import split_drafts, trace_token_frame
-    from speckv.predictor.model import MLPSpec, fit_step_regressor
-    from speckv.predictor.train import paper_step_table
+    from speckv.predictor.dataset import trace_token_frame
+    from speckv.predictor.model import MLPSpec
+    from speckv.predictor.paper_regression import fit_paper_regression
 
-    X, rows = split_drafts(trace_token_frame([t for t in traces if t.split == "train"]), "train")
-    X_steps, rate, _ = paper_step_table(X, rows)
-    # the training stage's defaults: 16 hidden units, L2 1e-3, 500 L-BFGS iterations
-    fitted = fit_step_regressor(X_steps, rate, MLPSpec(16, 1e-3, 500, seed))
+    tokens = trace_token_frame([t for t in traces if t.split == "train"])
+    # the training stage's 16 hidden units and 500 L-BFGS iterations, L2 1e-3
+    fitted, X_steps = fit_paper_regression(tokens, MLPSpec(16, 1e-3, 500, seed))
     return fitted, X_steps[:, : len(RUNNING)].mean(axis=0)
 
 
