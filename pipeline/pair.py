@@ -17,13 +17,13 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from speckv.data.pair_check import PairFiles, check_pair
 from speckv.data.prompts import PromptsConfig
 from speckv.pipeline.config import ARTIFACTS, PAIR_SECTIONS, ConfigError, from_dict, pair_section
-from speckv.pipeline.profile import CalibrateConfig, ProfileConfig
 from speckv.predictor.evaluation.evaluate import EvaluateConfig
 from speckv.predictor.evaluation.report import ReportConfig
 from speckv.predictor.train import TrainConfig
 from speckv.profiling.atomic import write_text
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.models import COMPRESSIONS
+from speckv.profiling.stage_config import CalibrateConfig, ProfileConfig
 
 from speckv.serving_schema import ServeConfig
 

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,9 +25,13 @@ from speckv.profiling.atomic import atomic_path
 from speckv.profiling.controllers import parse_controller
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
+from speckv.profiling.models import model_fingerprint
 from speckv.profiling.recorder import TableRecorder
 from speckv.profiling.schema import PARTITION_KEYS, STEP_SCHEMA, TOKEN_SCHEMA, TRACE_SCHEMA
 from speckv.profiling.traces import batched_traces
+
+if TYPE_CHECKING:
+    from speckv.profiling.stage_config import ProfileConfig
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +229,37 @@ class LocalExecutor:
     def __call__(self, jobs: list[Job], on_done: Callable[[Job, dict[str, int]], None]) -> None:
         for job in jobs:
             on_done(job, run_job(self.pair, job))
+
+
+def run_meta(cfg: ProfileConfig, pair, draft_compression: str | None) -> dict:
+    """What a pair's profiling rows depend on beyond the decode settings: the models' sources and weights,
+    the compressions, device, attention and kernels, the library versions, the prompts and the seed. Part
+    files of a run whose meta differs are stale (`run_profile` fingerprints it)."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "target": model_fingerprint(cfg.target, "target"),
+        "draft": model_fingerprint(cfg.draft, "draft"),
+        "compression": pair.compression,
+        **({"draft_compression": draft_compression} if draft_compression else {}),
+        "device": str(pair.device),
+        # what shapes the rows beyond the models: a change here makes earlier part files stale
+        "attention": pair.target.config._attn_implementation,
+        "cpu_kernels": cfg.cpu_kernels,
+        # the kernels' memory plan changes a summation order or two; "full" (the usual) is left out so
+        # earlier part files stay valid
+        **({"kernel_plan": pair.kernels} if pair.kernels in ("lean", "off") else {}),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "prompts": cfg.prompts,
+        "seed": cfg.seed,
+    }
 
 
 def run_profile(
