@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from speckv.data.prompts import load_prompt_file
 from speckv.profiling.models import eos_ids, load_pair
-from speckv.profiling.traces import batched_traces, dense_trace
+from speckv.profiling.trace_reference import dense_trace
+from speckv.profiling.traces import batched_traces
 
 
 def main() -> int:

@@ -8,15 +8,14 @@ But its one layer makes each cached position's key and value a function of that 
      and, as keys/values, exactly the cache the decode loop holds at any step start;
   3. draft index d of every step is then ONE batched forward of one position per step start, attending to
      the true cache up to the step's start (a per-row mask) plus the step's own drafted positions.
-That is gamma_max forwards per prompt instead of gamma_max per position. `feature_draft_path_incremental` is
-the reference (the decode loop's `FeatureDraft.step`, cache rolled back after each position); a test holds
-the two equal on a tiny pair.
+That is gamma_max forwards per prompt instead of gamma_max per position. The incremental reference is in
+profiling/trace_reference.py.
 """
 
 from __future__ import annotations
 
 import torch
-from speckv.profiling.feature_draft import FeatureCache, FeatureDraft, forward_with_features, shifted_features
+from speckv.profiling.feature_draft import FeatureDraft, forward_with_features
 from speckv.profiling.signals import distribution_signals
 from speckv.profiling.trace_types import DraftPath, match_length
 from transformers import DynamicCache
@@ -88,35 +87,4 @@ def feature_draft_path(
         mask = torch.cat([mask, torch.ones(n_new, 1, dtype=torch.bool, device=device)], dim=1)
         own = draft.finish(x_d, q_d, keys, values, mask[:, None, :])[:, 0]
     match = [match_length(tokens[i], continuation[i:]) for i in range(n_new)]
-    return DraftPath(tokens, match, signals)
-
-
-@torch.inference_mode()
-def feature_draft_path_incremental(
-    draft: FeatureDraft,
-    features: torch.Tensor,
-    prompt_ids: list[int],
-    continuation: list[int],
-    gamma_max: int,
-) -> DraftPath:
-    """The reference: the decode loop's `step` calls at every position, the drafted positions rolled back."""
-    seq = list(prompt_ids) + list(continuation)
-    inputs = shifted_features(features).to(draft.dtype)
-    n_prompt = len(prompt_ids)
-    cache = FeatureCache()
-    tokens, match, signals = [], [], []
-    for i in range(len(continuation)):
-        start = n_prompt + i
-        cached = cache.get_seq_length()
-        pending, pending_features = seq[cached:start], inputs[cached:start]
-        drafted, rows = [], []
-        for _ in range(gamma_max):
-            logits, own = draft.step(pending, pending_features, cache)
-            rows.append(torch.softmax(logits, dim=-1))
-            drafted.append(int(logits.argmax()))
-            pending, pending_features = [drafted[-1]], own[None]
-        cache.crop(start)
-        tokens.append(drafted)
-        match.append(match_length(drafted, continuation[i:]))
-        signals.append(distribution_signals(torch.stack(rows), drafted))
     return DraftPath(tokens, match, signals)

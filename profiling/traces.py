@@ -11,8 +11,7 @@ be accepted while it sits on the target's own continuation:
   2. ONE draft forward over prompt + continuation gives the draft's tokens and signals all along that path;
   3. only the off-path tail after each position's first mismatch still needs drafting, and those tails are
      independent, so they are drafted as one batch over the shared teacher-forced cache.
-`dense_trace` is the incremental reference (gamma_max sequential draft forwards per position); a test holds
-the two equal on a tiny pair, and benchmarks/bench_traces.py reports their speed ratio and any mismatch.
+The incremental reference is in profiling/trace_reference.py.
 """
 
 from __future__ import annotations
@@ -25,15 +24,11 @@ import torch
 from speckv.profiling.controllers import NoDraft
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.feature_draft import forward_with_features, is_feature_draft
-from speckv.profiling.feature_traces import (
-    feature_draft_path,
-    feature_draft_path_incremental,
-    target_features,
-)
-from speckv.profiling.kv_cache import forward, growing_cache, stack_left_padded, truncate
+from speckv.profiling.feature_traces import feature_draft_path, target_features
+from speckv.profiling.kv_cache import growing_cache, stack_left_padded
 from speckv.profiling.schema import TRACE_SCHEMA
 from speckv.profiling.signals import SIGNALS, distribution_signals, target_signals
-from speckv.profiling.trace_types import DraftPath, match_length
+from speckv.profiling.trace_types import DraftPath
 from transformers import DynamicCache
 
 
@@ -221,37 +216,6 @@ def trace_table(run: dict[str, str], continuation: Continuation, path: DraftPath
     return pa.table(cols, schema=TRACE_SCHEMA)
 
 
-@torch.inference_mode()
-def draft_path_incremental(
-    draft, prompt_ids: list[int], continuation: list[int], gamma_max: int
-) -> DraftPath:
-    """The reference: gamma_max sequential draft forwards at every position, the cache rolled back after."""
-    device = draft.device
-    seq = list(prompt_ids) + list(continuation)
-    n_prompt = len(prompt_ids)
-    cache = DynamicCache(config=draft.config)
-    cached = 0
-    tokens, match, signals = [], [], []
-    for i in range(len(continuation)):
-        context_end = n_prompt + i
-        pending = seq[cached:context_end]
-        drafted: list[int] = []
-        rows: list[torch.Tensor] = []
-        for _ in range(gamma_max):
-            logits = forward(draft, pending, cache, device, all_logits=False)
-            cached += len(pending)
-            rows.append(torch.softmax(logits.float(), dim=-1))
-            drafted.append(int(logits.argmax()))
-            pending = [drafted[-1]]
-        # the next position's context is one committed token longer: drop the drafted tail
-        cached = context_end
-        truncate(cache, cached)
-        tokens.append(drafted)
-        match.append(match_length(drafted, continuation[i:]))
-        signals.append(distribution_signals(torch.stack(rows), drafted))
-    return DraftPath(tokens, match, signals)
-
-
 class _Confidences(NoDraft):
     """The target alone, noting the target's confidence the loop hands every step."""
 
@@ -273,25 +237,6 @@ def continuation_incremental(
     noted = _Confidences()
     tokens = speculative_generate(target, None, prompt_ids, noted, config).token_ids
     return Continuation(tokens, [c[0] for c in noted.seen], [c[1] for c in noted.seen])
-
-
-def dense_trace(
-    target,
-    draft,
-    prompt_ids: list[int],
-    gamma_max: int,
-    max_new_tokens: int,
-    eos_token_ids: tuple[int, ...],
-    run: dict[str, str],
-) -> pa.Table:
-    """The incremental reference trace of one prompt (TRACE_SCHEMA rows)."""
-    continuation = continuation_incremental(target, prompt_ids, max_new_tokens, eos_token_ids)
-    if is_feature_draft(draft):
-        features = target_features(target, prompt_ids, continuation.tokens)
-        path = feature_draft_path_incremental(draft, features, prompt_ids, continuation.tokens, gamma_max)
-    else:
-        path = draft_path_incremental(draft, prompt_ids, continuation.tokens, gamma_max)
-    return trace_table(run, continuation, path, len(prompt_ids))
 
 
 def batched_traces(

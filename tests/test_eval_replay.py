@@ -114,7 +114,7 @@ def test_replay_fixed_accepts_min_of_match_and_gamma():
 
 
 def test_replay_equals_live_loop(tiny_models, tmp_path):
-    from speckv.profiling.traces import dense_trace
+    from speckv.profiling.trace_reference import dense_trace
 
     target, draft = tiny_models
     tok = char_tokenizer()

@@ -14,13 +14,10 @@ from speckv.profiling.controllers import parse_controller
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.feature_draft import is_feature_draft, load_feature_draft
-from speckv.profiling.feature_traces import (
-    feature_draft_path,
-    feature_draft_path_incremental,
-    target_features,
-)
+from speckv.profiling.feature_traces import feature_draft_path, target_features
 from speckv.profiling.models import load_pair
-from speckv.profiling.traces import batched_traces, dense_trace, target_continuations
+from speckv.profiling.trace_reference import dense_trace, feature_draft_path_incremental
+from speckv.profiling.traces import batched_traces, target_continuations
 from tiny import char_tokenizer, mostly_bigram_target, tiny_target, trained_feature_draft
 
 CONTROLLERS = ["none", "fixed:1", "fixed:4", "fixed:8", "heuristic", "threshold:0.4", "entropy:1.5"]

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 from speckv.profiling.models import load_pair
+from speckv.profiling.trace_reference import draft_path_incremental
 from speckv.profiling.traces import (
     continuation_incremental,
     draft_path,
-    draft_path_incremental,
     target_continuations,
     target_features,
 )
