@@ -50,4 +50,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_decode.py
-	$(BIN)/python -m speckv.predictor.bench_overhead --export artifacts/predictor/export
+	$(BIN)/python benchmarks/bench_overhead.py --export artifacts/predictor/export

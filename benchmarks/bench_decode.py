@@ -9,25 +9,34 @@ printed ratios come from the same run, so machine noise hits every variant alike
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from speckv.profiling.controllers import parse_controller  # noqa: E402
-from speckv.profiling.decode import DecodeConfig, speculative_generate  # noqa: E402
-from speckv.profiling.recorder import TableRecorder  # noqa: E402
-from tiny import perturbed_draft, tiny_config  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+from speckv.profiling.controllers import parse_controller
+from speckv.profiling.decode import DecodeConfig, speculative_generate
+from speckv.profiling.recorder import TableRecorder
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def build_pair():
+    """A random Llama target (8 layers of width 512, 4,096 tokens) and a draft holding its first layer."""
     torch.manual_seed(0)
-    config = tiny_config(vocab_size=4096, hidden=512, layers=8)
-    config.initializer_range = 0.2
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        initializer_range=0.2,  # peaked logits, so greedy paths are not near-ties everywhere
+    )
     target = LlamaForCausalLM(config).eval()
     # layers 1..7 write little into the residual stream, so a draft holding only layer 0 agrees often:
     # a stand-in for a well-distilled draft at ~1/8 of the target's cost
@@ -35,7 +44,7 @@ def build_pair():
         for layer in target.model.layers[1:]:
             layer.self_attn.o_proj.weight.mul_(0.02)
             layer.mlp.down_proj.weight.mul_(0.02)
-    draft = perturbed_draft(target, 0.0)
+    draft = copy.deepcopy(target)
     draft.model.layers = draft.model.layers[:1]
     draft.config.num_hidden_layers = 1
     return target, draft

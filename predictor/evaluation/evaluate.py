@@ -106,7 +106,7 @@ def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
 
 def decision_overhead_ms(export_dir: str, calls: int) -> float:
     """ms per drafted token of the MLP controller's decisions on the real export (as bench_overhead)."""
-    from speckv.predictor.bench_overhead import decision_ms
+    from speckv.predictor.overhead import decision_ms
     from speckv.predictor.runtime import load_export
 
     return decision_ms(load_export(export_dir), calls)

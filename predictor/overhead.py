@@ -1,16 +1,14 @@
-"""Per-decision overhead of the MLP controller: `python -m predictor.bench_overhead [--export DIR]`.
-
-Times `keep_drafting` (RunningStats update + feature vector + MLP forward + stop rule), the work added
-to each drafted token, and the forward alone. Goal <= 0.02 ms on CPU; the SpecKV paper reports 0.34 ms.
+"""Per-decision overhead of the MLP controller, which the evaluate stage reports: `keep_drafting` (RunningStats
+update + feature vector + MLP forward + stop rule) is the work added to each drafted token. Goal <= 0.02 ms
+on CPU; the SpecKV paper reports 0.34 ms. benchmarks/bench_overhead.py prints it beside the forward alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
-from speckv.predictor.runtime import MLPController, load_export
+from speckv.predictor.runtime import MLPController
 from speckv.profiling.controllers import StepContext
 from speckv.profiling.signals import TokenSignals
 
@@ -55,22 +53,3 @@ def decision_ms(predictor, calls: int) -> float:
         controller.keep_drafting(tokens[i % len(tokens)])
 
     return per_call_ms(decide, calls)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--export", default="artifacts/predictor/export", help="predictor export directory")
-    parser.add_argument("--calls", type=int, default=20000)
-    args = parser.parse_args()
-    predictor = load_export(args.export)
-    x = np.random.default_rng(1).random(len(predictor.features))
-    per_decision = decision_ms(predictor, args.calls)
-    forward_ms = per_call_ms(lambda i: predictor.predict_one(x), args.calls)
-    calibration = predictor.calibration["kind"]
-    print(f"export: {args.export} ({len(predictor.features)} features, calibration {calibration})")
-    print(f"per-decision overhead (keep_drafting): {per_decision:.4f} ms  (goal <= 0.02 ms; paper 0.34 ms)")
-    print(f"MLP forward alone (predict_one):       {forward_ms:.4f} ms")
-
-
-if __name__ == "__main__":
-    main()
