@@ -10,48 +10,14 @@ from speckv.profiling.controllers import parse_controller
 from speckv.profiling.decode import DecodeConfig, speculative_generate, verify_sampling
 from speckv.profiling.kv_cache import truncate
 from speckv.profiling.models import load_pair
-from tiny import char_tokenizer, perturbed_draft, tiny_target
-
-CONTROLLERS = ["none", "fixed:1", "fixed:4", "fixed:8", "heuristic", "threshold:0.4", "entropy:1.5"]
-PROMPTS = ["def add(a, b):", "The quick brown fox", "x = [i * i for i in range(10)]"]
-
-
-def reference(model, ids: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-    out = model.generate(
-        torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0
-    )
-    return out[0, len(ids) :].tolist()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return char_tokenizer()
+from tiny import assert_greedy_lossless, greedy_reference, perturbed_draft, tiny_target
 
 
 @pytest.mark.slow  # ~2 min: every controller on three compressions (bitsandbytes on CPU is slow)
 @pytest.mark.parametrize("compression", ["fp32", "int8", "nf4"])
-def test_greedy_is_lossless_for_every_controller(tiny_pair_dir, tokenizer, compression):
+def test_greedy_is_lossless_for_every_controller(tiny_pair_dir, compression):
     target_dir, draft_dir = tiny_pair_dir
-    pair = load_pair(str(target_dir), str(draft_dir), compression, "cpu")
-    total_accepted = total_rejected = 0
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt)["input_ids"]
-        expected = reference(pair.target, ids, 24)
-        for spec in CONTROLLERS:
-            result = speculative_generate(
-                pair.target,
-                pair.draft,
-                ids,
-                parse_controller(spec, 8),
-                DecodeConfig(max_new_tokens=24),
-                compression,
-            )
-            assert result.token_ids == expected, f"{compression} {spec} {prompt!r}"
-            assert sum(result.gammas) == result.drafted
-            total_accepted += result.accepted
-            total_rejected += result.drafted - result.accepted
-    # the pair must exercise both paths, or the test proves nothing about rollback
-    assert total_accepted > 20 and total_rejected > 20
+    assert_greedy_lossless(load_pair(str(target_dir), str(draft_dir), compression, "cpu"), compression)
 
 
 def test_identical_draft_is_always_accepted():
@@ -63,7 +29,7 @@ def test_identical_draft_is_always_accepted():
             target, target, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=40)
         )
         assert result.acceptance_rate == 1.0
-        assert result.token_ids == reference(target, ids, 40)
+        assert result.token_ids == greedy_reference(target, ids, 40)
 
 
 def test_unrelated_draft_is_rejected_yet_lossless():
@@ -74,7 +40,7 @@ def test_unrelated_draft_is_rejected_yet_lossless():
         target, stranger, ids, parse_controller("fixed:5", 8), DecodeConfig(max_new_tokens=30)
     )
     assert result.acceptance_rate < 0.2
-    assert result.token_ids == reference(target, ids, 30)
+    assert result.token_ids == greedy_reference(target, ids, 30)
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 7, 9])
@@ -86,7 +52,7 @@ def test_max_new_tokens_is_exact(max_new):
         result = speculative_generate(
             target, draft, ids, parse_controller(spec, 8), DecodeConfig(max_new_tokens=max_new)
         )
-        assert result.token_ids == reference(target, ids, max_new)
+        assert result.token_ids == greedy_reference(target, ids, max_new)
         assert result.new_tokens == max_new
 
 
@@ -94,9 +60,9 @@ def test_eos_stops_exactly():
     target = tiny_target()
     draft = perturbed_draft(target, 0.04)
     ids = list(range(3, 15))
-    free = reference(target, ids, 30)
+    free = greedy_reference(target, ids, 30)
     eos = free[11]  # a token the target really produces, so the stop lands mid-draft for some controllers
-    expected = reference(target, ids, 30, eos=eos)
+    expected = greedy_reference(target, ids, 30, eos=eos)
     assert expected[-1] == eos and len(expected) <= 12
     for spec in ["none", "fixed:2", "fixed:8", "heuristic"]:
         config = DecodeConfig(max_new_tokens=30, eos_token_ids=(eos,))

@@ -1,8 +1,10 @@
-"""Tiny random Llama pairs and a character tokenizer, built in-process: no downloads, seconds on a CPU."""
+"""Tiny random Llama pairs, a character tokenizer and a tiny prompt file, built in-process: no downloads,
+seconds on a CPU."""
 
 from __future__ import annotations
 
 import copy
+import json
 import string
 from pathlib import Path
 
@@ -120,3 +122,92 @@ def trained_feature_draft(
     config = DistillConfig(lr=1e-2, batch_tokens=512, warmup_steps=10, train_autocast="float32", seed=seed)
     train_feature_draft(draft, seqs, config, steps, feature_noise=0.0)
     return draft.eval().requires_grad_(False)
+
+
+def save_word_level_target(path: Path) -> Path:
+    """A random 3-layer Llama (64 tokens, tied embeddings) with a word-level tokenizer, saved like the fetched
+    target: what the distill stages start from."""
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_prompt_file(path: Path) -> Path:
+    """A prompt file of two tasks, each with two distill prompts, one dev and one test prompt."""
+    rows = []
+    for i, (task, split) in enumerate(
+        [(t, s) for t in ("code", "math") for s in ("distill", "distill", "dev", "test")]
+    ):
+        ids = [1] + [3 + (i * 7 + j) % 60 for j in range(4 + i)]
+        rows.append(
+            {
+                "prompt_id": f"{task}/{i}",
+                "task": task,
+                "split": split,
+                "text": "",
+                "input_ids": ids,
+                "n_tokens": len(ids),
+                "orig_tokens": len(ids),
+                "truncated": False,
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# Every controller kind on prompts of the character tokenizer: what the lossless tests decode.
+CONTROLLERS = ["none", "fixed:1", "fixed:4", "fixed:8", "heuristic", "threshold:0.4", "entropy:1.5"]
+PROMPTS = ["def add(a, b):", "The quick brown fox", "x = [i * i for i in range(10)]"]
+
+
+def greedy_reference(model, ids: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
+    """The model's own greedy continuation of `ids`, by transformers' generate()."""
+    out = model.generate(
+        torch.tensor([ids]), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def assert_greedy_lossless(pair, compression: str) -> None:
+    """Every controller's greedy output on every prompt equals the target's own, and the pair both accepts
+    and rejects drafted tokens often (or nothing about the caches' rollback was exercised)."""
+    from speckv.profiling.controllers import parse_controller
+    from speckv.profiling.decode import DecodeConfig, speculative_generate
+
+    tokenizer = char_tokenizer()
+    accepted = rejected = 0
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        expected = greedy_reference(pair.target, ids, 24)
+        for spec in CONTROLLERS:
+            result = speculative_generate(
+                pair.target,
+                pair.draft,
+                ids,
+                parse_controller(spec, 8),
+                DecodeConfig(max_new_tokens=24),
+                compression,
+            )
+            assert result.token_ids == expected, f"{compression} {spec} {prompt!r}"
+            accepted += result.accepted
+            rejected += result.drafted - result.accepted
+    assert accepted > 20 and rejected > 20
