@@ -1,25 +1,21 @@
-"""The predictor's training data: labelled drafted tokens of the profiled token table, split by prompt.
+"""The predictor's training data: labelled drafted tokens, laid out as the token table's rows (the dense
+traces' through `trace_token_frame`), split by prompt.
 
 A token is labelled up to and including its step's first rejection; its label is `accepted` (greedy) or the
-acceptance probability min(1, p_target/p_draft) (sampling). Splits come from the table's per-prompt `split`
+acceptance probability min(1, p_target/p_draft) (sampling). Splits come from the rows' per-prompt `split`
 column, never from rows, so no prompt is seen in two splits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.dataset as ds
 from speckv.predictor.features import FEATURES, table_features
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.schema import TOKEN_SCHEMA
 
 SPLITS = ("train", "dev", "test")
-PARTITIONS = pa.schema([("compression", pa.string()), ("task", pa.string())])
 
 
 @dataclass(frozen=True)
@@ -29,40 +25,6 @@ class Split:
     X: np.ndarray  # (rows, len(FEATURES)) float64
     y: np.ndarray  # (rows,) float64: 0/1 (greedy) or acceptance probability (sampling)
     rows: pd.DataFrame  # the token-table rows, same order as X
-
-
-def load_tokens(path: str | Path) -> pd.DataFrame:
-    """Read the hive-partitioned token table, checking it holds exactly TOKEN_SCHEMA's columns and types."""
-    path = Path(path)
-    if not path.is_dir():
-        raise SpeckvError(f"token table not found: {path} (run `speckv profile`)")
-    try:
-        table = ds.dataset(path, format="parquet", partitioning=ds.partitioning(PARTITIONS, flavor="hive"))
-        data = table.to_table()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SpeckvError(f"token table {path} is unreadable or corrupt: {exc}") from exc
-    if data.num_rows == 0:
-        raise SpeckvError(f"token table {path} holds no rows")
-    expected = {f.name: f.type for f in TOKEN_SCHEMA}
-    found = {f.name: f.type for f in data.schema}
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(found) if found[n] != expected[n])
-    if missing or extra or wrong:
-        raise SpeckvError(
-            f"token table {path} does not match TOKEN_SCHEMA: missing {missing}, unexpected {extra}, "
-            f"wrong type {[f'{n}: {found[n]} (want {expected[n]})' for n in wrong]}"
-        )
-    return data.select(TOKEN_SCHEMA.names).to_pandas()
-
-
-def select_runs(tokens: pd.DataFrame, mode: str, controller: str) -> pd.DataFrame:
-    """The rows of one decoding mode profiled under one controller (the full-draft `fixed:gamma_max` runs)."""
-    chosen = tokens[(tokens["mode"] == mode) & (tokens["controller"] == controller)]
-    if chosen.empty:
-        runs = sorted(set(zip(tokens["mode"], tokens["controller"], strict=True)))
-        raise SpeckvError(f"no token rows with mode={mode!r}, controller={controller!r}; table has {runs}")
-    return chosen
 
 
 def token_labels(rows: pd.DataFrame) -> np.ndarray:

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from speckv.profiling.costmodel import CostModel
-from speckv.profiling.schema import TOKEN_SCHEMA
 from speckv.profiling.signals import RunningStats, TokenSignals
 
 GAMMA_MAX = 8
@@ -81,12 +78,6 @@ def token_frame(seed: int = 0, steps: int = 10) -> pd.DataFrame:
             for compression in COMPRESSIONS:
                 rows += draft_rows(rng, f"{split}-{j}", split, compression, steps)
     return pd.DataFrame(rows)
-
-
-def write_tokens(frame: pd.DataFrame, path: Path) -> Path:
-    table = pa.Table.from_pandas(frame, schema=TOKEN_SCHEMA, preserve_index=False)
-    pq.write_to_dataset(table, path, partition_cols=["compression", "task"])
-    return path
 
 
 def write_costs(path: Path) -> Path:

@@ -210,7 +210,6 @@ def test_fetch_pair_fetches_both_qwen_models(tmp_path: Path, monkeypatch: pytest
     out = fetch_pair("qwen-coder", tmp_path)
     assert out == [tmp_path / QWEN_CODER_DRAFT.dirname, tmp_path / QWEN_CODER_TARGET.dirname]
     assert fetched == [(QWEN_CODER_DRAFT.dirname, tmp_path), (QWEN_CODER_TARGET.dirname, tmp_path)]
-    assert [p.name for p in tmp_path.iterdir()] == []  # the stand-in fetched nothing real
 
 
 def test_the_cli_refuses_an_unknown_pair(capsys: pytest.CaptureFixture[str]) -> None:

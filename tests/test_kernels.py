@@ -62,31 +62,6 @@ def test_lean_kernel_keeps_one_copy_and_the_same_products(rows: int) -> None:
         torch.testing.assert_close(kernel(x), F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
 
 
-def test_lean_kernel_sends_every_few_row_call_to_the_packed_weight(monkeypatch) -> None:
-    """Lean keeps only the packed copy, and 1..MAX_ROWS rows all use it: `W @ x^T` on the original weight made
-    Qwen2.5-1.5B's 2-token forward cost 1.9x its 1-token one, more than 5 tokens on the packed weight."""
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("oneDNN is not available in this torch build")
-    calls = []
-    packed_linear = torch._C._nn.mkldnn_linear
-
-    def counting(*args):
-        calls.append(args[0].shape[0])
-        return packed_linear(*args)
-
-    monkeypatch.setattr(torch._C._nn, "mkldnn_linear", counting)
-    layer = torch.nn.Linear(96, 160)
-    lean, full = kernels.FewRowLinear(layer, lean=True), kernels.FewRowLinear(layer)
-    with torch.inference_mode():
-        for rows in (1, 2, 4, 5, kernels.MAX_ROWS, kernels.MAX_ROWS + 1):
-            lean(torch.randn(rows, 96))
-        assert calls == [1, 2, 4, 5, kernels.MAX_ROWS]
-        calls.clear()
-        for rows in (1, 2, 4, 5):
-            full(torch.randn(rows, 96))
-        assert calls == [5]  # full: one row on the transposed copy, 2..SKINNY_ROWS as W @ x^T
-
-
 def test_plan_drops_copies_that_would_not_fit() -> None:
     """The models' bytes plus two copies of their fp32 linear weights must fit in MEMORY_SHARE of memory,
     else one copy, else none; tied weights count once."""

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from predictor_synthetic import token_frame, write_tokens
-from speckv.predictor.dataset import build_splits, load_tokens, select_runs, token_labels
+from predictor_synthetic import token_frame
+from speckv.predictor.dataset import build_splits, token_labels
 from speckv.profiling.errors import SpeckvError
 
 
@@ -10,9 +10,8 @@ def frame():
     return token_frame(seed=2, steps=3)
 
 
-def test_round_trip_and_prompt_splits(frame, tmp_path):
-    tokens = load_tokens(write_tokens(frame, tmp_path / "tokens"))
-    splits = build_splits(select_runs(tokens, "greedy", "fixed:8"))
+def test_prompt_splits(frame):
+    splits = build_splits(frame)
     prompts = {name: set(s.rows["prompt_id"]) for name, s in splits.items()}
     assert prompts["train"] and prompts["dev"] and prompts["test"]
     assert not prompts["train"] & prompts["dev"] and not prompts["train"] & prompts["test"]
@@ -24,29 +23,6 @@ def test_round_trip_and_prompt_splits(frame, tmp_path):
 def test_sampling_labels_are_acceptance_probabilities(frame):
     rows = frame.head(5).assign(mode="sampling", accept_prob=[0.1, 0.2, 0.3, 0.4, 0.5])
     np.testing.assert_allclose(token_labels(rows), [0.1, 0.2, 0.3, 0.4, 0.5], rtol=1e-6)
-
-
-def test_missing_table(tmp_path):
-    with pytest.raises(SpeckvError, match="not found"):
-        load_tokens(tmp_path / "nope")
-
-
-def test_corrupt_parquet(frame, tmp_path):
-    path = write_tokens(frame, tmp_path / "tokens")
-    victim = next(path.rglob("*.parquet"))
-    victim.write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(SpeckvError, match="corrupt"):
-        load_tokens(path)
-
-
-def test_schema_mismatch(frame, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(frame.drop(columns=["entropy_max"]), preserve_index=False)
-    pq.write_to_dataset(table, tmp_path / "tokens", partition_cols=["compression", "task"])
-    with pytest.raises(SpeckvError, match="entropy_max"):
-        load_tokens(tmp_path / "tokens")
 
 
 def test_nan_features(frame):
@@ -66,8 +42,3 @@ def test_prompt_in_two_splits(frame):
     bad.loc[(bad["prompt_id"] == "train-0") & (bad["compression"] == "int8"), "split"] = "test"
     with pytest.raises(SpeckvError, match="more than one split"):
         build_splits(bad)
-
-
-def test_no_matching_runs(frame):
-    with pytest.raises(SpeckvError, match="sampling"):
-        select_runs(frame, "sampling", "fixed:8")
