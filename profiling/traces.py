@@ -232,7 +232,8 @@ class _Confidences(NoDraft):
 def continuation_incremental(
     target, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: tuple[int, ...]
 ) -> Continuation:
-    """The reference continuation: the decode loop with the target alone, plus its confidences."""
+    """The continuation by the decode loop itself with the target alone, plus its confidences: what the
+    batched continuations must equal, and what a group holding a one-token prompt runs instead."""
     config = DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=1, eos_token_ids=eos_token_ids)
     noted = _Confidences()
     tokens = speculative_generate(target, None, prompt_ids, noted, config).token_ids
