@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from common import add_pair_arguments
 from speckv.data.prompts import load_prompt_file
 from speckv.predictor.evaluation.live import run_live
 from speckv.predictor.stats import paired_ratio
@@ -27,13 +28,8 @@ from speckv.profiling.models import eos_ids, load_pair
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="default")
-    parser.add_argument("--draft", default="default")
+    add_pair_arguments(parser, split="test", per_task=5)
     parser.add_argument("--compression", default="fp32")
-    parser.add_argument("--prompts", default="artifacts/prompts/prompts.jsonl")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--per-task", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--controllers", nargs="+", default=["fixed:1"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)

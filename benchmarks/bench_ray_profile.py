@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import add_pair_arguments
 from speckv.data.prompts import load_prompt_file
 from speckv.profiling.decode import DecodeConfig
 from speckv.profiling.models import eos_ids, load_pair
@@ -27,14 +28,9 @@ from speckv.profiling.ray_executor import PairSpec, RayExecutor
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="default")
-    parser.add_argument("--draft", default="default")
+    add_pair_arguments(parser, split="dev", per_task=8)
     parser.add_argument("--compression", default="fp32")
-    parser.add_argument("--prompts", default="artifacts/prompts/prompts.jsonl")
-    parser.add_argument("--split", default="dev")
-    parser.add_argument("--per-task", type=int, default=8)
     parser.add_argument("--trace-batch", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--workers", type=int, default=2, help="Ray workers (1 thread each) = local threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -2,12 +2,12 @@
 one-prompt requests from the test prompts at concurrency 1, 2 and 4; requests/s, p50/p95 latency and generated
 tokens/s per level, every answer checked against the sequential one (concurrency 1) for the same prompt.
 
-Without --model-uri it registers a generator in a temporary MLflow sqlite store: the tiny random pair of
-tests/tiny.py by default, or --target/--draft/--controller (paths or names, as `register_generator` takes
-them).
+Without --model-uri it registers a generator in a temporary MLflow sqlite store: the embedded default pair
+(fetched by `speckv models fetch`) by default, or --target/--draft/--controller (paths or names, as
+`register_generator` takes them).
 
     python benchmarks/bench_serving.py --requests 8 --max-new-tokens 32
-    python benchmarks/bench_serving.py --target models/smollm2-135m-instruct --draft none --controller none
+    python benchmarks/bench_serving.py --target models/smollm2-135m-instruct --draft none
     MLFLOW_TRACKING_URI=sqlite:///mlflow.db python benchmarks/bench_serving.py \\
         --model-uri models:/speckv-generator@champion
 """
@@ -24,12 +24,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from speckv.serving_registry import register_generator
+from speckv.serving_schema import GENERATOR_NAME
+from speckv.serving_server import invoke, served
 
-from speckv.serving_registry import register_generator  # noqa: E402
-from speckv.serving_schema import GENERATOR_NAME  # noqa: E402
-from speckv.serving_server import invoke, served  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_prompts(path: Path, count: int, max_chars: int | None) -> list[str]:
@@ -56,12 +55,7 @@ def test_prompts(path: Path, count: int, max_chars: int | None) -> list[str]:
 
 def register(args, store: Path) -> str:
     """A generator registered in a temporary sqlite store; its models:/ URI."""
-    if args.target is None:
-        from tiny import save_pair
-
-        target, draft = (str(p) for p in save_pair(store / "tiny_pair"))
-    else:
-        target, draft = args.target, None if args.draft == "none" else args.draft
+    target, draft = args.target, None if args.draft == "none" else args.draft
     register_generator(
         controller=args.controller,
         target=target,
@@ -118,8 +112,10 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model-uri", help="a registered generator (default: register one in a temp store)")
-    parser.add_argument("--target", help="target to register (default: the tiny random pair)")
-    parser.add_argument("--draft", default="none", help="draft to register with --target (none: no draft)")
+    parser.add_argument(
+        "--target", default="default", help="target to register (default: the default pair's)"
+    )
+    parser.add_argument("--draft", default="default", help="draft to register (none: no draft)")
     parser.add_argument(
         "--controller", default=None, help="controller spec (default: fixed:3, none without draft)"
     )
@@ -139,9 +135,7 @@ def main() -> int:
     if args.concurrency[0] != 1:
         raise SystemExit("the first --concurrency level must be 1: its answers are the reference")
     if args.controller is None:
-        args.controller = "none" if args.target and args.draft == "none" else "fixed:3"
-    if args.target is None and args.model_uri is None and args.prompt_chars is None:
-        args.prompt_chars = 300  # the tiny pair's context is 512 characters
+        args.controller = "none" if args.draft == "none" else "fixed:3"
 
     prompts = test_prompts(args.prompt_file, args.requests, args.prompt_chars)
     params = {"max_new_tokens": args.max_new_tokens, "temperature": 0.0, "chat": False}
@@ -179,7 +173,7 @@ def main() -> int:
                     )
                 )
 
-    source = "" if args.model_uri else f" (registered here: {args.target or 'tiny pair'}, {args.controller})"
+    source = "" if args.model_uri else f" (registered here: {args.target}, {args.controller})"
     print(f"model {model_uri}{source}")
     print(
         f"CPU {cpu_name()}, {args.threads} torch threads, {args.workers} uvicorn worker(s); "

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from common import add_pair_arguments
 from speckv.data.prompts import load_prompt_file
 from speckv.profiling.models import eos_ids, load_pair
 from speckv.profiling.trace_reference import dense_trace
@@ -25,14 +26,9 @@ from speckv.profiling.traces import batched_traces
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="default")
-    parser.add_argument("--draft", default="default")
+    add_pair_arguments(parser, split="dev", per_task=2)
     parser.add_argument("--compressions", nargs="+", default=["fp32"])
-    parser.add_argument("--prompts", default="artifacts/prompts/prompts.jsonl")
-    parser.add_argument("--split", default="dev")
-    parser.add_argument("--per-task", type=int, default=2)
     parser.add_argument("--gamma-max", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch", type=int, default=48, help="continuations decoded together (batched path)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

@@ -39,9 +39,7 @@ this module holds the config and runs them in order (`distill`).
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -52,7 +50,7 @@ import torch
 from speckv.data.distill_loss import teacher_targets
 from speckv.data.draft_training import build_draft, pick_vocab, train_draft
 from speckv.data.model_card import agreement_by_task, model_card
-from speckv.data.models import publish_dir, write_marker
+from speckv.data.models import building, publish_model
 from speckv.data.prompts import load_prompt_file
 from speckv.data.teacher import (
     generate_teacher_data,
@@ -255,9 +253,7 @@ def distill(
     train_stats = train_draft(draft, train_seqs, vocab_ids, config)
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".distill-") as work:
-        build_dir = Path(work) / "draft"
+    with building(out_dir, ".distill-") as build_dir:
         draft.to(save_dtype(config.save_dtype)).save_pretrained(build_dir)
         tokenizer.save_pretrained(build_dir)
         # Measure the saved artefact, loaded as users load it; 1-token forwards after a real dev context.
@@ -287,10 +283,8 @@ def distill(
             "no_bf16_applied": applied,
             "config": asdict(config),
         }
-        (build_dir / "README.md").write_text(model_card(config, metrics))
-        (build_dir / "agreement.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_marker(build_dir, {"target": str(target_dir), "config": asdict(config)})
-        publish_dir(build_dir, out_dir)
+        marker = {"target": str(target_dir), "config": asdict(config)}
+        publish_model(build_dir, out_dir, metrics, model_card(config, metrics), marker)
     log.info(
         "draft written to %s: agreement test %.3f %s, dev %.3f",
         out_dir,

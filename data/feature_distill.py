@@ -13,9 +13,7 @@ The distill stage builds it after the standalone draft; it is the `default` draf
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +36,7 @@ from speckv.data.feature_draft_training import (
     train_feature_draft,
 )
 from speckv.data.model_card import no_bf16_note
-from speckv.data.models import publish_dir, write_marker
+from speckv.data.models import building, publish_model
 from speckv.profiling.cpu import cpu_info
 from speckv.profiling.errors import SpeckvError
 
@@ -81,9 +79,7 @@ def distill_features(
     stats = train_feature_draft(draft, seqs, config, steps, feature_noise)
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".distill-features-") as work:
-        build_dir = Path(work) / "draft"
+    with building(out_dir, ".distill-features-") as build_dir:
         draft.to(save_dtype(config.save_dtype)).save(build_dir)
         tokenizer.save_pretrained(build_dir)
         saved = load_feature_draft(build_dir, torch.device("cpu"))
@@ -108,10 +104,8 @@ def distill_features(
             "no_bf16_applied": applied,
             "config": asdict(config),
         }
-        (build_dir / "agreement.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (build_dir / "README.md").write_text(_card(metrics))
-        write_marker(build_dir, {"target": str(target_dir), "kind": "feature", "steps": steps})
-        publish_dir(build_dir, out_dir)
+        marker = {"target": str(target_dir), "kind": "feature", "steps": steps}
+        publish_model(build_dir, out_dir, metrics, _card(metrics), marker)
     log.info(
         "feature draft written to %s: first-token agreement test %.3f, dev %.3f; %.2f ms per token (%.3f of the target's)",
         out_dir,

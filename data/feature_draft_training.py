@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import torch
 from speckv.data.distill_loss import distill_loss, teacher_targets
 from speckv.data.draft_training import collate, lr_at, make_batches
+from speckv.data.model_card import agreement_of
 from speckv.profiling.cpu import resolve_auto_dtype
 from speckv.profiling.feature_draft import FeatureDraft, FeatureDraftConfig, shifted_features
 
@@ -112,22 +112,13 @@ def train_feature_draft(
     return {"train_s": time.perf_counter() - start, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
-@torch.no_grad()
 def feature_agreement_by_task(draft: FeatureDraft, seqs: list[dict]) -> dict[str, Any]:
     """First-token agreement: the draft's argmax, given x_t and the target's f_{t-1}, against the target's
     greedy x_{t+1}, over response tokens (what a step's first drafted token faces)."""
-    hits: Counter[str] = Counter()
-    totals: Counter[str] = Counter()
-    for s in seqs:
-        tokens = s["tokens"].long()
-        n_resp = len(tokens) - s["n_prompt"]
-        if n_resp == 0:
-            continue
+
+    def predict(s: dict, tokens: torch.Tensor) -> torch.Tensor:
         features = shifted_features(s["hidden"].float()[None].to(draft.dtype))
         out = draft.hidden(tokens[None, :-1], features)[0, s["n_prompt"] - 1 :]
-        chosen = draft.head_ids[draft.head(out).argmax(-1)]
-        hits[s["task"]] += int((chosen == tokens[s["n_prompt"] :]).sum())
-        totals[s["task"]] += n_resp
-    per_task = {t: hits[t] / totals[t] for t in sorted(totals)}
-    overall = sum(hits.values()) / max(1, sum(totals.values()))
-    return {"overall": overall, "per_task": per_task, "tokens": dict(totals)}
+        return draft.head_ids[draft.head(out).argmax(-1)]
+
+    return agreement_of(seqs, predict)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -14,12 +15,22 @@ import torch
 if TYPE_CHECKING:
     from speckv.data.distill import DistillConfig
 
-__all__ = ["agreement_by_task", "model_card", "no_bf16_note"]
+__all__ = ["agreement_by_task", "agreement_of", "model_card", "no_bf16_note"]
+
+
+def agreement_by_task(draft: Any, seqs: list[dict]) -> dict[str, Any]:
+    """Top-1 agreement of the draft's full-vocab argmax with the target's greedy response tokens."""
+
+    def predict(s: dict, tokens: torch.Tensor) -> torch.Tensor:
+        return draft(input_ids=tokens[None, :-1], use_cache=False).logits[0, s["n_prompt"] - 1 :].argmax(-1)
+
+    return agreement_of(seqs, predict)
 
 
 @torch.no_grad()
-def agreement_by_task(draft: Any, seqs: list[dict]) -> dict[str, Any]:
-    """Top-1 agreement of the draft's full-vocab argmax with the target's greedy response tokens."""
+def agreement_of(seqs: list[dict], predict: Callable[[dict, torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+    """Per task and overall, the share of response tokens that `predict(seq, tokens)` (the next token it
+    chooses at each position from the prompt's last on) gets right against the target's greedy response."""
     hits: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     for s in seqs:
@@ -27,9 +38,7 @@ def agreement_by_task(draft: Any, seqs: list[dict]) -> dict[str, Any]:
         n_resp = len(tokens) - s["n_prompt"]
         if n_resp == 0:
             continue
-        logits = draft(input_ids=tokens[None, :-1], use_cache=False).logits[0, s["n_prompt"] - 1 :]
-        agree = int((logits.argmax(-1) == tokens[s["n_prompt"] :]).sum())
-        hits[s["task"]] += agree
+        hits[s["task"]] += int((predict(s, tokens) == tokens[s["n_prompt"] :]).sum())
         totals[s["task"]] += n_resp
     per_task = {t: hits[t] / totals[t] for t in sorted(totals)}
     overall = sum(hits.values()) / max(1, sum(totals.values()))

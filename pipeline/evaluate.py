@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from speckv.pipeline.config import add_params_arguments, load_section
+from speckv.pipeline.config import load_section, stage_parser
 from speckv.predictor.evaluation.evaluate import EvaluateConfig, run_evaluation
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="replay and live-time every gamma policy; promote the MLP if it pays"
-    )
-    add_params_arguments(parser, "section `evaluate:`")
+    summary = "replay and live-time every gamma policy; promote the MLP if it pays"
+    parser = stage_parser(subparsers, "evaluate", summary, "section `evaluate:`", run)
     parser.add_argument("--no-live", action="store_true", help="replay only: skip the wall-clock runs")
-    parser.set_defaults(func=run)

@@ -56,15 +56,7 @@ def run(args: argparse.Namespace) -> int:
         text = args.prompt
     if not text.strip():
         raise SpeckvError("the prompt is empty")
-    config = DecodeConfig(
-        max_new_tokens=args.max_new_tokens,
-        gamma_max=args.gamma_max,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
-    config.validate()
+    config = DecodeConfig.checked_from(args)
     controller = parse_controller(args.controller, args.gamma_max, args.compression)
     if controller.name != "none" and not args.draft:
         raise SpeckvError(f"controller {args.controller!r} needs --draft")

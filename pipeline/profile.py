@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from speckv.pipeline.config import add_params_arguments, load_section
+from speckv.pipeline.config import load_section, stage_parser
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.models import draft_compression_for, eos_ids, load_pair
@@ -24,19 +24,15 @@ log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "calibrate", help="fit the decode loop's step costs per compression: every fixed gamma on dev prompts"
-    )
-    add_params_arguments(p, "section `calibrate:`")
+    summary = "fit the decode loop's step costs per compression: every fixed gamma on dev prompts"
+    p = stage_parser(sub, "calibrate", summary, "section `calibrate:`", run_calibrate)
     p.add_argument("--compression", help="only this compression (default: all in params)")
-    p.set_defaults(func=run_calibrate)
-    p = sub.add_parser("profile", help="run prompts x controllers with the recorder on; write Parquet tables")
-    add_params_arguments(p, "section `profile:`")
+    summary = "run prompts x controllers with the recorder on; write Parquet tables"
+    p = stage_parser(sub, "profile", summary, "section `profile:`", run_profile_cmd)
     p.add_argument("--compression", help="only this compression (default: all in params)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--executor", choices=EXECUTORS, help="override profile.executor (local | ray)")
     p.add_argument("--ray-address", help="override profile.ray_address: an existing Ray cluster, e.g. auto")
-    p.set_defaults(func=run_profile_cmd)
 
 
 def make_executor(cfg: ProfileConfig, compression: str, device: torch.device):

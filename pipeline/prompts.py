@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from speckv.data.prompts import PromptsConfig, build_prompt_file, check_splits
-from speckv.pipeline.config import add_params_arguments, load_section
+from speckv.pipeline.config import load_section, stage_parser
 from speckv.profiling.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "prompts", help="tokenize the prompt suites with their train/dev/test split"
-    )
-    add_params_arguments(parser, "section `prompts:`")
-    parser.set_defaults(func=run)
+    summary = "tokenize the prompt suites with their train/dev/test split"
+    stage_parser(subparsers, "prompts", summary, "section `prompts:`", run)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from speckv.data.prompts import PromptsConfig
-from speckv.pipeline.config import add_params_arguments, load_section
+from speckv.pipeline.config import load_section, stage_parser
 from speckv.predictor.evaluation.provenance import collect
 from speckv.predictor.evaluation.report import ReportConfig, build_report
 
@@ -25,8 +25,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "report", help="write the evaluation report (HTML, Markdown, metrics.json, provenance.json)"
-    )
-    add_params_arguments(parser, "section `report:`")
-    parser.set_defaults(func=run)
+    summary = "write the evaluation report (HTML, Markdown, metrics.json, provenance.json)"
+    stage_parser(subparsers, "report", summary, "section `report:`", run)

@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from speckv.pipeline.config import add_params_arguments, load_section
+from speckv.pipeline.config import load_section, stage_parser
 from speckv.predictor.train import TrainConfig, run_training
 
 from speckv.serving_schema import ServeConfig
@@ -60,6 +60,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="train, export and register the acceptance predictor")
-    add_params_arguments(parser, "sections `train:` and `serve:`")
-    parser.set_defaults(func=run)
+    summary = "train, export and register the acceptance predictor"
+    stage_parser(subparsers, "train", summary, "sections `train:` and `serve:`", run)

@@ -27,6 +27,17 @@ class MLPSpec:
     max_iter: int  # L-BFGS iterations
     seed: int
 
+    def estimator_args(self) -> dict:
+        """scikit-learn's MLP settings: one relu hidden layer, full-batch L-BFGS (hence deterministic)."""
+        return {
+            "hidden_layer_sizes": (self.hidden_units,),
+            "activation": "relu",
+            "solver": "lbfgs",
+            "alpha": self.alpha,
+            "max_iter": self.max_iter,
+            "random_state": self.seed,
+        }
+
 
 def as_weighted(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hard-label rows with sample weights equivalent to the (possibly soft) labels y."""
@@ -37,17 +48,7 @@ def as_weighted(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 def fit_mlp(X: np.ndarray, y: np.ndarray, spec: MLPSpec) -> Pipeline:
     """Standardised inputs → 16 relu units → logistic output; L-BFGS is full-batch, hence deterministic."""
-    model = make_pipeline(
-        StandardScaler(),
-        MLPClassifier(
-            hidden_layer_sizes=(spec.hidden_units,),
-            activation="relu",
-            solver="lbfgs",
-            alpha=spec.alpha,
-            max_iter=spec.max_iter,
-            random_state=spec.seed,
-        ),
-    )
+    model = make_pipeline(StandardScaler(), MLPClassifier(**spec.estimator_args()))
     Xw, yw, w = as_weighted(X, y)
     return model.fit(Xw, yw, mlpclassifier__sample_weight=w)
 
@@ -114,17 +115,7 @@ def choose_calibration(
 
 def fit_step_regressor(X_steps: np.ndarray, rate: np.ndarray, spec: MLPSpec) -> Pipeline:
     """The published formulation: a step's acceptance rate from post-hoc aggregates of the whole draft."""
-    model = make_pipeline(
-        StandardScaler(),
-        MLPRegressor(
-            hidden_layer_sizes=(spec.hidden_units,),
-            solver="lbfgs",
-            alpha=spec.alpha,
-            max_iter=spec.max_iter,
-            random_state=spec.seed,
-        ),
-    )
-    return model.fit(X_steps, rate)
+    return make_pipeline(StandardScaler(), MLPRegressor(**spec.estimator_args())).fit(X_steps, rate)
 
 
 def step_scores(rate: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

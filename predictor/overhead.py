@@ -30,17 +30,8 @@ def decision_ms(predictor, calls: int) -> float:
     compression = sorted(predictor.stop_rule["step_ms"])[0]
     gamma_max = int(predictor.stop_rule["gamma_max"])
     controller = MLPController(predictor, gamma_max, compression, name="mlp")
-    ctx = StepContext(
-        step=3,
-        position=200,
-        new_tokens=20,
-        prev_gamma=4,
-        prev_accepted=2,
-        compression=compression,
-        target_top1=0.8,
-        target_entropy=0.7,
-        target_recent=0.8,
-    )
+    # step 3 at position 200, 20 tokens generated, 2 of the previous step's 4 drafted tokens accepted
+    ctx = StepContext(3, 200, 20, 4, 2, compression, target_top1=0.8, target_entropy=0.7, target_recent=0.8)
     p = np.random.default_rng(0).uniform(0.2, 1.0, 4096)
     tokens = [
         TokenSignals(float(v), float(v), float(v) / 2, float(2 * (1 - v)), i % gamma_max, 200 + i % gamma_max)

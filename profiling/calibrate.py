@@ -21,8 +21,7 @@ from speckv.profiling.costmodel import CostModel
 from speckv.profiling.decode import DecodeConfig, speculative_generate
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.feature_draft import FeatureCache, is_feature_draft
-from speckv.profiling.kv_cache import forward as _forward
-from speckv.profiling.kv_cache import truncate as _truncate
+from speckv.profiling.kv_cache import forward, truncate
 from speckv.profiling.models import synchronize, vocab_size
 from tqdm import tqdm
 from transformers import DynamicCache
@@ -46,12 +45,12 @@ def forward_ms(model, context: list[int], n_tokens: int, repeats: int, warmup: i
     """Median ms of one forward over `n_tokens` new tokens after a cached `context`, logits of all of them."""
     device = model.device
     cache = DynamicCache(config=model.config)
-    _forward(model, context, cache, device, all_logits=False)
+    forward(model, context, cache, device, all_logits=False)
     new = context[-n_tokens:] if n_tokens <= len(context) else (context * n_tokens)[:n_tokens]
 
     def once() -> None:
-        _forward(model, new, cache, device, all_logits=n_tokens > 1)
-        _truncate(cache, len(context))
+        forward(model, new, cache, device, all_logits=n_tokens > 1)
+        truncate(cache, len(context))
 
     return _median_ms(once, repeats, warmup, device)
 
@@ -68,7 +67,7 @@ def verify_ms_interleaved(
     """
     device = model.device
     cache = DynamicCache(config=model.config)
-    _forward(model, context, cache, device, all_logits=False)
+    forward(model, context, cache, device, all_logits=False)
     samples: dict[int, list[float]] = {n: [] for n in sizes}
     for round_ in range(warmup + repeats):
         shift = round_ % len(sizes)
@@ -76,11 +75,11 @@ def verify_ms_interleaved(
             new = context[-n:] if n <= len(context) else (context * n)[:n]
             synchronize(device)
             t0 = time.perf_counter()
-            _forward(model, new, cache, device, all_logits=n > 1)
+            forward(model, new, cache, device, all_logits=n > 1)
             synchronize(device)
             if round_ >= warmup:
                 samples[n].append((time.perf_counter() - t0) * 1e3)
-            _truncate(cache, len(context))
+            truncate(cache, len(context))
     return [statistics.median(samples[n]) for n in sizes]
 
 

@@ -4,11 +4,14 @@ statistics and timings, and the per-step outcome a recorder receives."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from speckv.profiling.controllers import StepContext
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.signals import TokenSignals
+
+# DecodeConfig's fields that the command line and the stage configs set (EOS tokens come with the pair)
+SETTINGS = ("max_new_tokens", "gamma_max", "temperature", "top_k", "top_p", "seed")
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,14 @@ class DecodeConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def checked_from(cls, settings: Any, **extra: Any) -> DecodeConfig:
+        """The decode settings that `settings` (command-line arguments, a stage config) holds under these
+        fields' names, plus `extra` (e.g. the pair's EOS tokens), validated."""
+        config = cls(**{name: getattr(settings, name) for name in SETTINGS}, **extra)
+        config.validate()
+        return config
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

@@ -88,16 +88,7 @@ class ProfileConfig:
 
     def decode_config(self) -> DecodeConfig:
         """The decode settings of the recorded runs (EOS tokens come with the pair), checked."""
-        decode = DecodeConfig(
-            max_new_tokens=self.max_new_tokens,
-            gamma_max=self.gamma_max,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-        )
-        decode.validate()
-        return decode
+        return DecodeConfig.checked_from(self)
 
 
 def select_compressions(configured: list[str], requested: str | None) -> list[str]:

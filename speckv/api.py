@@ -74,15 +74,8 @@ def generate(
 ) -> Generation:
     """Speculative decoding of one prompt (text, chat-wrapped when `chat`, or token ids) with `controller`;
     lossless: greedy output equals the target's own, sampling keeps its distribution."""
-    config = DecodeConfig(
-        max_new_tokens=max_new_tokens,
-        gamma_max=gamma_max,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        eos_token_ids=eos_ids(pair.tokenizer, pair.target),
-    )
+    eos = eos_ids(pair.tokenizer, pair.target)
+    config = DecodeConfig(max_new_tokens, gamma_max, temperature, top_k, top_p, seed, eos)  # its field order
     config.validate()
     ctrl = _controller(controller, gamma_max, pair.compression)
     if ctrl.name != "none" and pair.draft is None:

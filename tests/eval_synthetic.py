@@ -127,3 +127,17 @@ def write_mlp_export(
     costs = {c: cost_model(c, gamma_max).step_costs() for c in compressions}
     stop_rule = {**initial_stop_rule(costs, gamma_max), "trim": True}
     return write_export(path, weights, build_meta({"kind": "none"}, stop_rule, "greedy", {}))
+
+
+def replay_only_config(root: Path, per_split: int, compressions: tuple[str, ...], **settings):
+    """Synthetic traces, cost models and an MLP export under `root`, and a replay-only, never-promoting
+    evaluate config that reads them and writes to root/eval (`settings`: its other fields)."""
+    from speckv.predictor.evaluation.evaluate import EvaluateConfig
+
+    write_traces(root / "traces", per_split=per_split, compressions=compressions)
+    write_costs(root / "calibrate", compressions=compressions)
+    write_mlp_export(root / "export", compressions=compressions)
+    dirs = {f"{name}_dir": str(root / name) for name in ("traces", "calibrate", "export")}
+    return EvaluateConfig(
+        **dirs, out_dir=str(root / "eval"), live_controllers={}, promote=False, overhead_calls=200, **settings
+    )

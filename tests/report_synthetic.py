@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from eval_synthetic import write_costs, write_mlp_export, write_traces
-from speckv.predictor.evaluation.evaluate import EvaluateConfig, run_evaluation
+from eval_synthetic import replay_only_config
+from speckv.predictor.evaluation.evaluate import run_evaluation
 from speckv.predictor.evaluation.report import ReportConfig
 
 COMPRESSIONS = ("fp32", "int8")
@@ -132,22 +132,8 @@ def gap_share() -> dict:
 
 def write_evaluation(root: Path, live: bool = True) -> ReportConfig:
     """Evaluation outputs under root/eval (and cost models under root/calibrate); the report's config."""
-    write_traces(root / "traces", per_split=4, compressions=COMPRESSIONS)
-    write_costs(root / "calibrate", compressions=COMPRESSIONS)
-    write_mlp_export(root / "export", compressions=COMPRESSIONS)
-    config = EvaluateConfig(
-        traces_dir=str(root / "traces"),
-        calibrate_dir=str(root / "calibrate"),
-        export_dir=str(root / "export"),
-        out_dir=str(root / "eval"),
-        gamma_max=6,
-        threshold_grid=[0.3, 0.6],
-        entropy_grid=[0.5, 1.5],
-        live_controllers={},
-        n_boot=200,
-        promote=False,
-        overhead_calls=200,
-    )
+    settings = {"gamma_max": 6, "threshold_grid": [0.3, 0.6], "entropy_grid": [0.5, 1.5], "n_boot": 200}
+    config = replay_only_config(root, 4, COMPRESSIONS, **settings)
     summary = run_evaluation(config)
     summary["replay"]["gap_share"] = gap_share()
     if live:

@@ -18,25 +18,15 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+def generate(capsys, pair_dir, *argv: str) -> tuple[int, str, str]:
+    """`speckv generate` on the pair in `pair_dir` with the other arguments `argv`."""
+    target, draft = pair_dir
+    return run_cli(capsys, "generate", "--target", str(target), "--draft", str(draft), *argv)
+
+
 def test_generate_json(tiny_pair_dir, capsys):
-    target, draft = tiny_pair_dir
-    code, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--target",
-        str(target),
-        "--draft",
-        str(draft),
-        "--prompt",
-        "def f(x):",
-        "--controller",
-        "fixed:4",
-        "--max-new-tokens",
-        "12",
-        "--json",
-        "--device",
-        "cpu",
-    )
+    argv = ["--prompt", "def f(x):", "--controller", "fixed:4", "--max-new-tokens", "12", "--json"]
+    code, out, _ = generate(capsys, tiny_pair_dir, *argv, "--device", "cpu")
     assert code == 0
     payload = json.loads(out)
     for key in [
@@ -59,23 +49,10 @@ def test_generate_json(tiny_pair_dir, capsys):
 
 
 def test_generate_chat_and_prompt_file(tiny_pair_dir, capsys, tmp_path):
-    target, draft = tiny_pair_dir
     prompt = tmp_path / "p.txt"
     prompt.write_text("hello there")
-    code, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--target",
-        str(target),
-        "--draft",
-        str(draft),
-        "--prompt-file",
-        str(prompt),
-        "--chat",
-        "--max-new-tokens",
-        "5",
-        "--json",
-    )
+    argv = ["--prompt-file", str(prompt), "--chat", "--max-new-tokens", "5", "--json"]
+    code, out, _ = generate(capsys, tiny_pair_dir, *argv)
     assert code == 0 and json.loads(out)["new_tokens"] == 5
 
 
@@ -93,9 +70,7 @@ def test_generate_chat_and_prompt_file(tiny_pair_dir, capsys, tmp_path):
     ],
 )
 def test_bad_arguments_fail_clearly(tiny_pair_dir, capsys, extra, message):
-    target, draft = tiny_pair_dir
-    args = ["generate", "--target", str(target), "--draft", str(draft), "--prompt", "x", *extra]
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = generate(capsys, tiny_pair_dir, "--prompt", "x", *extra)
     assert code == 2
     assert message in err and err.count("error") == 1
 
@@ -124,9 +99,7 @@ def test_missing_inputs_fail_clearly(tiny_pair_dir, capsys, tmp_path):
 def test_mismatched_vocabularies_are_refused(tiny_pair_dir, capsys, tmp_path):
     target, _ = tiny_pair_dir
     _, other_draft = save_pair(tmp_path, vocab_size=64)
-    code, _, err = run_cli(
-        capsys, "generate", "--target", str(target), "--draft", str(other_draft), "--prompt", "x"
-    )
+    code, _, err = generate(capsys, (target, other_draft), "--prompt", "x")
     assert code == 2
     assert "128" in err and "64" in err and "vocabulary" in err
 
@@ -136,9 +109,7 @@ def test_default_draft_missing_fails_fast_and_writes_nothing(tmp_path, monkeypat
     models.mkdir()
     monkeypatch.setenv("SPECKV_MODELS_DIR", str(models))
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(
-        capsys, "generate", "--target", "default", "--draft", "default", "--prompt", "hi"
-    )
+    code, out, err = generate(capsys, ("default", "default"), "--prompt", "hi")
     assert code == 2 and out == ""
     assert "speckv models distill" in err and "dvc repro distill" in err
     # the draft is checked before the target would be fetched: nothing downloaded, nothing trained

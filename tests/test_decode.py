@@ -10,7 +10,7 @@ from speckv.profiling.controllers import parse_controller
 from speckv.profiling.decode import DecodeConfig, speculative_generate, verify_sampling
 from speckv.profiling.kv_cache import truncate
 from speckv.profiling.models import load_pair
-from tiny import assert_greedy_lossless, greedy_reference, perturbed_draft, tiny_target
+from tiny import assert_greedy_lossless, assert_two_token_law, greedy_reference, perturbed_draft, tiny_target
 
 
 @pytest.mark.slow  # ~2 min: every controller on three compressions (bitsandbytes on CPU is slow)
@@ -109,28 +109,7 @@ def test_sampled_sequences_follow_the_target():
     vocab = 32
     target = tiny_target(vocab_size=vocab)
     draft = perturbed_draft(target, 0.3)
-    ids = [5, 9, 13]
-    config_t = 1.0
-    with torch.no_grad():
-        first = torch.softmax(target(torch.tensor([ids])).logits[0, -1] / config_t, -1)
-        cont = torch.tensor([ids + [t] for t in range(vocab)])
-        second_given = torch.softmax(target(cont).logits[:, -1] / config_t, -1)
-    pair_law = (first[:, None] * second_given).double().numpy()
-    pair_law /= pair_law.sum()
-    runs = 1500
-    counts = np.zeros((vocab, vocab))
-    controller = parse_controller("fixed:3", 8)
-    for seed in range(runs):
-        result = speculative_generate(
-            target, draft, ids, controller, DecodeConfig(max_new_tokens=2, temperature=config_t, seed=seed)
-        )
-        counts[result.token_ids[0], result.token_ids[1]] += 1
-    expected = pair_law * runs
-    # pool cells with small expected counts so the chi-square approximation holds
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    assert chisquare(obs, exp).pvalue > 0.001
+    assert_two_token_law(target, draft, vocab)
 
 
 def test_top_k_top_p_restrict_support():

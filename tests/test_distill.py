@@ -17,23 +17,28 @@ from speckv.profiling.errors import SpeckvError
 from tiny import save_word_level_target, write_prompt_file
 from transformers import AutoModelForCausalLM
 
+# distillation in seconds on the word-level target: 3 sequences per task, 5 tokens each, one thread
+SMALL = {
+    "sequences_per_task": 3,
+    "dev_per_task": 1,
+    "test_per_task": 1,
+    "max_new_tokens": 5,
+    "gen_batch_size": 2,
+    "restricted_vocab": 16,
+    "batch_tokens": 32,
+    "warmup_steps": 1,
+    "threads": 1,
+}
+
+
+def small_config(**settings) -> DistillConfig:
+    return DistillConfig(**{**SMALL, **settings})
+
 
 def test_distill_tiny_target_writes_a_loadable_draft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target_dir = save_word_level_target(tmp_path / "target")
     prompts = write_prompt_file(tmp_path / "prompts.jsonl")
-    config = DistillConfig(
-        sequences_per_task=3,
-        prompt_head_weight=0.5,
-        dev_per_task=1,
-        test_per_task=1,
-        max_new_tokens=5,
-        gen_batch_size=2,
-        restricted_vocab=16,
-        steps=3,
-        batch_tokens=32,
-        warmup_steps=1,
-        threads=1,
-    )
+    config = small_config(prompt_head_weight=0.5, steps=3)
     out_dir = tmp_path / "models" / DRAFT_DIRNAME
     teacher = tmp_path / "teacher.pt"
     metrics = distill(target_dir, prompts, out_dir, teacher, config)
@@ -93,20 +98,8 @@ def test_distill_features_tiny_target_writes_a_loadable_feature_draft(tmp_path: 
 
     target_dir = save_word_level_target(tmp_path / "target")
     prompts = write_prompt_file(tmp_path / "prompts.jsonl")
-    config = DistillConfig(
-        sequences_per_task=3,
-        dev_per_task=1,
-        test_per_task=1,
-        max_new_tokens=5,
-        gen_batch_size=2,
-        restricted_vocab=16,
-        batch_tokens=32,
-        warmup_steps=1,
-        threads=1,
-        save_dtype="float32",
-    )
+    config = small_config(save_dtype="float32", feature_steps=3)
     out_dir = tmp_path / "models" / "draft-features"
-    config = replace(config, feature_steps=3)
     metrics = distill_features(target_dir, prompts, out_dir, tmp_path / "teacher.pt", config)
     assert is_complete(out_dir) and metrics["kind"] == "feature" and metrics["steps"] == 3
     assert set(metrics["agreement_test"]["per_task"]) == {"code", "math"}
@@ -139,19 +132,7 @@ def test_distill_features_cli_applies_its_flags_and_refuses_bad_ones(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "artifacts" / "prompts").mkdir(parents=True)
     write_prompt_file(tmp_path / "artifacts" / "prompts" / "prompts.jsonl")
-    distill = {
-        "sequences_per_task": 3,
-        "dev_per_task": 1,
-        "test_per_task": 1,
-        "max_new_tokens": 5,
-        "gen_batch_size": 2,
-        "restricted_vocab": 16,
-        "batch_tokens": 32,
-        "warmup_steps": 1,
-        "threads": 1,
-        "save_dtype": "float32",
-        "feature_steps": 50,
-    }
+    distill = {**SMALL, "save_dtype": "float32", "feature_steps": 50}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"distill": distill}))
     out = tmp_path / "feature-out"
     assert main(["models", "distill-features", "--steps", "2", "--init-layer", "1", "--out", str(out)]) == 0

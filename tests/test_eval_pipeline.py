@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
-from eval_synthetic import write_costs, write_mlp_export, write_traces
+from eval_synthetic import replay_only_config, write_costs, write_mlp_export, write_traces
 from speckv.pipeline.cli import main
 from speckv.pipeline.config import ConfigError, from_dict
 from speckv.predictor.evaluation.evaluate import EvaluateConfig, alias_version, promotion
@@ -250,22 +250,8 @@ def test_bad_inputs_fail_clearly(tmp_path, monkeypatch):
 def test_replay_only_with_a_smaller_gamma_max(tmp_path):
     from speckv.predictor.evaluation.evaluate import run_evaluation
 
-    write_traces(tmp_path / "traces", per_split=2, compressions=("fp32",))
-    write_costs(tmp_path / "calibrate", compressions=("fp32",))
-    write_mlp_export(tmp_path / "export", compressions=("fp32",))
-    config = EvaluateConfig(
-        traces_dir=str(tmp_path / "traces"),
-        calibrate_dir=str(tmp_path / "calibrate"),
-        export_dir=str(tmp_path / "export"),
-        out_dir=str(tmp_path / "eval"),
-        gamma_max=4,
-        threshold_grid=[0.5],
-        entropy_grid=[1.0],
-        live_controllers={},
-        n_boot=100,
-        promote=False,
-        overhead_calls=200,
-    )
+    settings = {"gamma_max": 4, "threshold_grid": [0.5], "entropy_grid": [1.0], "n_boot": 100}
+    config = replay_only_config(tmp_path, 2, ("fp32",), **settings)
     summary = run_evaluation(config)
     replay = pd.read_parquet(tmp_path / "eval" / "replay.parquet")
     assert max(max(g) for g in replay["gammas"]) == 4

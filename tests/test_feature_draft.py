@@ -21,6 +21,7 @@ from speckv.profiling.traces import batched_traces, target_continuations
 from tiny import (
     PROMPTS,
     assert_greedy_lossless,
+    assert_two_token_law,
     char_tokenizer,
     mostly_bigram_target,
     tiny_target,
@@ -178,32 +179,10 @@ def test_incremental_reference_trace_matches(feature_pair_dir):
 @pytest.mark.slow  # ~1 min: 1,500 sampled generations for the chi-square test
 def test_sampled_sequences_follow_the_target():
     """The law of the first two generated tokens equals the target's, with a restricted-head feature draft."""
-    from scipy.stats import chisquare
-
     vocab = 32
     target = mostly_bigram_target(vocab_size=vocab)
     draft = trained_feature_draft(target, steps=60, head_size=24)
-    ids = [5, 9, 13]
-    with torch.no_grad():
-        first = torch.softmax(target(torch.tensor([ids])).logits[0, -1], -1)
-        second_given = torch.softmax(
-            target(torch.tensor([ids + [t] for t in range(vocab)])).logits[:, -1], -1
-        )
-    law = (first[:, None] * second_given).double().numpy()
-    law /= law.sum()
-    runs = 1500
-    counts = np.zeros((vocab, vocab))
-    controller = parse_controller("fixed:3", 8)
-    for seed in range(runs):
-        result = speculative_generate(
-            target, draft, ids, controller, DecodeConfig(max_new_tokens=2, temperature=1.0, seed=seed)
-        )
-        counts[result.token_ids[0], result.token_ids[1]] += 1
-    expected = law * runs
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    assert chisquare(obs, exp).pvalue > 0.001
+    assert_two_token_law(target, draft, vocab)
 
 
 def test_feature_draft_refuses_another_target(feature_pair_dir, tmp_path):

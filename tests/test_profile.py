@@ -245,7 +245,7 @@ def test_verify_sizes_take_turns_so_a_burst_of_load_inflates_none_of_them(pair, 
             Clock.calls += 1
             Clock.now += len(new) * (4.0 if Clock.calls <= burst else 1.0) / 1e3
 
-    monkeypatch.setattr(cal, "_forward", fake_forward)
+    monkeypatch.setattr(cal, "forward", fake_forward)
     monkeypatch.setattr(cal.time, "perf_counter", lambda: Clock.now)
     measured = cal.verify_ms_interleaved(pair.target, context, sizes, repeats, warmup)
     assert measured == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0])

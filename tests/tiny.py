@@ -33,9 +33,9 @@ def char_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_config(vocab_size: int = 128, hidden: int = 64, layers: int = 2) -> LlamaConfig:
+def tiny_config(vocab_size: int = 128, hidden: int = 64, layers: int = 2, **overrides) -> LlamaConfig:
     # widths are multiples of 64 so bitsandbytes NF4 runs on a CPU
-    return LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -48,6 +48,7 @@ def tiny_config(vocab_size: int = 128, hidden: int = 64, layers: int = 2) -> Lla
         pad_token_id=0,
         tie_word_embeddings=False,
     )
+    return LlamaConfig(**{**settings, **overrides})
 
 
 def tiny_target(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
@@ -134,18 +135,7 @@ def save_word_level_target(path: Path) -> Path:
         tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="</s>"
     )
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        pad_token_id=2,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
+    config = tiny_config(64, 32, 3, tie_word_embeddings=True, pad_token_id=2, max_position_embeddings=2048)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -211,3 +201,32 @@ def assert_greedy_lossless(pair, compression: str) -> None:
             accepted += result.accepted
             rejected += result.drafted - result.accepted
     assert accepted > 20 and rejected > 20
+
+
+def assert_two_token_law(target, draft, vocab: int, runs: int = 1500) -> None:
+    """Sampling at temperature 1 with fixed:3 from a fixed prompt: the counts of the first two generated tokens
+    over `runs` seeds pass a chi-square test against the target's own law of those two tokens (cells with
+    small expected counts pooled, so the approximation holds)."""
+    import numpy as np
+    from scipy.stats import chisquare
+    from speckv.profiling.controllers import parse_controller
+    from speckv.profiling.decode import DecodeConfig, speculative_generate
+
+    ids = [5, 9, 13]
+    with torch.no_grad():
+        first = torch.softmax(target(torch.tensor([ids])).logits[0, -1], -1)
+        second_given = torch.softmax(
+            target(torch.tensor([ids + [t] for t in range(vocab)])).logits[:, -1], -1
+        )
+    law = (first[:, None] * second_given).double().numpy()
+    law /= law.sum()
+    counts = np.zeros((vocab, vocab))
+    controller = parse_controller("fixed:3", 8)
+    for seed in range(runs):
+        config = DecodeConfig(max_new_tokens=2, temperature=1.0, seed=seed)
+        result = speculative_generate(target, draft, ids, controller, config)
+        counts[result.token_ids[0], result.token_ids[1]] += 1
+    expected = law * runs
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    assert chisquare(observed, np.append(expected[big], expected[~big].sum())).pvalue > 0.001

@@ -48,16 +48,7 @@ def compare(
                 continue
             entry[role] = {"tokens_per_s": pooled_rate(rows[tokens_col].to_numpy(), rows["_s"].to_numpy())}
             if role != base and (group["policy"] == base).any():
-                ci = paired_ratio(
-                    group,
-                    role,
-                    base,
-                    time_col="_s",
-                    tokens_col=tokens_col,
-                    n_boot=config.n_boot,
-                    level=config.ci_level,
-                    seed=config.seed,
-                )
+                ci = paired_ratio(group, role, base, time_col="_s", tokens_col=tokens_col, **config.bootstrap)
                 entry[role][f"vs_{base}"] = ci.as_dict()
         out[name] = entry
     return out
@@ -80,16 +71,7 @@ def gap_shares(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) ->
         if role in ("best-fixed", "oracle") or role not in set(frame["policy"]):
             continue
         out[role] = {
-            name: gap_share(
-                group,
-                role,
-                "best-fixed",
-                "oracle",
-                time_col="_s",
-                n_boot=config.n_boot,
-                level=config.ci_level,
-                seed=config.seed,
-            )
+            name: gap_share(group, role, "best-fixed", "oracle", time_col="_s", **config.bootstrap)
             for name, group in groups
         }
     return out
@@ -106,15 +88,7 @@ def mlp_versus(frame: pd.DataFrame, roles: list[str], config: EvaluateConfig) ->
     rivals = [r for r in CAUSAL_RIVALS if r in roles and r in set(frame["policy"])]
     return {
         name: {
-            rival: paired_ratio(
-                group,
-                "mlp",
-                rival,
-                time_col="_s",
-                n_boot=config.n_boot,
-                level=config.ci_level,
-                seed=config.seed,
-            ).as_dict()
+            rival: paired_ratio(group, "mlp", rival, time_col="_s", **config.bootstrap).as_dict()
             for rival in rivals
         }
         for name, group in groups

@@ -78,6 +78,11 @@ class EvaluateConfig:
     tracking_uri: str | None = None
     overhead_calls: int = 20000
 
+    @property
+    def bootstrap(self) -> dict[str, Any]:
+        """The keyword arguments of every paired bootstrap CI the stage reports."""
+        return {"n_boot": self.n_boot, "level": self.ci_level, "seed": self.seed}
+
     def __post_init__(self) -> None:
         problems = []
         if self.gamma_max < 1:
@@ -220,16 +225,7 @@ def live_comparisons(live: pd.DataFrame, config: EvaluateConfig, time_col: str, 
     }
     for base in LIVE_BASES:
         if "mlp" in roles and base in roles:
-            ci = paired_ratio(
-                live,
-                "mlp",
-                base,
-                time_col=time_col,
-                tokens_col=tokens_col,
-                n_boot=config.n_boot,
-                level=config.ci_level,
-                seed=config.seed,
-            )
+            ci = paired_ratio(live, "mlp", base, time_col=time_col, tokens_col=tokens_col, **config.bootstrap)
             out["ratios"][f"mlp_vs_{base}"] = ci.as_dict()
     return out
 

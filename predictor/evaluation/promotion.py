@@ -29,15 +29,7 @@ def alias_version(alias: str, uri: str | None) -> str | None:
 
 def promotion(dev_frame: pd.DataFrame, config: EvaluateConfig) -> dict[str, Any]:
     """Promote the registered candidate to `champion` iff MLP / best-fixed dev replay CI lies above 1.0."""
-    ci = paired_ratio(
-        dev_frame,
-        "mlp",
-        "best-fixed",
-        time_col="model_ms",
-        n_boot=config.n_boot,
-        level=config.ci_level,
-        seed=config.seed,
-    )
+    ci = paired_ratio(dev_frame, "mlp", "best-fixed", time_col="model_ms", **config.bootstrap)
     decision: dict[str, Any] = {"dev_ratio_vs_best_fixed": ci.as_dict(), "promoted": False, "version": None}
     if ci.low <= 1.0:
         decision["reason"] = (
