@@ -229,7 +229,15 @@ class Server:
     """One llama-server process (target, and the draft when speculating) answering greedy completions of
     token-id prompts; `complete` returns the tokens and llama.cpp's own timings."""
 
-    def __init__(self, target: Path, speculation: Speculation, draft: Path | None, threads: int, ctx: int):
+    def __init__(
+        self,
+        target: Path,
+        speculation: Speculation,
+        draft: Path | None,
+        threads: int,
+        ctx: int,
+        extra: tuple[str, ...] = (),
+    ):
         if speculation.n_max and draft is None:
             raise SpeckvError(f"{speculation.name} needs a draft model")
         self.speculation = speculation
@@ -243,12 +251,12 @@ class Server:
             "--port",
             str(self.port),
         ]
-        cmd += ["-t", str(threads), "-c", str(ctx), "-np", "1", "--no-warmup"]
+        cmd += ["-t", str(threads), "-c", str(ctx), "-np", "1"]
         if speculation.n_max:
-            cmd += ["-td", str(threads), "-cd", str(ctx), *speculation.args(draft)]
-        self.cmd = cmd
+            cmd += ["-td", str(threads), *speculation.args(draft)]
+        self.cmd = cmd + list(extra)
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close(), with the process)
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
         try:
             self._wait_ready()
         except BaseException:
@@ -306,13 +314,15 @@ class Server:
 
 
 def decode_timing(answer: dict) -> dict:
-    """What a llama-server completion says of its decoding: the generated token ids, decode tokens and ms
-    (llama.cpp's `predicted_n` / `predicted_ms`: after the prompt's prefill), drafted and accepted tokens."""
+    """What a llama-server completion says of its decoding: the generated token ids; the decode tokens and
+    their ms (`predicted_ms` runs from the first generated token, which the prompt's prefill produced, so it
+    covers `predicted_n` - 1 tokens: llama.cpp's own `predicted_per_second` divides the same way); drafted and
+    accepted tokens."""
     try:
         timings = answer["timings"]
         return {
             "tokens": [int(t) for t in answer["tokens"]],
-            "decode_tokens": int(timings["predicted_n"]),
+            "decode_tokens": max(0, int(timings["predicted_n"]) - 1),
             "decode_ms": float(timings["predicted_ms"]),
             "prefill_ms": float(timings["prompt_ms"]),
             "draft_n": int(timings.get("draft_n", 0)),
@@ -326,10 +336,40 @@ def decode_timing(answer: dict) -> dict:
 
 @contextmanager
 def serving(
-    target: Path, speculation: Speculation, draft: Path | None, threads: int, ctx: int
+    target: Path,
+    speculation: Speculation,
+    draft: Path | None,
+    threads: int,
+    ctx: int,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    server = Server(target, speculation, draft, threads, ctx)
+    server = Server(target, speculation, draft, threads, ctx, extra)
     try:
         yield server
     finally:
         server.close()
+
+
+# what makes llama-server start where its defaults crash: weight repacking off (llama.cpp 11434 dies with
+# SIGSEGV loading a q8_0 model with repacking on an AVX512/AMX Intel Xeon)
+FALLBACK_ARGS = (("-nr",),)
+
+
+def engine_args(target: Path, threads: int, ctx: int) -> tuple[str, ...]:
+    """The extra llama-server arguments `target` needs on this machine: none, or the first fallback that
+    starts where the defaults die of a signal (a crash, not a bad argument); the target alone, one short
+    completion each."""
+    for extra in ((), *FALLBACK_ARGS):
+        try:
+            with serving(target, Speculation(), None, threads, ctx, extra) as server:
+                server.complete([1, 2, 3], 4)
+            if extra:
+                log.warning(
+                    "llama-server crashed on %s with its defaults; it runs with %s", target.name, extra
+                )
+            return extra
+        except SpeckvError as exc:
+            if "exited (-" not in str(exc):
+                raise
+            last = exc
+    raise SpeckvError(f"llama-server crashes on {target} even with {FALLBACK_ARGS}: {last}")

@@ -156,6 +156,8 @@ def agreement(paths: list[EnginePath], traces_dir: Path) -> dict[str, Any]:
 def _interleaved(servers: dict[str, Any], prompts: list[dict], n_predict: int) -> list[dict]:
     """Every prompt on every server, the servers' order rotated prompt by prompt."""
     names, rows = list(servers), []
+    for server in servers.values():  # untimed: the first completion of a fresh process pays one-time costs
+        server.complete(prompts[0]["input_ids"], 8)
     for k, p in enumerate(prompts):
         for name in names[k % len(names) :] + names[: k % len(names)]:
             answer = llamacpp.decode_timing(servers[name].complete(p["input_ids"], n_predict))
@@ -163,24 +165,24 @@ def _interleaved(servers: dict[str, Any], prompts: list[dict], n_predict: int) -
     return rows
 
 
-def _servers(settings: dict[str, Speculation], target: Path, draft: Path, config: LlamacppConfig):
+def _servers(settings: dict[str, Speculation], target: Path, draft: Path, config: LlamacppConfig, extra=()):
     from contextlib import ExitStack
 
     stack = ExitStack()
     servers = {
-        name: stack.enter_context(llamacpp.serving(target, s, draft, config.threads, config.ctx))
+        name: stack.enter_context(llamacpp.serving(target, s, draft, config.threads, config.ctx, extra))
         for name, s in settings.items()
     }
     return stack, servers
 
 
-def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_type: str):
+def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_type: str, extra=()):
     """llama.cpp's cost model from timed fixed-n_max runs (and the draft decoding alone) on dev prompts."""
     fixed = {"alone": Speculation(), **{f"n_max={k}": Speculation(k) for k in range(1, config.top + 1)}}
-    stack, servers = _servers(fixed, target, draft_gguf, config)
+    stack, servers = _servers(fixed, target, draft_gguf, config, extra)
     with stack:
         rows = _interleaved(servers, prompts, config.n_predict)
-    with llamacpp.serving(draft_gguf, Speculation(), None, config.threads, config.ctx) as alone_draft:
+    with llamacpp.serving(draft_gguf, Speculation(), None, config.threads, config.ctx, extra) as alone_draft:
         draft_rows = _interleaved({"draft": alone_draft}, prompts, config.n_predict)
     by_id = {p.prompt_id: p for p in paths}
     runs = []
@@ -191,8 +193,9 @@ def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_t
         setting = fixed[row["policy"]]
         runs.append(TimedRun(replay_steps(setting, path), row["decode_ms"], path.n_prompt, setting.n_max > 0))
     context = float(sum(p.n_prompt + len(p.tokens) / 2 for p in paths) / len(paths))
-    per_token = [
-        (r["decode_ms"] / max(1, r["decode_tokens"]), by_id[r["prompt_id"]].n_prompt) for r in draft_rows
+    per_token = [  # (ms per token, the context at mid-generation)
+        (r["decode_ms"] / max(1, r["decode_tokens"]), by_id[r["prompt_id"]].n_prompt + r["decode_tokens"] / 2)
+        for r in draft_rows
     ]
     draft_ms = _line(per_token, context)
     meta = {"engine": "llama.cpp", "gguf": gguf_type, "compression": gguf_type, "runs_kept": len(runs)}
@@ -211,10 +214,10 @@ def _line(points: list[tuple[float, float]], context: float) -> tuple[float, flo
     return float(np.mean(y) + slope * (context - np.mean(x))), slope
 
 
-def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gguf, config, costs):
+def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gguf, config, costs, extra=()):
     """Test prompts under every setting in llama-server, interleaved; the rows, and per setting the measured
     and the replay-predicted decode tokens/s (with ratios to the target alone, paired CIs over prompts)."""
-    stack, servers = _servers(settings, target, draft_gguf, config)
+    stack, servers = _servers(settings, target, draft_gguf, config, extra)
     with stack:
         rows = _interleaved(servers, prompts, config.n_predict)
     frame = pd.DataFrame(rows)
@@ -263,10 +266,11 @@ def run_type(
         llamacpp.convert(Path(config.target_dir), target, gguf_type)
     if not draft_gguf.is_file():
         llamacpp.convert(Path(config.draft_dir), draft_gguf, config.draft_type)
-    with llamacpp.serving(target, Speculation(), None, config.threads, config.ctx) as alone:
+    extra = llamacpp.engine_args(target, config.threads, config.ctx)
+    with llamacpp.serving(target, Speculation(), None, config.threads, config.ctx, extra) as alone:
         dev_paths, _ = engine_paths(alone, draft, dev, config)
         test_paths, _ = engine_paths(alone, draft, test, config)
-    costs, calibration_rows = calibrate(dev_paths, dev, target, draft_gguf, config, gguf_type)
+    costs, calibration_rows = calibrate(dev_paths, dev, target, draft_gguf, config, gguf_type, extra)
     costs.save(out / f"costmodel_{gguf_type}.json")
     steps = costs.step_costs()
     grid = config.grid()
@@ -275,7 +279,9 @@ def run_type(
     best_fixed, _ = choose(fixed, dev_paths, steps)
     roles = {"alone": Speculation(), "defaults": DEFAULTS, "best_fixed": best_fixed, "recommended": best}
     settings = {r.name: r for r in roles.values()}  # each distinct setting runs once
-    frame, table, oracle_rate = live_test(test_paths, test, settings, target, draft_gguf, config, costs)
+    frame, table, oracle_rate = live_test(
+        test_paths, test, settings, target, draft_gguf, config, costs, extra
+    )
     frame.to_parquet(out / f"live_{gguf_type}.parquet", index=False)
     errors = [abs(v["replay_error"]) for v in table.values()]
     ratio_errors = [
@@ -288,7 +294,8 @@ def run_type(
         "agreement": agreement(dev_paths + test_paths, Path(config.traces_dir)),
         "dev_rates": dev_rates,
         "roles": {role: s.name for role, s in roles.items()},
-        "recommended": {**asdict(best), "args": best.args(draft_gguf.name)},
+        "engine_args": list(extra),
+        "recommended": {**asdict(best), "args": [*extra, *best.args(draft_gguf.name)]},
         "live": table,
         "speedup_recommended_vs_alone": _ratio(frame, best.name, "alone", boot),
         "speedup_recommended_vs_defaults": _ratio(frame, best.name, DEFAULTS.name, boot),
@@ -321,8 +328,9 @@ def run_llamacpp(config: LlamacppConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"llamacpp": {k: info[k] for k in ("package", "version", "sha256", "build_s")}}
     summary["cpu"] = cpu_info()
     summary["config"] = asdict(config)
-    summary["types"] = {t: run_type(config, t, draft, dev, test) for t in config.target_types}
-    out = Path(config.out_dir)
-    write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
-    llamacpp_report.write(summary, out)
+    out, summary["types"] = Path(config.out_dir), {}
+    for gguf_type in config.target_types:  # the summary and report grow type by type
+        summary["types"][gguf_type] = run_type(config, gguf_type, draft, dev, test)
+        write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+        llamacpp_report.write(summary, out)
     return summary
