@@ -165,6 +165,15 @@ def pair_section(params: dict[str, Any], section: str, pair: str) -> dict[str, A
     return {**rebased, **getattr(entry, section)}
 
 
+def command_actions(
+    subparsers: argparse._SubParsersAction, name: str, help: str
+) -> argparse._SubParsersAction:
+    """The subcommands (ACTION) of a command `name` that groups several, e.g. `speckv models fetch`."""
+    return subparsers.add_parser(name, help=help).add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+
+
 def stage_parser(
     subparsers: argparse._SubParsersAction, name: str, help: str, sections: str, run
 ) -> argparse.ArgumentParser:

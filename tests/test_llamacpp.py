@@ -87,7 +87,6 @@ def test_fit_recovers_the_step_table_from_timed_fixed_runs():
         context=50.0,
         slopes=[0.02, 0.03, 0.04],
         draft_slope=0.001,
-        draft_prefill=(0.0, 0.05),
     )
     runs = []
     for n_prompt in (20, 45, 80, 130):
@@ -95,11 +94,10 @@ def test_fit_recovers_the_step_table_from_timed_fixed_runs():
             match, share = ([1, 2, 0, 3] * 10)[n_prompt % 4 :][:40] * 2, [[0.9] * 3] * 40
             p = EnginePath("p", "t", "dev", n_prompt, list(range(40)), match, share, 64)
             _, ms = replay_time(Speculation(k), p, truth)
-            runs.append(TimedRun(replay_steps(Speculation(k), p), ms, n_prompt, k > 0))
+            runs.append(TimedRun(replay_steps(Speculation(k), p), ms))
     model = fit_costs(runs, 2, (2.0, 0.001), 50.0, {"compression": "f32"})
     assert model.step_ms == pytest.approx([8.0, 11.0, 14.5], rel=1e-6)
     assert model.step_ms_per_token == pytest.approx([0.02, 0.03, 0.04], rel=1e-4)
-    assert model.draft_prefill_ms == pytest.approx([0.0, 0.05], abs=1e-6)
     assert model.meta["fit"]["rms_residual_ms"] < 1e-6
     with pytest.raises(SpeckvError, match="submitting"):
         fit_costs(runs[:1], 2, (2.0, 0.0), 50.0, {})
@@ -143,9 +141,12 @@ def test_the_grid_and_its_checks():
         LlamacppConfig(target_types=["q4_0"])
     with pytest.raises(SpeckvError, match="p_min_grid"):
         LlamacppConfig(p_min_grid=[1.5])
+    with pytest.raises(SpeckvError, match="default n_max"):
+        LlamacppConfig(n_max_grid=[1, 2])
 
 
 def test_without_a_build_the_command_says_how_to_build(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SPECKV_LLAMACPP_DIR", str(tmp_path / "absent"))
     (tmp_path / "params.yaml").write_text("{}\n")
     assert main(["llamacpp", "evaluate", "--params", str(tmp_path / "params.yaml")]) == 2

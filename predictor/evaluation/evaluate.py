@@ -32,7 +32,6 @@ from speckv.predictor.evaluation.tuning import (
 )
 from speckv.predictor.stats import paired_ratio
 from speckv.profiling.atomic import atomic_path, write_text
-from speckv.profiling.controllers import Controller
 from speckv.profiling.costmodel import CostModel, StepCosts
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.replay import load_traces
@@ -177,14 +176,14 @@ def run_live_all(
 
 def _live_roles(config: EvaluateConfig, tuned: dict, make, compression: str, specs: list[str]):
     """The pair at `compression` and the live roles of `specs` on it: (pair, roles, run_of)."""
-    from speckv.predictor.evaluation.live import HF_ROLES, HFAssisted, hf_role
+    from speckv.predictor.evaluation.live import HF_ROLES, Roles, hf_role
     from speckv.profiling.models import draft_compression_for, load_pair, standalone_assistant
 
     draft_compression = draft_compression_for(config.draft_compression, compression)
     pair = load_pair(
         config.target, config.draft, compression, config.device, config.cpu_kernels, draft_compression
     )
-    roles: dict[str, Controller | HFAssisted] = {}
+    roles: Roles = {}
     run_of: dict[str, str] = {}  # a role tuned to the same controller as an earlier one shares its run
     concrete_role: dict[str, str] = {}
     assistant = None

@@ -36,6 +36,9 @@ class HFAssisted:
     assistant: object | None = field(default=None, compare=False)  # None: the pair's draft
 
 
+Roles = dict[str, Controller | HFAssisted]  # role name -> what runs it live
+
+
 def hf_role(name: str, gamma_max: int, threshold: float | None = None, assistant=None) -> HFAssisted:
     """`hf-assisted`: transformers' defaults (20 tokens, confidence stop 0.4 in transformers 5);
     `hf-heuristic`: its heuristic schedule; `hf-threshold`: its confidence stop at the dev-tuned threshold,
@@ -119,11 +122,7 @@ def _trim_after_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
 
 
 def run_prompt(
-    pair: ModelPair,
-    prompt_ids: list[int],
-    roles: dict[str, Controller | HFAssisted],
-    config: DecodeConfig,
-    rotate: int,
+    pair: ModelPair, prompt_ids: list[int], roles: Roles, config: DecodeConfig, rotate: int
 ) -> dict[str, dict]:
     """One prompt under every role, in an order rotated by `rotate`; per role its summary and token ids."""
     names = list(roles)
@@ -156,7 +155,7 @@ def run_prompt(
 def run_live(
     pair: ModelPair,
     prompts: list[dict],
-    roles: dict[str, Controller | HFAssisted],
+    roles: Roles,
     config: DecodeConfig,
     warmup_tokens: int,
     run_of: dict[str, str] | None = None,

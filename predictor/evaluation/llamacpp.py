@@ -32,7 +32,7 @@ from speckv.predictor.evaluation.llamacpp_replay import (
 )
 from speckv.predictor.stats import paired_ratio
 from speckv.profiling import llamacpp
-from speckv.profiling.atomic import write_text
+from speckv.profiling.atomic import atomic_path, write_text
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.llamacpp import DEFAULTS, Speculation
 
@@ -70,6 +70,10 @@ class LlamacppConfig:
             raise SpeckvError("n_max_grid needs values >= 1 and n_min_grid values >= 0")
         if not all(0.0 <= p <= 1.0 for p in self.p_min_grid) or not self.p_min_grid:
             raise SpeckvError("p_min_grid must hold probabilities")
+        if max(self.n_max_grid, default=0) < DEFAULTS.n_max:
+            raise SpeckvError(
+                f"n_max_grid must reach llama.cpp's default n_max {DEFAULTS.n_max}, to replay it"
+            )
         if self.n_predict < 2 or self.dev_per_task < 1 or self.test_per_task < 1:
             raise SpeckvError("n_predict >= 2, dev_per_task >= 1 and test_per_task >= 1 required")
 
@@ -144,7 +148,7 @@ def agreement(paths: list[EnginePath], traces_dir: Path) -> dict[str, Any]:
         n = min(len(ours), len(path.tokens))
         common = next((i for i in range(n) if ours[i] != path.tokens[i]), n)
         compared += 1
-        equal += int(common == n)
+        equal += int(ours == path.tokens)
         prefix.append(common / n if n else 1.0)
     return {
         "compared": compared,
@@ -168,12 +172,12 @@ def _interleaved(servers: dict[str, Any], prompts: list[dict], n_predict: int) -
 def _servers(settings: dict[str, Speculation], target: Path, draft: Path, config: LlamacppConfig, extra=()):
     from contextlib import ExitStack
 
-    stack = ExitStack()
-    servers = {
-        name: stack.enter_context(llamacpp.serving(target, s, draft, config.threads, config.ctx, extra))
-        for name, s in settings.items()
-    }
-    return stack, servers
+    with ExitStack() as stack:  # one that fails to start stops those already started
+        servers = {
+            name: stack.enter_context(llamacpp.Server(target, s, draft, config.threads, config.ctx, extra))
+            for name, s in settings.items()
+        }
+        return stack.pop_all(), servers
 
 
 def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_type: str, extra=()):
@@ -182,16 +186,18 @@ def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_t
     stack, servers = _servers(fixed, target, draft_gguf, config, extra)
     with stack:
         rows = _interleaved(servers, prompts, config.n_predict)
-    with llamacpp.serving(draft_gguf, Speculation(), None, config.threads, config.ctx, extra) as alone_draft:
+    with llamacpp.Server(draft_gguf, Speculation(), None, config.threads, config.ctx, extra) as alone_draft:
         draft_rows = _interleaved({"draft": alone_draft}, prompts, config.n_predict)
     by_id = {p.prompt_id: p for p in paths}
-    runs = []
+    runs, left = [], {}
     for row in rows:
         path = by_id[row["prompt_id"]]
-        if row["tokens"] != path.tokens:
-            continue  # a run that left the traced path cannot be replayed step by step
-        setting = fixed[row["policy"]]
-        runs.append(TimedRun(replay_steps(setting, path), row["decode_ms"], path.n_prompt, setting.n_max > 0))
+        if row["tokens"] != path.tokens:  # left the target's own path: not replayable step by step
+            left[row["policy"]] = left.get(row["policy"], 0) + 1
+            continue
+        runs.append(TimedRun(replay_steps(fixed[row["policy"]], path), row["decode_ms"]))
+    if left:
+        log.info("%s: runs whose output left the target-alone path, not fitted: %s", gguf_type, left)
     context = float(sum(p.n_prompt + len(p.tokens) / 2 for p in paths) / len(paths))
     per_token = [  # (ms per token, the context at mid-generation)
         (r["decode_ms"] / max(1, r["decode_tokens"]), by_id[r["prompt_id"]].n_prompt + r["decode_tokens"] / 2)
@@ -199,7 +205,7 @@ def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_t
     ]
     draft_ms = _line(per_token, context)
     meta = {"engine": "llama.cpp", "gguf": gguf_type, "compression": gguf_type, "runs_kept": len(runs)}
-    meta["runs_timed"] = len(rows)
+    meta["runs_timed"], meta["runs_off_path"] = len(rows), left
     return fit_costs(runs, config.top, draft_ms, context, meta), rows
 
 
@@ -255,10 +261,8 @@ def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gg
     return frame, table, 1e3 * oracle_tokens / oracle_ms
 
 
-def run_type(
-    config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], test: list[dict]
-) -> dict[str, Any]:
-    """Everything for one target GGUF type; returns its summary section."""
+def run_type(config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], test: list[dict]):
+    """Everything for one target GGUF type: its summary section, cost model and live rows."""
     out = Path(config.out_dir)
     target = out / "gguf" / f"target-{gguf_type}.gguf"
     draft_gguf = out / "gguf" / f"draft-{config.draft_type}.gguf"
@@ -267,11 +271,10 @@ def run_type(
     if not draft_gguf.is_file():
         llamacpp.convert(Path(config.draft_dir), draft_gguf, config.draft_type)
     extra = llamacpp.engine_args(target, config.threads, config.ctx)
-    with llamacpp.serving(target, Speculation(), None, config.threads, config.ctx, extra) as alone:
+    with llamacpp.Server(target, Speculation(), None, config.threads, config.ctx, extra) as alone:
         dev_paths, _ = engine_paths(alone, draft, dev, config)
         test_paths, _ = engine_paths(alone, draft, test, config)
     costs, calibration_rows = calibrate(dev_paths, dev, target, draft_gguf, config, gguf_type, extra)
-    costs.save(out / f"costmodel_{gguf_type}.json")
     steps = costs.step_costs()
     grid = config.grid()
     best, dev_rates = choose(grid, dev_paths, steps)
@@ -282,28 +285,31 @@ def run_type(
     frame, table, oracle_rate = live_test(
         test_paths, test, settings, target, draft_gguf, config, costs, extra
     )
-    frame.to_parquet(out / f"live_{gguf_type}.parquet", index=False)
     errors = [abs(v["replay_error"]) for v in table.values()]
     ratio_errors = [
         abs(v["replay_vs_alone"] / v["vs_alone"]["ratio"] - 1.0) for v in table.values() if "vs_alone" in v
     ]
     boot = {"n_boot": config.n_boot, "level": config.ci_level, "seed": config.seed}
-    return {
-        "target_gguf": target.name,
-        "draft_gguf": draft_gguf.name,
-        "agreement": agreement(dev_paths + test_paths, Path(config.traces_dir)),
-        "dev_rates": dev_rates,
-        "roles": {role: s.name for role, s in roles.items()},
-        "engine_args": list(extra),
-        "recommended": {**asdict(best), "args": [*extra, *best.args(draft_gguf.name)]},
-        "live": table,
-        "speedup_recommended_vs_alone": _ratio(frame, best.name, "alone", boot),
-        "speedup_recommended_vs_defaults": _ratio(frame, best.name, DEFAULTS.name, boot),
-        "oracle_replay_tokens_per_s": oracle_rate,
-        "fidelity_max_abs_error": max(errors),
-        "fidelity_ratio_max_abs_error": max(ratio_errors, default=0.0),
-        "calibration_runs": len(calibration_rows),
-    }
+    return (
+        {
+            "target_gguf": target.name,
+            "draft_gguf": draft_gguf.name,
+            "agreement": agreement(dev_paths + test_paths, Path(config.traces_dir)),
+            "dev_rates": dev_rates,
+            "roles": {role: s.name for role, s in roles.items()},
+            "engine_args": list(extra),
+            "recommended": {**asdict(best), "args": [*extra, *best.args(draft_gguf.name)]},
+            "live": table,
+            "speedup_recommended_vs_alone": _ratio(frame, best.name, "alone", boot),
+            "speedup_recommended_vs_defaults": _ratio(frame, best.name, DEFAULTS.name, boot),
+            "oracle_replay_tokens_per_s": oracle_rate,
+            "fidelity_max_abs_error": max(errors),
+            "fidelity_ratio_max_abs_error": max(ratio_errors, default=0.0),
+            "calibration_runs": len(calibration_rows),
+        },
+        costs,
+        frame,
+    )
 
 
 def _ratio(frame: pd.DataFrame, a: str, b: str, boot: dict) -> dict[str, float]:
@@ -328,9 +334,13 @@ def run_llamacpp(config: LlamacppConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"llamacpp": {k: info[k] for k in ("package", "version", "sha256", "build_s")}}
     summary["cpu"] = cpu_info()
     summary["config"] = asdict(config)
-    out, summary["types"] = Path(config.out_dir), {}
-    for gguf_type in config.target_types:  # the summary and report grow type by type
-        summary["types"][gguf_type] = run_type(config, gguf_type, draft, dev, test)
-        write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
-        llamacpp_report.write(summary, out)
+    out, summary["types"], results = Path(config.out_dir), {}, {}
+    for gguf_type in config.target_types:
+        summary["types"][gguf_type], *results[gguf_type] = run_type(config, gguf_type, draft, dev, test)
+    for gguf_type, (costs, frame) in results.items():  # written once every type has run
+        costs.save(out / f"costmodel_{gguf_type}.json")
+        with atomic_path(out / f"live_{gguf_type}.parquet") as tmp:
+            frame.to_parquet(tmp, index=False)
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    llamacpp_report.write(summary, out)
     return summary

@@ -77,13 +77,10 @@ def step_ms(costs: StepCosts, step: Step) -> float:
 
 
 def replay_time(setting: Speculation, path: EnginePath, costs: StepCosts) -> tuple[int, float]:
-    """(decode tokens, modelled decode ms) of `path` under `setting`; a run with a draft also pays the
-    draft's reading of the prompt (`draft_prefill`), which llama.cpp times inside decoding."""
+    """(decode tokens, modelled decode ms) of `path` under `setting` (the draft reads the prompt beside the
+    target's prefill, which llama.cpp times apart from decoding)."""
     steps = replay_steps(setting, path)
-    ms = sum(step_ms(costs, s) for s in steps)
-    if setting.n_max > 0:
-        ms += costs.draft_prefill[0] + costs.draft_prefill[1] * path.n_prompt
-    return sum(s.produced for s in steps), ms
+    return sum(s.produced for s in steps), sum(step_ms(costs, s) for s in steps)
 
 
 def oracle_time(path: EnginePath, costs: StepCosts) -> tuple[int, float]:
@@ -119,13 +116,10 @@ def choose(grid: list[Speculation], paths: list[EnginePath], costs: StepCosts) -
 
 @dataclass(frozen=True)
 class TimedRun:
-    """One timed run of a fixed setting: its replayed steps, its measured decode ms, its prompt length and
-    whether a draft ran beside the target."""
+    """One timed run of a fixed setting: its replayed steps and its measured decode ms."""
 
     steps: list[Step]
     ms: float
-    n_prompt: int
-    drafted: bool
 
 
 def fit_costs(
@@ -139,15 +133,13 @@ def fit_costs(
 
     One least-squares fit over all runs: a step submitting s tokens at `position` costs
     a[s] + (b0 + b1 * s) * (position - context), plus (forwards - s) draft forwards at
-    draft_ms[0] + draft_ms[1] * (position - context) ms each (measured apart, the draft decoding alone);
-    a run with a draft pays c * prompt tokens once (the draft reading the prompt: `draft_prefill_ms`; no
-    intercept, which the step table's own could not be told from). Every coefficient is kept >= 0."""
+    draft_ms[0] + draft_ms[1] * (position - context) ms each (measured apart, the draft decoding alone).
+    Every coefficient is kept >= 0."""
     from scipy.optimize import nnls
 
     rows, measured = [], []
     for run in runs:
-        row = np.zeros(top + 4)
-        row[top + 3] = float(run.drafted) * run.n_prompt
+        row = np.zeros(top + 3)
         steps, ms = run.steps, run.ms
         extra = 0.0
         for s in steps:
@@ -167,7 +159,6 @@ def fit_costs(
         raise SpeckvError(f"no timed steps submitting {missing} tokens: the fit needs every length 0..{top}")
     solution, _ = nnls(design, np.array(measured))
     a, b0, b1 = solution[: top + 1], solution[top + 1], solution[top + 2]
-    per_prompt_token = solution[top + 3]
     residual = design @ solution - np.array(measured)
     fit = {"runs": len(runs), "rms_residual_ms": float(np.sqrt(np.mean(residual**2)))}
     return CostModel(
@@ -178,6 +169,5 @@ def fit_costs(
         step_ms_per_token=[float(b0 + b1 * k) for k in range(top + 1)],
         draft_ms=float(draft_ms[0]),
         draft_ms_per_token=float(draft_ms[1]),
-        draft_prefill_ms=[0.0, float(per_prompt_token)],
         meta={**meta, "fit": fit},
     )
