@@ -94,11 +94,16 @@ def test_fit_recovers_the_step_table_from_timed_fixed_runs():
             match, share = ([1, 2, 0, 3] * 10)[n_prompt % 4 :][:40] * 2, [[0.9] * 3] * 40
             p = EnginePath("p", "t", "dev", n_prompt, list(range(40)), match, share, 64)
             _, ms = replay_time(Speculation(k), p, truth)
-            runs.append(TimedRun(replay_steps(Speculation(k), p), ms))
+            runs.append(TimedRun(replay_steps(Speculation(k), p), ms, f"n_max={k}"))
     model = fit_costs(runs, 2, (2.0, 0.001), 50.0, {"compression": "f32"})
     assert model.step_ms == pytest.approx([8.0, 11.0, 14.5], rel=1e-6)
     assert model.step_ms_per_token == pytest.approx([0.02, 0.03, 0.04], rel=1e-4)
     assert model.meta["fit"]["rms_residual_ms"] < 1e-6
+    # one run descheduled for 3 s (another process took the cores) is left out, the table unmoved
+    stalled = [*runs[:-1], TimedRun(runs[-1].steps, runs[-1].ms + 3000.0, runs[-1].setting)]
+    model = fit_costs(stalled, 2, (2.0, 0.001), 50.0, {"compression": "f32"})
+    assert model.meta["fit"]["runs_left_out"] == 1
+    assert model.step_ms == pytest.approx([8.0, 11.0, 14.5], rel=1e-6)
     with pytest.raises(SpeckvError, match="submitting"):
         fit_costs(runs[:1], 2, (2.0, 0.0), 50.0, {})
 

@@ -195,7 +195,7 @@ def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_t
         if row["tokens"] != path.tokens:  # left the target's own path: not replayable step by step
             left[row["policy"]] = left.get(row["policy"], 0) + 1
             continue
-        runs.append(TimedRun(replay_steps(fixed[row["policy"]], path), row["decode_ms"]))
+        runs.append(TimedRun(replay_steps(fixed[row["policy"]], path), row["decode_ms"], row["policy"]))
     if left:
         log.info("%s: runs whose output left the target-alone path, not fitted: %s", gguf_type, left)
     context = float(sum(p.n_prompt + len(p.tokens) / 2 for p in paths) / len(paths))

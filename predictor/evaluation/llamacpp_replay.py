@@ -120,6 +120,21 @@ class TimedRun:
 
     steps: list[Step]
     ms: float
+    setting: str = ""
+
+
+def _undisturbed(runs: list[TimedRun]) -> np.ndarray:
+    """Per run: whether its ms per step lies within eight median absolute deviations (at least 1% of the
+    median) of the runs of the same setting."""
+    per_step = np.array([r.ms / max(1, len(r.steps)) for r in runs])
+    kept = np.ones(len(runs), dtype=bool)
+    for name in {r.setting for r in runs}:
+        group = np.array([r.setting == name for r in runs])
+        values = per_step[group]
+        median = np.median(values)
+        spread = max(float(np.median(np.abs(values - median))), 0.01 * median)
+        kept[group] = np.abs(values - median) <= 8 * spread
+    return kept
 
 
 def fit_costs(
@@ -134,7 +149,8 @@ def fit_costs(
     One least-squares fit over all runs: a step submitting s tokens at `position` costs
     a[s] + (b0 + b1 * s) * (position - context), plus (forwards - s) draft forwards at
     draft_ms[0] + draft_ms[1] * (position - context) ms each (measured apart, the draft decoding alone).
-    Every coefficient is kept >= 0."""
+    Every coefficient is kept >= 0. A run the machine descheduled (another process took the cores) is left
+    out, as calibration does: ms per step beyond eight median absolute deviations of its setting's runs."""
     from scipy.optimize import nnls
 
     rows, measured = [], []
@@ -157,10 +173,18 @@ def fit_costs(
     if not seen.all():
         missing = [k for k in range(top + 1) if not seen[k]]
         raise SpeckvError(f"no timed steps submitting {missing} tokens: the fit needs every length 0..{top}")
-    solution, _ = nnls(design, np.array(measured))
+    y = np.array(measured)
+    kept = _undisturbed(runs)
+    if not design[kept, : top + 1].sum(axis=0).all():
+        kept[:] = True
+    solution, _ = nnls(design[kept], y[kept])
     a, b0, b1 = solution[: top + 1], solution[top + 1], solution[top + 2]
-    residual = design @ solution - np.array(measured)
-    fit = {"runs": len(runs), "rms_residual_ms": float(np.sqrt(np.mean(residual**2)))}
+    residual = design[kept] @ solution - y[kept]
+    fit = {
+        "runs": int(kept.sum()),
+        "runs_left_out": int((~kept).sum()),
+        "rms_residual_ms": float(np.sqrt(np.mean(residual**2))),
+    }
     return CostModel(
         compression=meta.get("compression", ""),
         device=meta.get("device", "cpu"),
