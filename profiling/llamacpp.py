@@ -225,6 +225,10 @@ class Speculation:
 DEFAULTS = Speculation(n_max=3, n_min=0, p_min=0.0)
 
 
+class ServerCrashed(SpeckvError):
+    """llama-server died of a signal (a crash, not a refused argument)."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -247,7 +251,6 @@ class Server:
     ):
         if speculation.n_max and draft is None:
             raise SpeckvError(f"{speculation.name} needs a draft model")
-        self.speculation = speculation
         self.port = _free_port()
         cmd = [
             str(program("llama-server")),
@@ -281,9 +284,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SpeckvError(
-                    f"llama-server exited ({self.process.returncode}):\n{self.output()[-3000:]}"
-                )
+                died = ServerCrashed if self.process.returncode < 0 else SpeckvError
+                raise died(f"llama-server exited ({self.process.returncode}):\n{self.output()[-3000:]}")
             try:
                 if self._request("/health", timeout=5).get("status") == "ok":
                     return
@@ -310,10 +312,10 @@ class Server:
         try:
             return self._request("/completion", payload)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, timeouts, bad JSON
-            state = "running" if self.process.poll() is None else f"exited ({self.process.returncode})"
-            raise SpeckvError(
-                f"llama-server ({state}) gave no completion: {exc}\n{self.output()[-2000:]}"
-            ) from exc
+            code = self.process.poll()
+            state = "running" if code is None else f"exited ({code})"
+            died = ServerCrashed if code is not None and code < 0 else SpeckvError
+            raise died(f"llama-server ({state}) gave no completion: {exc}\n{self.output()[-2000:]}") from exc
 
     def __enter__(self) -> Server:
         return self
@@ -371,8 +373,6 @@ def engine_args(target: Path, threads: int, ctx: int) -> tuple[str, ...]:
                     "llama-server crashed on %s with its defaults; it runs with %s", target.name, extra
                 )
             return extra
-        except SpeckvError as exc:
-            if "exited (-" not in str(exc):
-                raise
+        except ServerCrashed as exc:
             last = exc
     raise SpeckvError(f"llama-server crashes on {target} even with {FALLBACK_ARGS}: {last}")

@@ -27,8 +27,8 @@ from speckv.predictor.evaluation.llamacpp_replay import (
     choose,
     fit_costs,
     oracle_time,
+    pooled_rate,
     replay_steps,
-    replay_time,
 )
 from speckv.predictor.stats import paired_ratio
 from speckv.profiling import llamacpp
@@ -89,22 +89,28 @@ class LlamacppConfig:
     def top(self) -> int:
         return max(self.n_max_grid)
 
+    @property
+    def bootstrap(self) -> dict[str, Any]:
+        """The keyword arguments of every paired bootstrap CI the evaluation reports."""
+        return {"n_boot": self.n_boot, "level": self.ci_level, "seed": self.seed}
+
 
 def _load_draft(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
+    if not (Path(path) / "config.json").is_file():
+        raise SpeckvError(f"no standalone draft at {path} (a save_pretrained folder): set llamacpp.draft_dir")
     draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return draft.requires_grad_(False)
 
 
-def engine_paths(server, draft, prompts: list[dict], config: LlamacppConfig) -> tuple[list[EnginePath], list]:
-    """The target's greedy continuation of each prompt in `server` (the target alone) and the draft along it;
-    also the alone runs' (prompt, tokens, timings)."""
+def engine_paths(server, draft, prompts: list[dict], config: LlamacppConfig) -> list[EnginePath]:
+    """The target's greedy continuation of each prompt in `server` (the target alone) and the draft along it."""
     from speckv.profiling.signals import top_k_share
     from speckv.profiling.traces import draft_path
 
-    paths, runs = [], []
+    paths = []
     for p in prompts:
         answer = llamacpp.decode_timing(server.complete(p["input_ids"], config.n_predict))
         tokens = answer["tokens"]
@@ -126,8 +132,7 @@ def engine_paths(server, draft, prompts: list[dict], config: LlamacppConfig) -> 
                 config.n_predict,
             )
         )
-        runs.append((p, answer))
-    return paths, runs
+    return paths
 
 
 def agreement(paths: list[EnginePath], traces_dir: Path) -> dict[str, Any]:
@@ -157,12 +162,14 @@ def agreement(paths: list[EnginePath], traces_dir: Path) -> dict[str, Any]:
     }
 
 
-def _interleaved(servers: dict[str, Any], prompts: list[dict], n_predict: int) -> list[dict]:
-    """Every prompt on every server, the servers' order rotated prompt by prompt."""
+def _interleaved(servers: dict[str, Any], prompts: list[dict], n_predict: int, what: str) -> list[dict]:
+    """Every prompt on every server, the servers' order rotated prompt by prompt; a progress bar `what`."""
+    from tqdm import tqdm
+
     names, rows = list(servers), []
     for server in servers.values():  # untimed: the first completion of a fresh process pays one-time costs
         server.complete(prompts[0]["input_ids"], 8)
-    for k, p in enumerate(prompts):
+    for k, p in enumerate(tqdm(prompts, desc=f"{what} ({len(names)} settings)", unit="prompt")):
         for name in names[k % len(names) :] + names[: k % len(names)]:
             answer = llamacpp.decode_timing(servers[name].complete(p["input_ids"], n_predict))
             rows.append({"prompt_id": p["prompt_id"], "task": p["task"], "policy": name, **answer})
@@ -185,9 +192,9 @@ def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_t
     fixed = {"alone": Speculation(), **{f"n_max={k}": Speculation(k) for k in range(1, config.top + 1)}}
     stack, servers = _servers(fixed, target, draft_gguf, config, extra)
     with stack:
-        rows = _interleaved(servers, prompts, config.n_predict)
+        rows = _interleaved(servers, prompts, config.n_predict, f"llama.cpp costs {gguf_type}")
     with llamacpp.Server(draft_gguf, Speculation(), None, config.threads, config.ctx, extra) as alone_draft:
-        draft_rows = _interleaved({"draft": alone_draft}, prompts, config.n_predict)
+        draft_rows = _interleaved({"draft": alone_draft}, prompts, config.n_predict, "llama.cpp draft alone")
     by_id = {p.prompt_id: p for p in paths}
     runs, left = [], {}
     for row in rows:
@@ -206,7 +213,7 @@ def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_t
     draft_ms = _line(per_token, context)
     meta = {"engine": "llama.cpp", "gguf": gguf_type, "compression": gguf_type, "runs_kept": len(runs)}
     meta["runs_timed"], meta["runs_off_path"] = len(rows), left
-    return fit_costs(runs, config.top, draft_ms, context, meta), rows
+    return fit_costs(runs, config.top, draft_ms, context, meta)
 
 
 def _line(points: list[tuple[float, float]], context: float) -> tuple[float, float]:
@@ -225,21 +232,14 @@ def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gg
     and the replay-predicted decode tokens/s (with ratios to the target alone, paired CIs over prompts)."""
     stack, servers = _servers(settings, target, draft_gguf, config, extra)
     with stack:
-        rows = _interleaved(servers, prompts, config.n_predict)
+        rows = _interleaved(servers, prompts, config.n_predict, "llama.cpp live")
     frame = pd.DataFrame(rows)
     frame["compression"] = "llamacpp"
     alone = {r["prompt_id"]: r["tokens"] for r in rows if r["policy"] == "alone"}
     frame["matches_alone"] = [r["tokens"] == alone.get(r["prompt_id"]) for r in rows]
     steps = costs.step_costs()
-    predicted = {}
-    for name, setting in settings.items():
-        tokens = ms = 0.0
-        for p in paths:
-            t, m = replay_time(setting, p, steps)
-            tokens, ms = tokens + t, ms + m
-        predicted[name] = 1e3 * tokens / ms
+    predicted = {name: pooled_rate(setting, paths, steps) for name, setting in settings.items()}
     table = {}
-    boot = {"n_boot": config.n_boot, "level": config.ci_level, "seed": config.seed}
     for name in settings:
         mine = frame[frame["policy"] == name]
         measured = 1e3 * mine["decode_tokens"].sum() / mine["decode_ms"].sum()
@@ -251,7 +251,7 @@ def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gg
             "prompts": len(mine),
         }
         if name != "alone":
-            entry["vs_alone"] = _ratio(frame, name, "alone", boot)
+            entry["vs_alone"] = _ratio(frame, name, "alone", config.bootstrap)
             entry["replay_vs_alone"] = float(predicted[name] / predicted["alone"])
         table[name] = entry
     oracle_tokens = oracle_ms = 0.0
@@ -272,9 +272,9 @@ def run_type(config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], tes
         llamacpp.convert(Path(config.draft_dir), draft_gguf, config.draft_type)
     extra = llamacpp.engine_args(target, config.threads, config.ctx)
     with llamacpp.Server(target, Speculation(), None, config.threads, config.ctx, extra) as alone:
-        dev_paths, _ = engine_paths(alone, draft, dev, config)
-        test_paths, _ = engine_paths(alone, draft, test, config)
-    costs, calibration_rows = calibrate(dev_paths, dev, target, draft_gguf, config, gguf_type, extra)
+        dev_paths = engine_paths(alone, draft, dev, config)
+        test_paths = engine_paths(alone, draft, test, config)
+    costs = calibrate(dev_paths, dev, target, draft_gguf, config, gguf_type, extra)
     steps = costs.step_costs()
     grid = config.grid()
     best, dev_rates = choose(grid, dev_paths, steps)
@@ -289,7 +289,6 @@ def run_type(config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], tes
     ratio_errors = [
         abs(v["replay_vs_alone"] / v["vs_alone"]["ratio"] - 1.0) for v in table.values() if "vs_alone" in v
     ]
-    boot = {"n_boot": config.n_boot, "level": config.ci_level, "seed": config.seed}
     return (
         {
             "target_gguf": target.name,
@@ -300,12 +299,12 @@ def run_type(config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], tes
             "engine_args": list(extra),
             "recommended": {**asdict(best), "args": [*extra, *best.args(draft_gguf.name)]},
             "live": table,
-            "speedup_recommended_vs_alone": _ratio(frame, best.name, "alone", boot),
-            "speedup_recommended_vs_defaults": _ratio(frame, best.name, DEFAULTS.name, boot),
+            "speedup_recommended_vs_alone": _ratio(frame, best.name, "alone", config.bootstrap),
+            "speedup_recommended_vs_defaults": _ratio(frame, best.name, DEFAULTS.name, config.bootstrap),
             "oracle_replay_tokens_per_s": oracle_rate,
             "fidelity_max_abs_error": max(errors),
             "fidelity_ratio_max_abs_error": max(ratio_errors, default=0.0),
-            "calibration_runs": len(calibration_rows),
+            "calibration_runs": costs.meta["runs_timed"],
         },
         costs,
         frame,
