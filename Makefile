@@ -36,10 +36,12 @@ llamacpp: setup
 	$(BIN)/python -m pip install -q -e ".[llamacpp]"
 	$(BIN)/speckv llamacpp build --jobs 2
 
-# llama.cpp's draft settings for the default pair, chosen on dev prompts and proven live on test prompts
-# (section `llamacpp:` of params.yaml; needs `make llamacpp` and the default pair's models and prompts).
+# llama.cpp's draft settings for a pair, chosen on dev prompts and proven live on test prompts (section
+# `llamacpp:` of params.yaml; needs `make llamacpp` and the pair's models, prompts and traces). The default
+# pair unless PAIR names another entry of `pairs:`, e.g. `make llamacpp-evaluate PAIR=qwen-coder`.
+PAIR ?=
 llamacpp-evaluate: llamacpp
-	$(BIN)/speckv llamacpp evaluate
+	$(BIN)/speckv llamacpp evaluate $(if $(PAIR),--pair $(PAIR))
 
 # The whole suite, in two halves: the fast tests first (a quick failure stops the run), then those marked
 # `slow` (real decoding at three compressions, 1,500 sampled generations, MLflow round trips, dvc status).

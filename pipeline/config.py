@@ -17,6 +17,8 @@ T = TypeVar("T")
 
 # The stage sections a pair's entry overlays; the distill section belongs to the default pair alone.
 PAIR_SECTIONS = ("prompts", "calibrate", "profile", "train", "serve", "evaluate", "report")
+# Sections of commands outside dvc.yaml (optional engines): a pair's entry may overlay them, or leave them out.
+OPTIONAL_PAIR_SECTIONS = ("llamacpp",)
 # The default sections' output paths start with this directory; a pair's start with its `artifacts` instead.
 ARTIFACTS = "artifacts"
 
@@ -109,7 +111,7 @@ def load_section(cls: type[T], section: str, path: str | Path = "params.yaml", p
     params = load_params(path)
     if pair is None:
         return from_dict(cls, params.get(section), section)
-    if section not in PAIR_SECTIONS:
+    if section not in PAIR_SECTIONS + OPTIONAL_PAIR_SECTIONS:
         raise ConfigError(f"section {section!r} is the default pair's alone: run it without --pair")
     return from_dict(cls, pair_section(params, section, pair), f"pairs.{pair}: {section}")
 
@@ -137,6 +139,7 @@ class PairConfig:
     serve: dict[str, Any]
     evaluate: dict[str, Any]
     report: dict[str, Any]
+    llamacpp: dict[str, Any] = dataclasses.field(default_factory=dict)  # `speckv llamacpp evaluate --pair`
 
 
 def pair_config(params: dict[str, Any], pair: str) -> PairConfig:

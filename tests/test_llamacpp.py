@@ -170,7 +170,12 @@ def test_the_report_gives_the_command_line_and_the_metrics_section(tmp_path):
         "agreement": {"compared": 10, "equal": 9, "mean_common_prefix": 0.97},
         "roles": {"alone": "alone", "defaults": DEFAULTS.name, "best_fixed": "n_max=2,n_min=0,p_min=0"}
         | {"recommended": "n_max=4,n_min=0,p_min=0.8"},
-        "recommended": {"args": Speculation(4, 0, 0.8).args("draft-f16.gguf")},
+        "recommended": {
+            "n_max": 4,
+            "n_min": 0,
+            "p_min": 0.8,
+            "args": Speculation(4, 0, 0.8).args("draft-f16.gguf"),
+        },
         "live": {
             "alone": {"measured_tokens_per_s": 50.0, "replay_tokens_per_s": 51.0, "replay_error": 0.02}
             | {"matches_alone": 10, "prompts": 10},
@@ -198,7 +203,8 @@ def test_the_report_gives_the_command_line_and_the_metrics_section(tmp_path):
     llamacpp_report.write(summary, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert (
-        "llama-server -m TARGET.gguf -md draft-f16.gguf --spec-type draft-simple --spec-draft-n-max 4" in text
+        "llama-server -m target-f32.gguf -md draft-f16.gguf --spec-type draft-simple --spec-draft-n-max 4"
+        in text
     )
     assert (
         "| `n_max=4,n_min=0,p_min=0.8` | recommended | 56.0 | 55.0 | -1.8% | 1.120 [1.050, 1.200] | 1.080 |"
@@ -210,3 +216,83 @@ def test_the_report_gives_the_command_line_and_the_metrics_section(tmp_path):
         and metrics["speedup_recommended_vs_defaults"] == 1.5
     )
     assert metrics["args"][:2] == ["-md", "draft-f16.gguf"] and metrics["fidelity_max_abs_error"] == 0.02
+    plan = json.loads((tmp_path / "speculation_schedule.json").read_text())
+    f32 = plan["llamacpp"]["f32"]
+    assert "Test CPU" in plan["measured_with"] and "batch size 1" in plan["measured_with"]
+    assert f32["speculate"] and (f32["n_max"], f32["n_min"], f32["p_min"]) == (4, 0, 0.8)
+    assert f32["llama_speculative_simple"].startswith(
+        "llama-speculative-simple -m target-f32.gguf -md draft-f16"
+    )
+    assert f32["speedup_vs_alone"]["low"] == 1.05 and f32["speedup_vs_defaults"]["ratio"] == 1.5
+
+
+def test_a_converted_gguf_is_reused_only_while_its_folder_is_unchanged(tmp_path, monkeypatch):
+    from speckv.predictor.evaluation import llamacpp as evaluation
+
+    made = []
+
+    def convert(folder, out, outtype):
+        made.append(outtype)
+        out.write_text(f"{folder.name} {outtype}")
+
+    monkeypatch.setattr(evaluation.llamacpp, "convert", convert)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    out = tmp_path / "gguf" / "target-f16.gguf"
+    out.parent.mkdir()
+    assert evaluation.model_gguf(folder, out, "f16") == out and made == ["f16"]
+    evaluation.model_gguf(folder, out, "f16")
+    assert made == ["f16"]  # the stamp names the same folder, type and files: reused
+    (folder / "model.safetensors").write_bytes(b"retrained weights")
+    evaluation.model_gguf(folder, out, "f16")
+    assert made == ["f16", "f16"]
+    with pytest.raises(SpeckvError, match="not made from a GGUF SpecKV fetches"):
+        evaluation.model_gguf(folder, tmp_path / "gguf" / "target-shipped.gguf", "shipped")
+
+
+def test_a_pair_runs_the_section_with_its_own_keys_and_outputs():
+    from speckv.pipeline.config import load_section
+
+    params = Path(__file__).parents[1] / "params.yaml"
+    assert load_section(LlamacppConfig, "llamacpp", params) == LlamacppConfig()
+    qwen = load_section(LlamacppConfig, "llamacpp", params, pair="qwen-coder")
+    assert qwen.out_dir == "artifacts/qwen-coder/llamacpp" and qwen.target_types == ["shipped"]
+    assert qwen.traces_dir == "artifacts/qwen-coder/profile/traces" and qwen.draft_type == "shipped"
+
+
+def test_runs_are_timed_with_one_server_resident_in_rotated_blocks(monkeypatch):
+    from speckv.predictor.evaluation import llamacpp as evaluation
+
+    log, resident = [], []
+
+    class FakeServer:
+        def __init__(self, model, setting, draft, threads, ctx, extra):
+            self.setting = setting
+
+        def __enter__(self):
+            resident.append(self)
+            assert len(resident) == 1, "a second llama-server started beside a timed one"
+            return self
+
+        def __exit__(self, *exc):
+            resident.remove(self)
+
+        def complete(self, ids, n_predict):
+            log.append((self.setting.name, ids[0], n_predict))
+            timings = {"predicted_n": n_predict, "predicted_ms": 10.0, "prompt_ms": 1.0}
+            return {"tokens": [5] * n_predict, "timings": timings}
+
+    monkeypatch.setattr(evaluation.llamacpp, "Server", FakeServer)
+    settings = {"alone": Speculation(), Speculation(2).name: Speculation(2)}
+    prompts = [{"prompt_id": f"p{i}", "task": "code", "input_ids": [i]} for i in range(5)]
+    config = LlamacppConfig(block_prompts=2, n_predict=6)
+    rows = evaluation._interleaved(settings, Path("t.gguf"), Path("d.gguf"), prompts, config, (), "test")
+    assert sorted((r["policy"], r["prompt_id"]) for r in rows) == sorted(
+        (name, p["prompt_id"]) for name in settings for p in prompts
+    )
+    warmups = [name for name, _, n_predict in log if n_predict == 8]
+    assert len(rows) == 10 and len(warmups) == 6  # 3 blocks x 2 settings, each server warmed up once
+    alone, two = "alone", Speculation(2).name
+    assert warmups == [alone, two, two, alone, alone, two]  # the order rotates block by block
+    assert all(r["decode_tokens"] == 5 and r["decode_ms"] == 10.0 for r in rows)

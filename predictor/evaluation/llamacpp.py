@@ -38,6 +38,9 @@ from speckv.profiling.llamacpp import DEFAULTS, Speculation
 
 log = logging.getLogger(__name__)
 
+SHIPPED = "shipped"  # the GGUF type of a model folder's own published GGUF
+GGUF_TYPES = (*llamacpp.GGUF_TYPES, SHIPPED)
+
 
 @dataclass
 class LlamacppConfig:
@@ -48,11 +51,14 @@ class LlamacppConfig:
     prompts: str = "artifacts/prompts/prompts.jsonl"
     traces_dir: str = "artifacts/profile/traces"  # SpecKV's fp32 traces, for the agreement check
     out_dir: str = "artifacts/llamacpp"
+    # GGUF types of the target, each evaluated in turn: f32, f16, q8_0 (llama.cpp's converter makes them from
+    # the folder) or shipped (the published GGUF the folder was dequantized from, as it is)
     target_types: list[str] = field(default_factory=lambda: ["f32", "q8_0"])
-    draft_type: str = "f16"
+    draft_type: str = "f16"  # the draft's GGUF type, as the target's
     dev_per_task: int = 2
     test_per_task: int = 5
     n_predict: int = 64
+    block_prompts: int = 4  # prompts each started llama-server runs before the next setting's takes its turn
     n_max_grid: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8])
     n_min_grid: list[int] = field(default_factory=lambda: [0, 2])
     p_min_grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.7, 0.8, 0.9, 0.95])
@@ -63,9 +69,9 @@ class LlamacppConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.target_types if t not in llamacpp.GGUF_TYPES]
-        if bad or self.draft_type not in llamacpp.GGUF_TYPES:
-            raise SpeckvError(f"GGUF types must be among {llamacpp.GGUF_TYPES}, got {bad or self.draft_type}")
+        bad = [t for t in [*self.target_types, self.draft_type] if t not in GGUF_TYPES]
+        if bad or not self.target_types:
+            raise SpeckvError(f"GGUF types must be among {', '.join(GGUF_TYPES)}, got {bad or 'none'}")
         if min(self.n_max_grid, default=0) < 1 or min(self.n_min_grid, default=-1) < 0:
             raise SpeckvError("n_max_grid needs values >= 1 and n_min_grid values >= 0")
         if not all(0.0 <= p <= 1.0 for p in self.p_min_grid) or not self.p_min_grid:
@@ -74,8 +80,8 @@ class LlamacppConfig:
             raise SpeckvError(
                 f"n_max_grid must reach llama.cpp's default n_max {DEFAULTS.n_max}, to replay it"
             )
-        if self.n_predict < 2 or self.dev_per_task < 1 or self.test_per_task < 1:
-            raise SpeckvError("n_predict >= 2, dev_per_task >= 1 and test_per_task >= 1 required")
+        if min(self.n_predict - 1, self.dev_per_task, self.test_per_task, self.block_prompts) < 1:
+            raise SpeckvError("n_predict >= 2, dev_per_task, test_per_task and block_prompts >= 1 required")
 
     def grid(self) -> list[Speculation]:
         """The target alone, then every (n_max, n_min, p_min) with n_min <= n_max."""
@@ -162,39 +168,45 @@ def agreement(paths: list[EnginePath], traces_dir: Path) -> dict[str, Any]:
     }
 
 
-def _interleaved(servers: dict[str, Any], prompts: list[dict], n_predict: int, what: str) -> list[dict]:
-    """Every prompt on every server, the servers' order rotated prompt by prompt; a progress bar `what`."""
+def _interleaved(
+    settings: dict[str, Speculation],
+    model: Path,
+    draft: Path | None,
+    prompts: list[dict],
+    config,
+    extra,
+    what: str,
+) -> list[dict]:
+    """Every prompt under every setting, with one llama-server resident at a time: per block of
+    `config.block_prompts` prompts, each setting's server is started, warmed up untimed (a fresh process pays
+    one-time costs), run on the block and stopped, the settings' order rotated block by block so machine
+    drift falls on all of them alike. Idle servers beside a timed one slowed it by ~10% here, so none is kept:
+    calibration and live runs time under the same conditions. A progress bar `what`."""
     from tqdm import tqdm
 
-    names, rows = list(servers), []
-    for server in servers.values():  # untimed: the first completion of a fresh process pays one-time costs
-        server.complete(prompts[0]["input_ids"], 8)
-    for k, p in enumerate(tqdm(prompts, desc=f"{what} ({len(names)} settings)", unit="prompt")):
-        for name in names[k % len(names) :] + names[: k % len(names)]:
-            answer = llamacpp.decode_timing(servers[name].complete(p["input_ids"], n_predict))
-            rows.append({"prompt_id": p["prompt_id"], "task": p["task"], "policy": name, **answer})
+    names, rows, size = list(settings), [], config.block_prompts
+    blocks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    with tqdm(total=len(prompts) * len(names), desc=f"{what} ({len(names)} settings)", unit="run") as bar:
+        for k, block in enumerate(blocks):
+            for name in names[k % len(names) :] + names[: k % len(names)]:
+                args = (model, settings[name], draft, config.threads, config.ctx, extra)
+                with llamacpp.Server(*args) as server:
+                    server.complete(block[0]["input_ids"], 8)
+                    for p in block:
+                        answer = llamacpp.decode_timing(server.complete(p["input_ids"], config.n_predict))
+                        rows.append(
+                            {"prompt_id": p["prompt_id"], "task": p["task"], "policy": name, **answer}
+                        )
+                        bar.update(1)
     return rows
-
-
-def _servers(settings: dict[str, Speculation], target: Path, draft: Path, config: LlamacppConfig, extra=()):
-    from contextlib import ExitStack
-
-    with ExitStack() as stack:  # one that fails to start stops those already started
-        servers = {
-            name: stack.enter_context(llamacpp.Server(target, s, draft, config.threads, config.ctx, extra))
-            for name, s in settings.items()
-        }
-        return stack.pop_all(), servers
 
 
 def calibrate(paths, prompts, target, draft_gguf, config: LlamacppConfig, gguf_type: str, extra=()):
     """llama.cpp's cost model from timed fixed-n_max runs (and the draft decoding alone) on dev prompts."""
     fixed = {"alone": Speculation(), **{f"n_max={k}": Speculation(k) for k in range(1, config.top + 1)}}
-    stack, servers = _servers(fixed, target, draft_gguf, config, extra)
-    with stack:
-        rows = _interleaved(servers, prompts, config.n_predict, f"llama.cpp costs {gguf_type}")
-    with llamacpp.Server(draft_gguf, Speculation(), None, config.threads, config.ctx, extra) as alone_draft:
-        draft_rows = _interleaved({"draft": alone_draft}, prompts, config.n_predict, "llama.cpp draft alone")
+    rows = _interleaved(fixed, target, draft_gguf, prompts, config, extra, f"llama.cpp costs {gguf_type}")
+    alone = {"draft": Speculation()}
+    draft_rows = _interleaved(alone, draft_gguf, None, prompts, config, extra, "llama.cpp draft alone")
     by_id = {p.prompt_id: p for p in paths}
     runs, left = [], {}
     for row in rows:
@@ -230,9 +242,7 @@ def _line(points: list[tuple[float, float]], context: float) -> tuple[float, flo
 def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gguf, config, costs, extra=()):
     """Test prompts under every setting in llama-server, interleaved; the rows, and per setting the measured
     and the replay-predicted decode tokens/s (with ratios to the target alone, paired CIs over prompts)."""
-    stack, servers = _servers(settings, target, draft_gguf, config, extra)
-    with stack:
-        rows = _interleaved(servers, prompts, config.n_predict, "llama.cpp live")
+    rows = _interleaved(settings, target, draft_gguf, prompts, config, extra, "llama.cpp live")
     frame = pd.DataFrame(rows)
     frame["compression"] = "llamacpp"
     alone = {r["prompt_id"]: r["tokens"] for r in rows if r["policy"] == "alone"}
@@ -261,15 +271,53 @@ def live_test(paths, prompts, settings: dict[str, Speculation], target, draft_gg
     return frame, table, 1e3 * oracle_tokens / oracle_ms
 
 
+def _stamp(model_dir: Path, gguf_type: str) -> dict[str, Any]:
+    """What a GGUF was made from: the folder, the type, and the size and time of each of its files."""
+    files = sorted(f for f in model_dir.iterdir() if f.is_file())
+    return {
+        "model": str(model_dir.resolve()),
+        "type": gguf_type,
+        "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
+    }
+
+
+def model_gguf(model_dir: Path, out: Path, gguf_type: str) -> Path:
+    """`model_dir` as the GGUF file `out` of `gguf_type`: `shipped` is the published file the folder was
+    dequantized from, any other type llama.cpp's converter makes; reused while its stamp (`out` + .json)
+    names the same folder, type and files."""
+    from speckv.data.pairs import shipped_gguf
+
+    stamp, stamp_path = _stamp(model_dir, gguf_type), out.with_name(out.name + ".json")
+    if out.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return out
+    if gguf_type == SHIPPED:
+        shipped_gguf(model_dir, out)
+    else:
+        llamacpp.convert(model_dir, out, gguf_type)
+    write_text(stamp_path, json.dumps(stamp, indent=2) + "\n")
+    return out
+
+
+def file_type(path: Path) -> str:
+    """The GGUF's own name for its weights' type (e.g. MOSTLY_Q4_K_M)."""
+    import gguf
+
+    entry = gguf.GGUFReader(path).fields.get("general.file_type")
+    if entry is None:
+        return "unknown"
+    value = int(entry.parts[entry.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name
+    except ValueError:
+        return str(value)
+
+
 def run_type(config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], test: list[dict]):
     """Everything for one target GGUF type: its summary section, cost model and live rows."""
-    out = Path(config.out_dir)
-    target = out / "gguf" / f"target-{gguf_type}.gguf"
-    draft_gguf = out / "gguf" / f"draft-{config.draft_type}.gguf"
-    if not target.is_file():
-        llamacpp.convert(Path(config.target_dir), target, gguf_type)
-    if not draft_gguf.is_file():
-        llamacpp.convert(Path(config.draft_dir), draft_gguf, config.draft_type)
+    folder = Path(config.out_dir) / "gguf"
+    target = model_gguf(Path(config.target_dir), folder / f"target-{gguf_type}.gguf", gguf_type)
+    draft_type = config.draft_type
+    draft_gguf = model_gguf(Path(config.draft_dir), folder / f"draft-{draft_type}.gguf", draft_type)
     extra = llamacpp.engine_args(target, config.threads, config.ctx)
     with llamacpp.Server(target, Speculation(), None, config.threads, config.ctx, extra) as alone:
         dev_paths = engine_paths(alone, draft, dev, config)
@@ -293,6 +341,8 @@ def run_type(config: LlamacppConfig, gguf_type: str, draft, dev: list[dict], tes
         {
             "target_gguf": target.name,
             "draft_gguf": draft_gguf.name,
+            "target_file_type": file_type(target),
+            "draft_file_type": file_type(draft_gguf),
             "agreement": agreement(dev_paths + test_paths, Path(config.traces_dir)),
             "dev_rates": dev_rates,
             "roles": {role: s.name for role, s in roles.items()},

@@ -11,10 +11,41 @@ from typing import Any
 from speckv.profiling.atomic import write_text
 
 
-def command_line(section: dict[str, Any], target: str = "TARGET.gguf") -> str:
-    """The llama-server command that runs the recommended settings (the target alone when none pays)."""
-    args = ["llama-server", "-m", target, *section["recommended"]["args"]]
+def command_line(section: dict[str, Any], program: str = "llama-server") -> str:
+    """The `program` command that runs the recommended settings (the target alone when none pays), the
+    GGUF files named as they lie in the output folder's gguf/."""
+    args = [program, "-m", section["target_gguf"], *section["recommended"]["args"]]
     return shlex.join(args)
+
+
+def schedule(summary: dict[str, Any]) -> dict[str, Any]:
+    """speculation_schedule.json: per target GGUF type, the settings to run at batch size 1 as llama.cpp
+    arguments and ready command lines, with what they were measured on and the speedups that back them."""
+    build, cpu = summary["llamacpp"], summary["cpu"]
+    out: dict[str, Any] = {
+        "measured_with": f"llama.cpp {build['version']} (llama-server), batch size 1, "
+        f"{summary['config']['threads']} threads on {cpu['model']} ({cpu['capability']})",
+        "llamacpp": {},
+    }
+    for gguf_type, section in summary["types"].items():
+        rec = section["recommended"]
+        out["llamacpp"][gguf_type] = {
+            "target_gguf": section["target_gguf"],
+            "target_file_type": section.get("target_file_type"),
+            "draft_gguf": section["draft_gguf"],
+            "speculate": rec["n_max"] > 0,
+            "n_max": rec["n_max"],
+            "n_min": rec["n_min"],
+            "p_min": rec["p_min"],
+            "args": rec["args"],
+            "llama_server": command_line(section),
+            "llama_speculative_simple": command_line(section, "llama-speculative-simple")
+            if rec["n_max"] > 0
+            else None,
+            "speedup_vs_alone": section["speedup_recommended_vs_alone"],
+            "speedup_vs_defaults": section["speedup_recommended_vs_defaults"],
+        }
+    return out
 
 
 def metrics(summary: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +100,8 @@ def markdown(summary: dict[str, Any]) -> str:
         rec = section["speedup_recommended_vs_alone"]
         lines += [
             "",
-            f"## Target {gguf_type} (`{section['target_gguf']}`), draft `{section['draft_gguf']}`",
+            f"## Target {gguf_type} (`{section['target_gguf']}`, {section.get('target_file_type', '?')}), "
+            f"draft `{section['draft_gguf']}` ({section.get('draft_file_type', '?')})",
             "",
             f"Recommended: `{section['roles']['recommended']}`, {rec['ratio']:.3f}x [{rec['low']:.3f}, "
             f"{rec['high']:.3f}] the target alone. Run it with:",
@@ -95,6 +127,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def write(summary: dict[str, Any], out_dir: Path) -> None:
-    """report.md and metrics.json (the `llamacpp` section) under `out_dir`."""
+    """report.md, metrics.json (the `llamacpp` section) and speculation_schedule.json under `out_dir`."""
     write_text(out_dir / "report.md", markdown(summary))
     write_text(out_dir / "metrics.json", json.dumps({"llamacpp": metrics(summary)}, indent=2) + "\n")
+    write_text(out_dir / "speculation_schedule.json", json.dumps(schedule(summary), indent=2) + "\n")
