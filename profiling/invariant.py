@@ -15,9 +15,10 @@ row by row. The operation that mixes positions differently is attention: SDPA ru
 decoding and a masked multi-query kernel when verifying. With row-wise attention the same measurement gives
 2e-5 for both (what remains comes from the fp32 head). `speckv_rowwise` attention gives every query row of a short
 (<= MAX_ROWS) batch-1 pass its own one-query SDPA call over exactly the keys it may see (the causal prefix),
-so a verify pass repeats decoding's arithmetic row by row; a left-padded batch of one-token rows (the batched
-continuations of profiling/traces.py) gets the same call per row over that row's keys. Longer passes (the prompt prefill, identical in
-every run) and batched inputs take the normal SDPA path. Cost: one SDPA call per verified token per layer
+so a verify pass repeats decoding's arithmetic row by row. A masked batch (the left-padded one-token rows of
+profiling/traces.py' batched continuations, the per-row verify of profiling/batch_decode.py) gets the same
+call per query row over the keys its mask shows, which must be one contiguous span. Longer passes (the
+prompt prefill, identical in every run) and unmasked batches take the normal SDPA path. Cost: one SDPA call per verified token per layer
 (~20 us each here), paid only by targets that need it (`needs_rowwise`).
 """
 
@@ -38,7 +39,7 @@ def rowwise_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, k_len = query.shape[2], key.shape[2]
-    if query.shape[0] > 1 and q_len == 1 and attention_mask is not None:
+    if query.shape[0] > 1 and q_len <= MAX_ROWS and attention_mask is not None:
         return _rows_of_a_batch(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1 or q_len > MAX_ROWS:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -60,25 +61,30 @@ def rowwise_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _rows_of_a_batch(module, query, key, value, attention_mask, **kwargs):
-    """One-token decoding of a left-padded batch (profiling.traces' batched continuations): each row gets
-    the unmasked one-query SDPA call batch-1 decoding makes, over its own keys (the mask's True span)."""
+    """A masked batch of short rows: each query row of each batch row gets the unmasked one-query SDPA call
+    batch-1 decoding makes, over the contiguous span of keys its boolean mask shows ([B, 1, Q or 1, K])."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
-    starts = attention_mask[:, 0, 0, :].to(torch.int8).argmax(dim=-1).tolist()  # first visible key per row
+    q_len = query.shape[2]
+    visible = attention_mask[:, 0].expand(-1, q_len, -1)
+    first = visible.to(torch.int8).argmax(dim=-1)
+    spans = torch.stack([first, first + visible.sum(dim=-1)], dim=-1).tolist()  # one host transfer
     rows = []
-    for b, start in enumerate(starts):
-        out, _ = sdpa_attention_forward(
-            module,
-            query[b : b + 1],
-            key[b : b + 1, :, start:],
-            value[b : b + 1, :, start:],
-            None,
-            is_causal=False,
-            **kwargs,
-        )
-        rows.append(out)
-    return torch.cat(rows, dim=0), None
+    for b, row_spans in enumerate(spans):
+        for i, (start, end) in enumerate(row_spans):
+            out, _ = sdpa_attention_forward(
+                module,
+                query[b : b + 1, :, i : i + 1],
+                key[b : b + 1, :, start:end],
+                value[b : b + 1, :, start:end],
+                None,
+                is_causal=False,
+                **kwargs,
+            )
+            rows.append(out)
+    # each out is [1, 1, heads, dim] (SDPA's output transposed): query rows on dim 1, batch rows on dim 0
+    return torch.cat(rows, dim=1).view(query.shape[0], q_len, *rows[0].shape[2:]), None
 
 
 def register() -> None:
