@@ -11,6 +11,7 @@ from speckv.profiling.errors import SpeckvError
 
 # Each module defines `register(subparsers)`, which adds its subcommand and sets `func` on the parser.
 STAGE_MODULES = (
+    "speckv.pipeline.batch",
     "speckv.pipeline.evaluate",
     "speckv.pipeline.generate",
     "speckv.pipeline.llamacpp",

@@ -18,7 +18,7 @@ T = TypeVar("T")
 # The stage sections a pair's entry overlays; the distill section belongs to the default pair alone.
 PAIR_SECTIONS = ("prompts", "calibrate", "profile", "train", "serve", "evaluate", "report")
 # Sections of commands outside dvc.yaml (optional engines): a pair's entry may overlay them, or leave them out.
-OPTIONAL_PAIR_SECTIONS = ("llamacpp",)
+OPTIONAL_PAIR_SECTIONS = ("batch", "llamacpp")
 # The default sections' output paths start with this directory; a pair's start with its `artifacts` instead.
 ARTIFACTS = "artifacts"
 
@@ -139,6 +139,7 @@ class PairConfig:
     serve: dict[str, Any]
     evaluate: dict[str, Any]
     report: dict[str, Any]
+    batch: dict[str, Any] = dataclasses.field(default_factory=dict)  # `speckv batch --pair`
     llamacpp: dict[str, Any] = dataclasses.field(default_factory=dict)  # `speckv llamacpp evaluate --pair`
 
 

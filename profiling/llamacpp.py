@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -185,7 +186,16 @@ def convert(hf_dir: Path, out: Path, outtype: str, root: Path | None = None) -> 
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py"), "NO_LOCAL_GGUF": ""}
     with atomic_path(out) as tmp:
         cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-        _run(cmd, f"converting {hf_dir} to {outtype} GGUF", env)
+        try:
+            _run(cmd, f"converting {hf_dir} to {outtype} GGUF", env)
+        except SpeckvError as exc:
+            missing = re.search(r"No module named '([\w.]+)'", str(exc))
+            if missing is None:
+                raise
+            raise SpeckvError(
+                f"llama.cpp's converter needs the Python package {missing.group(1)!r}: install it with "
+                "`make llamacpp` (pip install -e '.[llamacpp]')"
+            ) from None
     return Path(out)
 
 

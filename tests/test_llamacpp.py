@@ -296,3 +296,20 @@ def test_runs_are_timed_with_one_server_resident_in_rotated_blocks(monkeypatch):
     alone, two = "alone", Speculation(2).name
     assert warmups == [alone, two, two, alone, alone, two]  # the order rotates block by block
     assert all(r["decode_tokens"] == 5 and r["decode_ms"] == 10.0 for r in rows)
+
+
+def test_a_converter_missing_a_package_is_one_clear_error(tmp_path):
+    src = tmp_path / "llama" / "src"
+    src.mkdir(parents=True)
+    (src / "convert_hf_to_gguf.py").write_text("import a_package_that_is_not_installed\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    out = tmp_path / "out" / "model-f16.gguf"
+    out.parent.mkdir()
+    with pytest.raises(
+        SpeckvError, match="needs the Python package 'a_package_that_is_not_installed'"
+    ) as err:
+        llamacpp.convert(model, out, "f16", root=tmp_path / "llama")
+    assert "\n" not in str(err.value) and "make llamacpp" in str(err.value)
+    assert list(out.parent.iterdir()) == []  # nothing half-written

@@ -92,7 +92,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"llama.cpp {build['version']} (`{build['package']}` sdist, sha256 {build['sha256'][:12]}…), built here in "
         f"{build['build_s'] / 60:.1f} min; CPU {cpu['model']} ({cpu['capability']}), {summary['config']['threads']} "
         "threads. Settings chosen on dev prompts under llama.cpp's costs measured here; the table is test prompts, "
-        "all settings interleaved in llama-server, decode tokens/s from llama.cpp's own timings (after the "
+        "all settings interleaved in blocks of prompts with one llama-server resident at a time, decode tokens/s "
+        "from llama.cpp's own timings (after the "
         "prompt's prefill).",
     ]
     for gguf_type, section in summary["types"].items():

@@ -1,0 +1,334 @@
+"""Gamma by batch size: the best fixed gamma and the MLP's batch-aware stop rule at each batch size, chosen by
+replay under batched cost models measured in the batched loop, proven in batched live runs.
+
+Per compression: the pair's dense greedy traces of dev and test prompts (with the batched loop's causal
+draft); a BatchCostModel calibrated at every batch size (profiling/batch_costs.py); at each batch size the
+dev prompts replayed in batches (profiling/batch_replay.py) at every fixed gamma, the best kept; on the test
+prompts `none`, that best gamma, batch 1's best gamma applied at every size, and the MLP whose stop rule
+optimises the batch size's own cost table; then, at the live batch sizes, the test prompts decoded in the
+same batches under `none`, the batch's best fixed gamma and the MLP, interleaved batch by batch, decode
+tokens/s summed over the batch against what replay predicted for the same batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from speckv.predictor.runtime import AcceptancePredictor, MLPController
+from speckv.predictor.stats import paired_ratio
+from speckv.profiling.batch_costs import BatchCostModel
+from speckv.profiling.controllers import FixedGamma
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.replay import Trace
+
+log = logging.getLogger(__name__)
+
+NONE, BEST, BEST_AT_1, MLP = "none", "best-fixed", "batch-1-best", "mlp"
+
+
+@dataclass
+class BatchConfig:
+    target: str = "default"  # target reference
+    draft: str = "default-standalone"  # a causal LM draft: the batched loop runs no feature draft
+    draft_compression: str | None = None  # null: the draft's own dtype; same: the target's; or fp32/int8/nf4
+    compressions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    prompts: str = "artifacts/prompts/prompts.jsonl"  # tokenized prompts with splits
+    export_dir: str = (
+        "artifacts/predictor/export"  # the MLP export whose stop rule is re-costed per batch size
+    )
+    out_dir: str = "artifacts/batch"  # summary.json, {compression}_batch.json, live.parquet, replay.parquet
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # calibrated and replayed
+    live_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])  # run live
+    gamma_max: int = 8  # most tokens drafted per step
+    dev_per_task: int = 4  # dev prompts per task traced: the best gamma per batch size is chosen on them
+    test_per_task: int = 4  # test prompts per task traced, replayed and run live
+    max_new_tokens: int = 64  # tokens per row, traced and live
+    calibration_prompts: int = 6  # dev prompts the batched calibration cycles through
+    calibration_tokens: int = 24  # tokens per row of each calibration run
+    threads: int = 2  # torch CPU threads
+    cpu_kernels: bool = True  # as calibrate.cpu_kernels
+    n_boot: int = 2000  # paired bootstrap resamples over batches
+    ci_level: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.batch_sizes, default=0) < 1 or 1 not in self.batch_sizes:
+            raise SpeckvError("batch_sizes must hold 1 and sizes >= 1 (batch 1's best gamma is compared)")
+        if not set(self.live_batch_sizes) <= set(self.batch_sizes):
+            raise SpeckvError("every live batch size must be a calibrated one (in batch_sizes)")
+        if min(self.gamma_max, self.dev_per_task, self.test_per_task, self.calibration_prompts) < 1:
+            raise SpeckvError("gamma_max, dev_per_task, test_per_task and calibration_prompts must be >= 1")
+        if self.calibration_tokens < self.gamma_max + 3 or self.max_new_tokens < 2:
+            raise SpeckvError("calibration_tokens must exceed gamma_max + 2 (every gamma needs a full step)")
+
+    @property
+    def bootstrap(self) -> dict[str, Any]:
+        return {"n_boot": self.n_boot, "level": self.ci_level, "seed": self.seed}
+
+
+def batches_of(items: list, size: int, key) -> list[list]:
+    """`items` in a stable order (by `key`) cut into consecutive batches of `size` (the last may be smaller):
+    replay and live runs group the same prompts together."""
+    ordered = sorted(items, key=key)
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def batch_mlp(predictor: AcceptancePredictor, gamma_max: int, compression: str, costs, batch: int):
+    """A factory of the MLP controller whose stop rule optimises batch size `batch`'s cost table: the
+    export's rule with that table in place of its batch-1 one (its discount and trim stay as tuned)."""
+    table = costs.step_costs(batch)
+    rule = copy.deepcopy(predictor.stop_rule)
+    rule["step_ms"][compression] = [float(t) for t in table[: gamma_max + 1]]
+    rule["draft_ms"][compression] = float(table.draft_ms)
+    batched = copy.copy(predictor)
+    batched.stop_rule = rule
+    return lambda: MLPController(batched, gamma_max, compression, name=MLP)
+
+
+def replay_rate(factory, batches: list[list[Trace]], costs: BatchCostModel, max_new_tokens: int) -> dict:
+    """Decode tokens and ms of a policy replayed batch by batch (`factory()` builds one controller per row)."""
+    from speckv.profiling.batch_replay import replay_batch
+
+    tokens = ms = 0.0
+    per_batch = []
+    for traces in batches:
+        result = replay_batch([factory() for _ in traces], traces, costs.step, max_new_tokens)
+        tokens, ms = tokens + result.decode_tokens, ms + result.decode_ms
+        per_batch.append((result.decode_tokens, result.decode_ms))
+    return {"tokens": tokens, "ms": ms, "rate": 1e3 * tokens / ms if ms > 0 else 0.0, "per_batch": per_batch}
+
+
+def choose_gammas(dev: list[Trace], test: list[Trace], costs: BatchCostModel, config: BatchConfig, mlp_for):
+    """Per batch size: every fixed gamma's dev rate, the best one, and the test rates of the compared
+    policies; the rows of the replay table."""
+    key = lambda t: t.prompt_id  # noqa: E731
+    table, rows, best = {}, [], {}
+    for b in config.batch_sizes:
+        dev_batches = batches_of(dev, b, key)
+        dev_rates = {
+            g: replay_rate(lambda g=g: FixedGamma(g), dev_batches, costs, config.max_new_tokens)["rate"]
+            for g in range(config.gamma_max + 1)
+        }
+        best[b] = max(dev_rates, key=lambda g: (dev_rates[g], -g))
+        table[b] = {"dev_rates": dev_rates, "best_gamma": best[b]}
+    for b in config.batch_sizes:
+        test_batches = batches_of(test, b, key)
+        policies = {
+            NONE: lambda: FixedGamma(0),
+            BEST: lambda b=b: FixedGamma(best[b]),
+            BEST_AT_1: lambda: FixedGamma(best[1]),
+            MLP: mlp_for(b),
+        }
+        test_rates = {}
+        for name, factory in policies.items():
+            replayed = replay_rate(factory, test_batches, costs, config.max_new_tokens)
+            test_rates[name] = replayed["rate"]
+            rows.append({"batch_size": b, "policy": name, "tokens": replayed["tokens"], "ms": replayed["ms"]})
+        table[b]["test_rates"] = test_rates
+    return best, table, rows
+
+
+def live_runs(pair, prompts: list[dict], best: dict[int, int], config: BatchConfig, mlp_for) -> pd.DataFrame:
+    """The test prompts in batches at every live batch size under `none`, the batch's best fixed gamma and the
+    MLP, the policies' order rotated batch by batch: one row per (batch, policy)."""
+    from speckv.profiling.batch_decode import speculative_generate_batch
+    from speckv.profiling.decode import DecodeConfig
+    from speckv.profiling.models import eos_ids
+    from tqdm import tqdm
+
+    decode = DecodeConfig(
+        max_new_tokens=config.max_new_tokens,
+        gamma_max=config.gamma_max,
+        eos_token_ids=eos_ids(pair.tokenizer, pair.target),
+    )
+    warm = DecodeConfig(max_new_tokens=8, gamma_max=config.gamma_max)
+    first = [prompts[0]["input_ids"]]
+    speculative_generate_batch(
+        pair.target, pair.draft, first, [FixedGamma(config.gamma_max)], warm, pair.compression
+    )
+    rows = []
+    plan = [
+        (b, i, batch)
+        for b in config.live_batch_sizes
+        for i, batch in enumerate(batches_of(prompts, b, lambda p: p["prompt_id"]))
+    ]
+    for k, (b, i, batch) in enumerate(tqdm(plan, desc=f"batched live {pair.compression}", unit="batch")):
+        policies = {NONE: lambda: FixedGamma(0), BEST: lambda b=b: FixedGamma(best[b]), MLP: mlp_for(b)}
+        names = list(policies)
+        for name in names[k % len(names) :] + names[: k % len(names)]:
+            controllers = [policies[name]() for _ in batch]
+            ids = [p["input_ids"] for p in batch]
+            result = speculative_generate_batch(
+                pair.target, pair.draft, ids, controllers, decode, pair.compression
+            )
+            rows.append(
+                {
+                    "compression": pair.compression,
+                    "batch_size": b,
+                    "prompt_id": f"B{b}/{i}",
+                    "policy": name,
+                    "gamma": best[b] if name == BEST else None,
+                    "decode_tokens": result.decode_tokens,
+                    "decode_s": result.decode_s,
+                    "new_tokens": result.new_tokens,
+                    "tokens": [r.token_ids for r in result.rows],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def fidelity(live: pd.DataFrame, test: list[Trace], costs: BatchCostModel, best, config, mlp_for) -> dict:
+    """Per live batch size and policy: measured decode tokens/s (summed over the batch) against replay's
+    prediction for the same batches, the ratio to `none` with a paired CI over batches, and whether every
+    row's tokens equal `none`'s."""
+    key = lambda t: t.prompt_id  # noqa: E731
+    out: dict[str, Any] = {}
+    for b in config.live_batch_sizes:
+        mine = live[live["batch_size"] == b]
+        batches = batches_of(test, b, key)
+        factories = {NONE: lambda: FixedGamma(0), BEST: lambda b=b: FixedGamma(best[b]), MLP: mlp_for(b)}
+        none_tokens = dict(
+            zip(
+                mine[mine["policy"] == NONE]["prompt_id"], mine[mine["policy"] == NONE]["tokens"], strict=True
+            )
+        )
+        entry = {}
+        for name, factory in factories.items():
+            runs = mine[mine["policy"] == name]
+            measured = runs["decode_tokens"].sum() / runs["decode_s"].sum()
+            predicted = replay_rate(factory, batches, costs, config.max_new_tokens)["rate"]
+            entry[name] = {
+                "measured_tokens_per_s": float(measured),
+                "replay_tokens_per_s": float(predicted),
+                "replay_error": float(predicted / measured - 1.0),
+                "lossless_batches": int(
+                    sum(
+                        t == none_tokens.get(p)
+                        for p, t in zip(runs["prompt_id"], runs["tokens"], strict=True)
+                    )
+                ),
+                "batches": len(runs),
+            }
+            if name != NONE:
+                ci = paired_ratio(
+                    mine, name, NONE, time_col="decode_s", tokens_col="decode_tokens", **config.bootstrap
+                )
+                entry[name]["vs_none"] = ci.as_dict()
+        out[str(b)] = entry
+    return out
+
+
+def trace_prompts(pair, prompts: list[dict], config: BatchConfig) -> list[Trace]:
+    """Dense greedy traces of `prompts` with the pair's causal draft, as the profile stage computes them."""
+    import pyarrow as pa
+    from speckv.profiling.models import eos_ids
+    from speckv.profiling.replay import traces_from_frame
+    from speckv.profiling.traces import batched_traces
+
+    runs = [
+        {"prompt_id": p["prompt_id"], "task": p["task"], "split": p["split"], "compression": pair.compression}
+        for p in prompts
+    ]
+    ids = [p["input_ids"] for p in prompts]
+    eos = eos_ids(pair.tokenizer, pair.target)
+    tables = batched_traces(pair.target, pair.draft, ids, config.gamma_max, config.max_new_tokens, eos, runs)
+    return traces_from_frame(pa.concat_tables(tables).to_pandas())
+
+
+def run_compression(config: BatchConfig, compression: str, predictor, dev: list[dict], test: list[dict]):
+    """Everything for one compression: its summary section, batch cost model, live rows and replay rows."""
+    from speckv.profiling.batch_costs import calibrate_batches
+    from speckv.profiling.calibrate import calibration_prompts
+    from speckv.profiling.models import draft_compression_for, load_pair
+
+    pair = load_pair(
+        config.target,
+        config.draft,
+        compression,
+        cpu_kernels=config.cpu_kernels,
+        draft_compression=draft_compression_for(config.draft_compression, compression),
+    )
+    traces = trace_prompts(pair, dev + test, config)
+    dev_traces = [t for t in traces if t.split == "dev"]
+    test_traces = [t for t in traces if t.split == "test"]
+    calibration = calibration_prompts([p["input_ids"] for p in dev], config.calibration_prompts)
+    costs, _ = calibrate_batches(
+        pair.target,
+        pair.draft,
+        compression,
+        calibration,
+        config.batch_sizes,
+        config.gamma_max,
+        config.calibration_tokens,
+    )
+    mlp_for = lambda b: batch_mlp(predictor, config.gamma_max, compression, costs, b)  # noqa: E731
+    best, table, replay_rows = choose_gammas(dev_traces, test_traces, costs, config, mlp_for)
+    live = live_runs(pair, test, best, config, mlp_for)
+    section = {
+        "best_gamma": {str(b): g for b, g in best.items()},
+        "by_batch_size": {str(b): v for b, v in table.items()},
+        "live": fidelity(live, test_traces, costs, best, config, mlp_for),
+    }
+    errors = [abs(e["replay_error"]) for b in section["live"].values() for e in b.values()]
+    section["fidelity_max_abs_error"] = max(errors, default=0.0)
+    return (
+        section,
+        costs,
+        live.assign(tokens=live["tokens"].map(str)),
+        pd.DataFrame(replay_rows).assign(compression=compression),
+    )
+
+
+def run_batch(config: BatchConfig) -> dict[str, Any]:
+    """Gamma by batch size for every compression of `config`; writes its outputs under out_dir."""
+    import json
+
+    import torch
+    from speckv.data.prompts import load_prompt_file
+    from speckv.predictor.controller import shared_export
+    from speckv.predictor.evaluation.schedule import transformers_settings, vllm_fragment
+    from speckv.profiling.atomic import atomic_path, write_text
+    from speckv.profiling.cpu import cpu_info
+
+    torch.set_num_threads(config.threads)
+    dev = load_prompt_file(Path(config.prompts), splits=["dev"], per_task=config.dev_per_task)
+    test = load_prompt_file(Path(config.prompts), splits=["test"], per_task=config.test_per_task)
+    if not dev or not test:
+        raise SpeckvError(f"{config.prompts} needs dev and test prompts")
+    predictor = shared_export(config.export_dir)
+    out = Path(config.out_dir)
+    summary: dict[str, Any] = {"config": asdict(config), "cpu": cpu_info(), "compressions": {}}
+    results = {}
+    for compression in config.compressions:
+        section, *results[compression] = run_compression(config, compression, predictor, dev, test)
+        summary["compressions"][compression] = section
+    schedule: dict[str, Any] = {
+        "measured_with": f"SpecKV's batched loop on {summary['cpu']['model']} ({summary['cpu']['capability']}), "
+        f"{config.threads} threads: not measured on vLLM",
+        "compressions": {},
+    }
+    for compression, section in summary["compressions"].items():
+        best = {int(b): g for b, g in section["best_gamma"].items()}
+        schedule["compressions"][compression] = {
+            "best_gamma_by_batch_size": section["best_gamma"],
+            "vllm_speculative_config": vllm_fragment(best),
+            "transformers_generation": transformers_settings(best[1], None),
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    lives, replays = [], []
+    for compression, (costs, live, replay_rows) in results.items():
+        costs.save(out / f"{compression}_batch.json")
+        lives.append(live)
+        replays.append(replay_rows)
+    with atomic_path(out / "live.parquet") as tmp:
+        pd.concat(lives).to_parquet(tmp, index=False)
+    with atomic_path(out / "replay.parquet") as tmp:
+        pd.concat(replays).to_parquet(tmp, index=False)
+    write_text(out / "speculation_schedule.json", json.dumps(schedule, indent=2) + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=float) + "\n")
+    return summary

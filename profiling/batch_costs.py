@@ -1,0 +1,184 @@
+"""Measured cost of one batched speculative step at several batch sizes, as the batched loop runs it.
+
+At batch size B a step that runs g draft forwards and one verify of B x (g + 1) tokens costs
+`step_ms[g] + step_ms_per_token[g] * (L - context_tokens)` of that batch size's CostModel, L the mean
+context of the rows: each batch size is calibrated like batch 1 (profiling/calibrate.py), in the batched
+loop itself (profiling/batch_decode.py) at every fixed gamma, with every row decoding. Between calibrated
+batch sizes the cost is interpolated linearly in B (batches shrink as rows finish); beyond the largest it
+is extrapolated along the last two. The first step of a batch (every row's first token, after the
+prefills) belongs to the time to first token and is not fitted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from speckv.profiling.atomic import write_text
+from speckv.profiling.batch_decode import speculative_generate_batch
+from speckv.profiling.controllers import FixedGamma
+from speckv.profiling.costfit import monotone, pooled_slope, stalled
+from speckv.profiling.costmodel import CostModel, StepCosts
+from speckv.profiling.errors import SpeckvError
+from speckv.profiling.generation import DecodeConfig
+
+__all__ = ["BatchCostModel", "batch_steps", "calibrate_batches", "fit_batch"]
+
+
+@dataclass
+class BatchCostModel:
+    """One compression's step costs per calibrated batch size (each a batch-1-shaped CostModel)."""
+
+    compression: str
+    models: dict[int, CostModel]  # batch size -> its cost model
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise SpeckvError("a batch cost model needs at least one batch size")
+        self.models = {int(b): m for b, m in sorted(self.models.items())}
+        tops = {m.gamma_max for m in self.models.values()}
+        if len(tops) != 1:
+            raise SpeckvError(f"batch sizes calibrated to different gamma_max: {sorted(tops)}")
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return list(self.models)
+
+    @property
+    def gamma_max(self) -> int:
+        return next(iter(self.models.values())).gamma_max
+
+    def step(self, batch: int, gamma: int, position: float) -> float:
+        """Modelled ms of a step of `batch` active rows, `gamma` draft forwards, mean context `position`."""
+        if batch < 1:
+            raise SpeckvError(f"batch size {batch} < 1")
+        sizes = self.batch_sizes
+        if batch in self.models or len(sizes) == 1:
+            return self.models.get(batch, self.models[sizes[0]]).step_at(gamma, position)
+        upper = next((i for i, b in enumerate(sizes) if b > batch), len(sizes) - 1)
+        lo, hi = sizes[max(upper - 1, 0)], sizes[max(upper, 1)]
+        a, b = self.models[lo].step_at(gamma, position), self.models[hi].step_at(gamma, position)
+        return max(a + (b - a) * (batch - lo) / (hi - lo), 1e-6)
+
+    def step_costs(self, batch: int) -> StepCosts:
+        """The step table a controller decides with when `batch` rows decode together (the nearest
+        calibrated batch size at or below it; the smallest one for a smaller batch)."""
+        at = max((b for b in self.batch_sizes if b <= batch), default=self.batch_sizes[0])
+        return self.models[at].step_costs()
+
+    def save(self, path: str | Path) -> None:
+        raw = {"compression": self.compression, "meta": self.meta}
+        raw["models"] = {str(b): asdict(m) for b, m in self.models.items()}
+        write_text(path, json.dumps(raw, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> BatchCostModel:
+        path = Path(path)
+        if not path.is_file():
+            raise SpeckvError(f"batch cost model not found: {path}")
+        try:
+            raw = json.loads(path.read_text())
+            models = {int(b): CostModel(**m) for b, m in raw["models"].items()}
+            return cls(raw["compression"], models, raw.get("meta", {}))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise SpeckvError(f"batch cost model {path} is corrupt: {exc}") from exc
+
+
+def batch_steps(result, batch: int, gamma: int) -> list[dict]:
+    """The decode steps (after the first) of one fixed-gamma batched run in which every row still decoded
+    (so step s is every row's step s): batch size, draft forwards, mean row context and timings."""
+    rows = []
+    for s in range(result.steps):
+        if s > 0 and result.batch_sizes[s] == batch:
+            rows.append(
+                {
+                    "batch": batch,
+                    "fixed": gamma,
+                    "step": s,
+                    "gamma": result.draft_forwards[s] if gamma else 0,
+                    "verify_gamma": result.gammas[s],
+                    "position": float(np.mean([row.positions[s] for row in result.rows])),
+                    "step_ms": 1e3 * result.step_s[s],
+                    "draft_ms": 1e3 * result.draft_s[s],
+                    "verify_ms": 1e3 * result.verify_s[s],
+                }
+            )
+    return rows
+
+
+def fit_batch(steps: pd.DataFrame, gamma_max: int, compression: str, device: str) -> CostModel:
+    """One batch size's CostModel from its steps: a level per gamma plus one context slope shared by all
+    (costfit.pooled_slope), stalled steps left out, levels made non-decreasing; the draft's per-token cost
+    is the median draft time per forward of the drafting steps."""
+    if steps.empty:
+        raise SpeckvError("no batched steps to fit")
+    # descheduled steps are judged against their own gamma's (a longer draft is not a stall)
+    keep = steps.groupby("gamma")["step_ms"].transform(lambda ms: ~stalled(ms.to_numpy()))
+    steps = steps[keep.astype(bool)]
+    slope = pooled_slope(steps)
+    context = float(steps["position"].mean())
+    levels = []
+    for g in range(gamma_max + 1):
+        mine = steps[steps["gamma"] == g]
+        if mine.empty:
+            raise SpeckvError(
+                f"no batched step ran {g} draft forwards: calibrate with max_new_tokens > {g + 1}"
+            )
+        levels.append(float((mine["step_ms"] - slope * (mine["position"] - context)).mean()))
+    drafting = steps[steps["gamma"] > 0]
+    draft_ms = float((drafting["draft_ms"] / drafting["gamma"]).median()) if not drafting.empty else 0.0
+    return CostModel(
+        compression=compression,
+        device=device,
+        context_tokens=context,
+        step_ms=monotone(levels),
+        step_ms_per_token=[slope] * (gamma_max + 1),
+        draft_ms=draft_ms,
+        meta={"steps": len(steps), "batch": int(steps["batch"].iloc[0])},
+    )
+
+
+@torch.inference_mode()
+def calibrate_batches(
+    target,
+    draft,
+    compression: str,
+    prompts: list[list[int]],
+    batch_sizes: list[int],
+    gamma_max: int,
+    max_new_tokens: int,
+) -> tuple[BatchCostModel, pd.DataFrame]:
+    """A BatchCostModel from the batched loop's own steps: at each batch size B, B prompts (taken in turn
+    from `prompts`, cycling) decoded at every fixed gamma 0..gamma_max, the gammas' order rotating from one
+    batch size to the next so that load from elsewhere spreads over all; and those steps."""
+    if not prompts or not batch_sizes or min(batch_sizes) < 1:
+        raise SpeckvError("batched calibration needs prompts and batch sizes >= 1")
+    from tqdm import tqdm
+
+    config = DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=gamma_max)  # no EOS: every row runs
+    warm = DecodeConfig(max_new_tokens=4, gamma_max=gamma_max)
+    speculative_generate_batch(target, draft, prompts[:1], [FixedGamma(gamma_max)], warm, compression)
+    gammas = list(range(gamma_max + 1))
+    steps: list[dict] = []
+    runs = [
+        (b, g)
+        for i, b in enumerate(batch_sizes)
+        for g in gammas[i % len(gammas) :] + gammas[: i % len(gammas)]
+    ]
+    for b, g in tqdm(runs, desc=f"batched costs {compression}", unit="run"):
+        rows = [prompts[(i + b) % len(prompts)] for i in range(b)]
+        result = speculative_generate_batch(
+            target, draft, rows, [FixedGamma(g) for _ in rows], config, compression
+        )
+        steps += batch_steps(result, b, g)
+    frame = pd.DataFrame(steps)
+    device = str(target.device)
+    models = {b: fit_batch(frame[frame["batch"] == b], gamma_max, compression, device) for b in batch_sizes}
+    meta = {"prompt_tokens": [len(p) for p in prompts], "max_new_tokens": max_new_tokens}
+    meta["threads"] = torch.get_num_threads()
+    return BatchCostModel(compression, models, meta), frame.assign(compression=compression)

@@ -1,0 +1,87 @@
+"""Gamma by batch size, end to end on the tiny pair: traced, calibrated in batches, replayed, run live."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from eval_synthetic import write_mlp_export
+from speckv.predictor.evaluation.batch_eval import MLP, BatchConfig, batch_mlp, batches_of, run_batch
+from speckv.profiling.batch_costs import BatchCostModel
+from speckv.profiling.costmodel import CostModel
+from speckv.profiling.errors import SpeckvError
+from tiny import write_prompt_file
+
+
+def test_batches_keep_a_stable_order_and_a_short_last_batch():
+    items = [{"prompt_id": p} for p in ("c", "a", "e", "b", "d")]
+    groups = batches_of(items, 2, lambda p: p["prompt_id"])
+    assert [[p["prompt_id"] for p in g] for g in groups] == [["a", "b"], ["c", "d"], ["e"]]
+
+
+def test_the_config_refuses_what_it_cannot_run():
+    with pytest.raises(SpeckvError, match="must hold 1"):
+        BatchConfig(batch_sizes=[2, 4])
+    with pytest.raises(SpeckvError, match="live batch size"):
+        BatchConfig(batch_sizes=[1, 2], live_batch_sizes=[4])
+    with pytest.raises(SpeckvError, match="calibration_tokens"):
+        BatchConfig(gamma_max=8, calibration_tokens=10)
+
+
+def test_the_mlp_optimises_the_batch_sizes_own_costs(tmp_path):
+    from speckv.predictor.controller import shared_export
+
+    predictor = shared_export(write_mlp_export(tmp_path / "export", ("fp32",), gamma_max=4))
+    before = list(predictor.stop_rule["step_ms"]["fp32"])
+
+    def model(step_ms):
+        return CostModel("fp32", "cpu", 50.0, step_ms, [0.0] * len(step_ms), draft_ms=1.0)
+
+    costs = BatchCostModel("fp32", {1: model([10.0, 11, 12, 13, 14]), 8: model([40.0, 80, 120, 160, 200])})
+    cheap, dear = batch_mlp(predictor, 4, "fp32", costs, 1)(), batch_mlp(predictor, 4, "fp32", costs, 8)()
+    assert cheap.name == dear.name == MLP
+    assert cheap.step_ms == (10.0, 11, 12, 13, 14) and dear.step_ms[4] == 200.0
+    assert dear.cap <= cheap.cap  # a dear verify at batch 8 drafts no further than at batch 1
+    assert predictor.stop_rule["step_ms"]["fp32"] == before  # the shared export is left as it was
+
+
+def test_gamma_by_batch_size_end_to_end(tiny_pair_dir, tmp_path):
+    target, draft = tiny_pair_dir
+    config = BatchConfig(
+        target=str(target),
+        draft=str(draft),
+        compressions=["fp32", "int8"],
+        prompts=str(write_prompt_file(tmp_path / "prompts.jsonl")),
+        export_dir=str(write_mlp_export(tmp_path / "export", ("fp32", "int8"), gamma_max=3)),
+        out_dir=str(tmp_path / "batch"),
+        batch_sizes=[1, 2],
+        live_batch_sizes=[1, 2],
+        gamma_max=3,
+        dev_per_task=1,
+        test_per_task=1,
+        max_new_tokens=12,
+        calibration_prompts=2,
+        calibration_tokens=8,
+        n_boot=50,
+    )
+    summary = run_batch(config)
+    out = tmp_path / "batch"
+    for name in ("summary.json", "speculation_schedule.json", "live.parquet", "replay.parquet"):
+        assert (out / name).is_file(), name
+    for compression in ("fp32", "int8"):
+        section = summary["compressions"][compression]
+        assert set(section["best_gamma"]) == {"1", "2"}
+        assert BatchCostModel.load(out / f"{compression}_batch.json").batch_sizes == [1, 2]
+        for size, policies in section["live"].items():
+            for name, entry in policies.items():
+                # every row's tokens equal the target alone's: batched greedy decoding is lossless
+                assert entry["lossless_batches"] == entry["batches"] > 0, (compression, size, name)
+                assert entry["measured_tokens_per_s"] > 0 and entry["replay_tokens_per_s"] > 0
+    schedule = json.loads((out / "speculation_schedule.json").read_text())
+    assert "not measured on vLLM" in schedule["measured_with"]
+    fp32 = schedule["compressions"]["fp32"]
+    best = {int(b): g for b, g in summary["compressions"]["fp32"]["best_gamma"].items()}
+    if max(best.values()) == 0:
+        assert fp32["vllm_speculative_config"] is None
+    else:
+        assert fp32["vllm_speculative_config"]["num_speculative_tokens"] == max(best.values())
