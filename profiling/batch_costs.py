@@ -153,9 +153,10 @@ def calibrate_batches(
     gamma_max: int,
     max_new_tokens: int,
 ) -> tuple[BatchCostModel, pd.DataFrame]:
-    """A BatchCostModel from the batched loop's own steps: at each batch size B, B prompts (taken in turn
-    from `prompts`, cycling) decoded at every fixed gamma 0..gamma_max, the gammas' order rotating from one
-    batch size to the next so that load from elsewhere spreads over all; and those steps."""
+    """A BatchCostModel from the batched loop's own steps: at each batch size B, `prompts` in batches of B
+    (the last one filled up from the start, cycling) decoded at every fixed gamma 0..gamma_max, the gammas'
+    order rotating from one batch size to the next so that load from elsewhere spreads over all; and those
+    steps."""
     if not prompts or not batch_sizes or min(batch_sizes) < 1:
         raise SpeckvError("batched calibration needs prompts and batch sizes >= 1")
     from tqdm import tqdm
@@ -165,13 +166,16 @@ def calibrate_batches(
     speculative_generate_batch(target, draft, prompts[:1], [FixedGamma(gamma_max)], warm, compression)
     gammas = list(range(gamma_max + 1))
     steps: list[dict] = []
+    # every batch size sees every prompt: ceil(len(prompts) / B) batches per gamma (a batch larger than the
+    # prompt list cycles through it), so each size's context slope is fitted over the same contexts
     runs = [
-        (b, g)
+        (b, g, start)
         for i, b in enumerate(batch_sizes)
         for g in gammas[i % len(gammas) :] + gammas[: i % len(gammas)]
+        for start in range(0, len(prompts), b)
     ]
-    for b, g in tqdm(runs, desc=f"batched costs {compression}", unit="run"):
-        rows = [prompts[(i + b) % len(prompts)] for i in range(b)]
+    for b, g, start in tqdm(runs, desc=f"batched costs {compression}", unit="run"):
+        rows = [prompts[(start + i) % len(prompts)] for i in range(b)]
         result = speculative_generate_batch(
             target, draft, rows, [FixedGamma(g) for _ in rows], config, compression
         )

@@ -75,6 +75,8 @@ def test_calibration_runs_the_batched_loop_at_every_size_and_gamma():
     assert costs.batch_sizes == [1, 2, 4] and costs.gamma_max == 2
     assert set(steps["batch"]) == {1, 2, 4} and set(steps["fixed"]) == {0, 1, 2}
     assert (steps["step"] > 0).all()  # the first step belongs to the time to first token
+    alone = steps[steps["batch"] == 1]  # batch 1 decodes every prompt, so its slope spans their contexts
+    assert alone["position"].min() < 9 and alone["position"].max() >= 13
     for m in costs.models.values():
         assert m.step_ms == sorted(m.step_ms) and min(m.step_ms) > 0
     with pytest.raises(SpeckvError, match="batch sizes >= 1"):
