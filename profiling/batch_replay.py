@@ -27,7 +27,14 @@ from speckv.profiling.errors import SpeckvError
 from speckv.profiling.replay import ReplayResult, Trace, _limit
 from speckv.profiling.signals import TokenSignals
 
-__all__ = ["BatchReplayResult", "RowReplay", "batch_goodput", "compose_batches", "replay_batch"]
+__all__ = [
+    "BatchReplayResult",
+    "RowReplay",
+    "batch_goodput",
+    "compose_batches",
+    "replay_batch",
+    "replay_totals",
+]
 
 StepMs = Callable[[int, int, float], float]  # (batch_size, gamma, mean position) -> ms of one batched step
 
@@ -225,6 +232,23 @@ def compose_batches(traces: list[Trace], batch_size: int) -> list[list[Trace]]:
     return [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
 
 
+def replay_totals(
+    controller_factory: Callable[[], Controller],
+    traces: list[Trace],
+    batch_size: int,
+    step_ms: StepMs,
+    max_new_tokens: int | None = None,
+) -> tuple[int, float]:
+    """(decode tokens, decode ms) over every batch of `compose_batches(traces, batch_size)`, the batches run
+    one after another. `controller_factory()` builds one fresh controller per row."""
+    tokens, ms = 0, 0.0
+    for batch in compose_batches(traces, batch_size):
+        result = replay_batch([controller_factory() for _ in batch], batch, step_ms, max_new_tokens)
+        tokens += result.decode_tokens
+        ms += result.decode_ms
+    return tokens, ms
+
+
 def batch_goodput(
     controller_factory: Callable[[], Controller],
     traces: list[Trace],
@@ -232,12 +256,7 @@ def batch_goodput(
     step_ms: StepMs,
     max_new_tokens: int | None = None,
 ) -> float:
-    """Modelled decode tokens per second over every batch of `compose_batches(traces, batch_size)`, pooled:
-    all rows' decode tokens over all batches' decode ms (batches run one after another), not a mean of the
-    batches' rates. `controller_factory()` builds one fresh controller per row."""
-    tokens, ms = 0, 0.0
-    for batch in compose_batches(traces, batch_size):
-        result = replay_batch([controller_factory() for _ in batch], batch, step_ms, max_new_tokens)
-        tokens += result.decode_tokens
-        ms += result.decode_ms
+    """Modelled decode tokens per second over every batch (`replay_totals`), pooled: all rows' decode tokens
+    over all batches' decode ms, not a mean of the batches' rates."""
+    tokens, ms = replay_totals(controller_factory, traces, batch_size, step_ms, max_new_tokens)
     return 1000.0 * tokens / ms if ms > 0 else 0.0

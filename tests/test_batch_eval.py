@@ -6,16 +6,19 @@ import json
 
 import pytest
 from eval_synthetic import write_mlp_export
-from speckv.predictor.evaluation.batch_eval import MLP, BatchConfig, batch_mlp, batches_of, run_batch
+from speckv.predictor.evaluation.batch_eval import MLP, BatchConfig, batch_mlp, prompt_batches, run_batch
 from speckv.profiling.batch_costs import BatchCostModel
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.errors import SpeckvError
 from tiny import write_prompt_file
 
 
-def test_batches_keep_a_stable_order_and_a_short_last_batch():
-    items = [{"prompt_id": p} for p in ("c", "a", "e", "b", "d")]
-    groups = batches_of(items, 2, lambda p: p["prompt_id"])
+def test_live_batches_are_the_batches_replay_made_and_keep_a_short_last_one():
+    from test_batch_replay import make_trace
+
+    traces = [make_trace(p, [1, 0, 2]) for p in ("c", "a", "e", "b", "d")]
+    items = [{"prompt_id": p} for p in ("d", "b", "e", "a", "c")]
+    groups = prompt_batches(items, traces, 2)
     assert [[p["prompt_id"] for p in g] for g in groups] == [["a", "b"], ["c", "d"], ["e"]]
 
 
@@ -26,6 +29,8 @@ def test_the_config_refuses_what_it_cannot_run():
         BatchConfig(batch_sizes=[1, 2], live_batch_sizes=[4])
     with pytest.raises(SpeckvError, match="calibration_tokens"):
         BatchConfig(gamma_max=8, calibration_tokens=10)
+    with pytest.raises(SpeckvError, match="max_new_tokens must be >= 2"):
+        BatchConfig(max_new_tokens=1)
 
 
 def test_the_mlp_optimises_the_batch_sizes_own_costs(tmp_path):

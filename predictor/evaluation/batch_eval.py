@@ -22,6 +22,7 @@ import pandas as pd
 from speckv.predictor.runtime import AcceptancePredictor, MLPController
 from speckv.predictor.stats import paired_ratio
 from speckv.profiling.batch_costs import BatchCostModel
+from speckv.profiling.batch_replay import batch_goodput, compose_batches, replay_totals
 from speckv.profiling.controllers import FixedGamma
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.replay import Trace
@@ -63,19 +64,26 @@ class BatchConfig:
             raise SpeckvError("every live batch size must be a calibrated one (in batch_sizes)")
         if min(self.gamma_max, self.dev_per_task, self.test_per_task, self.calibration_prompts) < 1:
             raise SpeckvError("gamma_max, dev_per_task, test_per_task and calibration_prompts must be >= 1")
-        if self.calibration_tokens < self.gamma_max + 3 or self.max_new_tokens < 2:
+        if self.calibration_tokens < self.gamma_max + 3:
             raise SpeckvError("calibration_tokens must exceed gamma_max + 2 (every gamma needs a full step)")
+        if self.max_new_tokens < 2:
+            raise SpeckvError("max_new_tokens must be >= 2 (the first token is not decode time)")
 
     @property
     def bootstrap(self) -> dict[str, Any]:
         return {"n_boot": self.n_boot, "level": self.ci_level, "seed": self.seed}
 
 
-def batches_of(items: list, size: int, key) -> list[list]:
-    """`items` in a stable order (by `key`) cut into consecutive batches of `size` (the last may be smaller):
-    replay and live runs group the same prompts together."""
-    ordered = sorted(items, key=key)
-    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+def prompt_batches(prompts: list[dict], traces: list[Trace], size: int) -> list[list[dict]]:
+    """`prompts` grouped as `compose_batches` groups their traces: live runs decode the batches replay
+    predicted."""
+    by_id = {p["prompt_id"]: p for p in prompts}
+    return [[by_id[t.prompt_id] for t in batch] for batch in compose_batches(traces, size)]
+
+
+def compared(best: dict[int, int], batch: int, mlp_for) -> dict:
+    """Controller factories of the policies run live at `batch`: none, its best fixed gamma and the MLP."""
+    return {NONE: lambda: FixedGamma(0), BEST: lambda: FixedGamma(best[batch]), MLP: mlp_for(batch)}
 
 
 def batch_mlp(predictor: AcceptancePredictor, gamma_max: int, compression: str, costs, batch: int):
@@ -90,52 +98,35 @@ def batch_mlp(predictor: AcceptancePredictor, gamma_max: int, compression: str, 
     return lambda: MLPController(batched, gamma_max, compression, name=MLP)
 
 
-def replay_rate(factory, batches: list[list[Trace]], costs: BatchCostModel, max_new_tokens: int) -> dict:
-    """Decode tokens and ms of a policy replayed batch by batch (`factory()` builds one controller per row)."""
-    from speckv.profiling.batch_replay import replay_batch
-
-    tokens = ms = 0.0
-    per_batch = []
-    for traces in batches:
-        result = replay_batch([factory() for _ in traces], traces, costs.step, max_new_tokens)
-        tokens, ms = tokens + result.decode_tokens, ms + result.decode_ms
-        per_batch.append((result.decode_tokens, result.decode_ms))
-    return {"tokens": tokens, "ms": ms, "rate": 1e3 * tokens / ms if ms > 0 else 0.0, "per_batch": per_batch}
-
-
 def choose_gammas(dev: list[Trace], test: list[Trace], costs: BatchCostModel, config: BatchConfig, mlp_for):
     """Per batch size: every fixed gamma's dev rate, the best one, and the test rates of the compared
-    policies; the rows of the replay table."""
-    key = lambda t: t.prompt_id  # noqa: E731
+    policies (and batch 1's best gamma applied at that size); the rows of the replay table."""
+    step, cap = costs.step, config.max_new_tokens
     table, rows, best = {}, [], {}
     for b in config.batch_sizes:
-        dev_batches = batches_of(dev, b, key)
         dev_rates = {
-            g: replay_rate(lambda g=g: FixedGamma(g), dev_batches, costs, config.max_new_tokens)["rate"]
+            g: batch_goodput(lambda g=g: FixedGamma(g), dev, b, step, cap)
             for g in range(config.gamma_max + 1)
         }
         best[b] = max(dev_rates, key=lambda g: (dev_rates[g], -g))
         table[b] = {"dev_rates": dev_rates, "best_gamma": best[b]}
     for b in config.batch_sizes:
-        test_batches = batches_of(test, b, key)
-        policies = {
-            NONE: lambda: FixedGamma(0),
-            BEST: lambda b=b: FixedGamma(best[b]),
-            BEST_AT_1: lambda: FixedGamma(best[1]),
-            MLP: mlp_for(b),
-        }
+        policies = {**compared(best, b, mlp_for), BEST_AT_1: lambda: FixedGamma(best[1])}
         test_rates = {}
         for name, factory in policies.items():
-            replayed = replay_rate(factory, test_batches, costs, config.max_new_tokens)
-            test_rates[name] = replayed["rate"]
-            rows.append({"batch_size": b, "policy": name, "tokens": replayed["tokens"], "ms": replayed["ms"]})
+            tokens, ms = replay_totals(factory, test, b, step, cap)
+            test_rates[name] = 1e3 * tokens / ms if ms > 0 else 0.0
+            rows.append({"batch_size": b, "policy": name, "tokens": tokens, "ms": ms})
         table[b]["test_rates"] = test_rates
     return best, table, rows
 
 
-def live_runs(pair, prompts: list[dict], best: dict[int, int], config: BatchConfig, mlp_for) -> pd.DataFrame:
-    """The test prompts in batches at every live batch size under `none`, the batch's best fixed gamma and the
-    MLP, the policies' order rotated batch by batch: one row per (batch, policy)."""
+def live_runs(
+    pair, prompts: list[dict], traces: list[Trace], best: dict[int, int], config: BatchConfig, mlp_for
+):
+    """The test prompts, in the batches replay made of their `traces`, at every live batch size under `none`,
+    the batch's best fixed gamma and the MLP, the policies' order rotated batch by batch: one row per
+    (batch, policy)."""
     from speckv.profiling.batch_decode import speculative_generate_batch
     from speckv.profiling.decode import DecodeConfig
     from speckv.profiling.models import eos_ids
@@ -155,10 +146,10 @@ def live_runs(pair, prompts: list[dict], best: dict[int, int], config: BatchConf
     plan = [
         (b, i, batch)
         for b in config.live_batch_sizes
-        for i, batch in enumerate(batches_of(prompts, b, lambda p: p["prompt_id"]))
+        for i, batch in enumerate(prompt_batches(prompts, traces, b))
     ]
     for k, (b, i, batch) in enumerate(tqdm(plan, desc=f"batched live {pair.compression}", unit="batch")):
-        policies = {NONE: lambda: FixedGamma(0), BEST: lambda b=b: FixedGamma(best[b]), MLP: mlp_for(b)}
+        policies = compared(best, b, mlp_for)
         names = list(policies)
         for name in names[k % len(names) :] + names[: k % len(names)]:
             controllers = [policies[name]() for _ in batch]
@@ -182,36 +173,26 @@ def live_runs(pair, prompts: list[dict], best: dict[int, int], config: BatchConf
     return pd.DataFrame(rows)
 
 
-def fidelity(live: pd.DataFrame, test: list[Trace], costs: BatchCostModel, best, config, mlp_for) -> dict:
+def fidelity(live: pd.DataFrame, table: dict, config: BatchConfig) -> dict:
     """Per live batch size and policy: measured decode tokens/s (summed over the batch) against replay's
-    prediction for the same batches, the ratio to `none` with a paired CI over batches, and whether every
-    row's tokens equal `none`'s."""
-    key = lambda t: t.prompt_id  # noqa: E731
+    prediction for the same batches (`table`'s test rates), the ratio to `none` with a paired CI over
+    batches, and whether every row's tokens equal `none`'s."""
     out: dict[str, Any] = {}
     for b in config.live_batch_sizes:
         mine = live[live["batch_size"] == b]
-        batches = batches_of(test, b, key)
-        factories = {NONE: lambda: FixedGamma(0), BEST: lambda b=b: FixedGamma(best[b]), MLP: mlp_for(b)}
-        none_tokens = dict(
-            zip(
-                mine[mine["policy"] == NONE]["prompt_id"], mine[mine["policy"] == NONE]["tokens"], strict=True
-            )
-        )
+        alone = mine[mine["policy"] == NONE]
+        none_tokens = dict(zip(alone["prompt_id"], alone["tokens"], strict=True))
         entry = {}
-        for name, factory in factories.items():
+        for name in (NONE, BEST, MLP):
             runs = mine[mine["policy"] == name]
             measured = runs["decode_tokens"].sum() / runs["decode_s"].sum()
-            predicted = replay_rate(factory, batches, costs, config.max_new_tokens)["rate"]
+            predicted = table[b]["test_rates"][name]
+            same = (t == none_tokens.get(p) for p, t in zip(runs["prompt_id"], runs["tokens"], strict=True))
             entry[name] = {
                 "measured_tokens_per_s": float(measured),
                 "replay_tokens_per_s": float(predicted),
                 "replay_error": float(predicted / measured - 1.0),
-                "lossless_batches": int(
-                    sum(
-                        t == none_tokens.get(p)
-                        for p, t in zip(runs["prompt_id"], runs["tokens"], strict=True)
-                    )
-                ),
+                "lossless_batches": int(sum(same)),
                 "batches": len(runs),
             }
             if name != NONE:
@@ -268,11 +249,11 @@ def run_compression(config: BatchConfig, compression: str, predictor, dev: list[
     )
     mlp_for = lambda b: batch_mlp(predictor, config.gamma_max, compression, costs, b)  # noqa: E731
     best, table, replay_rows = choose_gammas(dev_traces, test_traces, costs, config, mlp_for)
-    live = live_runs(pair, test, best, config, mlp_for)
+    live = live_runs(pair, test, test_traces, best, config, mlp_for)
     section = {
         "best_gamma": {str(b): g for b, g in best.items()},
         "by_batch_size": {str(b): v for b, v in table.items()},
-        "live": fidelity(live, test_traces, costs, best, config, mlp_for),
+        "live": fidelity(live, table, config),
     }
     errors = [abs(e["replay_error"]) for b in section["live"].values() for e in b.values()]
     section["fidelity_max_abs_error"] = max(errors, default=0.0)
