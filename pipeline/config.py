@@ -16,9 +16,9 @@ T = TypeVar("T")
 
 
 # The stage sections a pair's entry overlays; the distill section belongs to the default pair alone.
-PAIR_SECTIONS = ("prompts", "calibrate", "profile", "train", "serve", "evaluate", "report")
+PAIR_SECTIONS = ("prompts", "calibrate", "profile", "train", "serve", "evaluate", "report", "batch")
 # Sections of commands outside dvc.yaml (optional engines): a pair's entry may overlay them, or leave them out.
-OPTIONAL_PAIR_SECTIONS = ("batch", "llamacpp")
+OPTIONAL_PAIR_SECTIONS = ("llamacpp",)
 # The default sections' output paths start with this directory; a pair's start with its `artifacts` instead.
 ARTIFACTS = "artifacts"
 
@@ -129,7 +129,9 @@ class PairConfig:
     tokenizer: str  # the target's tokenizer file (or the .gguf or directory holding it): a prompts dep
     target_weights: str  # the target's weights file or directory: a dep of every stage that loads the target
     draft_weights: str  # the draft's weights file or directory
-    hf_draft_weights: str  # weights of the draft transformers' assisted generation runs (evaluate.hf_draft)
+    # weights of the causal draft that transformers' assisted generation (evaluate.hf_draft) and the batched
+    # loop (batch.draft) run
+    hf_draft_weights: str
     # Keys that replace the section's own, whole (a mapping replaces a mapping); {} when none differ, since
     # DVC tracks each of these by key and a missing one is an error there.
     prompts: dict[str, Any]
@@ -139,7 +141,7 @@ class PairConfig:
     serve: dict[str, Any]
     evaluate: dict[str, Any]
     report: dict[str, Any]
-    batch: dict[str, Any] = dataclasses.field(default_factory=dict)  # `speckv batch --pair`
+    batch: dict[str, Any]
     llamacpp: dict[str, Any] = dataclasses.field(default_factory=dict)  # `speckv llamacpp evaluate --pair`
 
 

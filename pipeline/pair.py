@@ -24,6 +24,7 @@ from speckv.pipeline.config import (
     from_dict,
     pair_section,
 )
+from speckv.predictor.evaluation.batch_eval import BatchConfig
 from speckv.predictor.evaluation.evaluate import EvaluateConfig
 from speckv.predictor.evaluation.report import ReportConfig
 from speckv.predictor.train import TrainConfig
@@ -36,7 +37,7 @@ from speckv.serving_schema import ServeConfig
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 # The default pair's output directories under artifacts/: a pair named like one would write inside it.
-RESERVED = {"prompts", "distill", "calibrate", "profile", "predictor", "eval", "report"}
+RESERVED = {"prompts", "distill", "calibrate", "profile", "predictor", "eval", "report", "batch"}
 CONFIGS = {
     "prompts": PromptsConfig,
     "calibrate": CalibrateConfig,
@@ -45,6 +46,7 @@ CONFIGS = {
     "serve": ServeConfig,
     "evaluate": EvaluateConfig,
     "report": ReportConfig,
+    "batch": BatchConfig,
 }
 # --quick: a smoke run of the whole pipeline in minutes, before the real one (fp32 and int8 only, a few
 # prompts per task and split, short traces and live runs, fewer bootstrap resamples and shuffles).
@@ -67,6 +69,17 @@ QUICK: dict[str, dict[str, Any]] = {
         "live_calibration_tokens": 16,
         "n_boot": 200,
         "overhead_calls": 2000,
+    },
+    "batch": {
+        "batch_sizes": [1, 2, 4],
+        "live_batch_sizes": [1, 4],
+        "gamma_max": 4,
+        "dev_per_task": 1,
+        "test_per_task": 2,
+        "max_new_tokens": 24,
+        "calibration_prompts": 2,
+        "calibration_tokens": 12,
+        "n_boot": 200,
     },
 }
 
@@ -144,6 +157,7 @@ def pair_entry(
         # transformers' assisted generation runs the pair's own draft; nothing of the pair is registered
         "evaluate": {**models, **compression, "hf_draft": None, "promote": False},
         "report": {},
+        "batch": {**models, **compression},  # the batched loop runs the causal draft
     }
     if quick:
         for section, keys in QUICK.items():

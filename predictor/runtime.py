@@ -145,7 +145,16 @@ class MLPController:
     draft at all (the step-start model's first-token acceptance), draft one more (the MLP's per-token
     acceptance), and after stopping, verify fewer than drafted (trim) when the last tokens are not worth it."""
 
-    def __init__(self, predictor: AcceptancePredictor, gamma_max: int, compression: str, name: str) -> None:
+    def __init__(
+        self,
+        predictor: AcceptancePredictor,
+        gamma_max: int,
+        compression: str,
+        name: str,
+        share: float = 1.0,
+    ) -> None:
+        """`share`: the weight of a drafted token's gain against the step's cost (predictor.policy): 1 when
+        the sequence decodes alone; below 1 where a batch shares every step."""
         # profiling.signals imports torch (for distribution_signals), so it is imported only here, where a
         # decode loop already has torch loaded; load_export stays numpy-only.
         from speckv.predictor.features import compression_one_hot, live_features, live_start_features
@@ -165,7 +174,10 @@ class MLPController:
                 f"{name}: no cost model for compression {compression!r} in the export "
                 f"(trained on {sorted(rule['step_ms'])})"
             )
+        if not 0.0 < share <= 1.0:
+            raise SpeckvError(f"{name}: share must be in (0, 1], got {share}")
         self.name = name
+        self.share = float(share)
         self.predictor = predictor
         self.start = predictor.start
         self.gamma_max = gamma_max
@@ -181,7 +193,7 @@ class MLPController:
         # Signals are read only where they can change a decision: past the cap the rule stops whatever they
         # say, so the loop drafts at most `cap` tokens and never asks about the last one. A cap of 1 and no
         # step-start decision make this fixed:1, reading nothing.
-        self.cap = draft_cap(self.step_ms, self.discount)
+        self.cap = draft_cap(self.step_ms, self.discount, self.share)
         self.needs_signals = self.cap > 1
         self.needs_target_signals = self.needs_signals or self.start_discount is not None
         self._features = live_features
@@ -206,7 +218,7 @@ class MLPController:
             # Draft at all? Before any token exists only the step-start model can say how likely the first
             # one is accepted; the same goodput rule decides, with its own tuned discount for the later ones.
             p0 = self.start.predict_one(self._start_features(ctx, self._x_start))
-            if not keep_drafting(0, 1.0, 1.0, p0, self.step_ms, self.start_discount):
+            if not keep_drafting(0, 1.0, 1.0, p0, self.step_ms, self.start_discount, self.share):
                 return 0
         return min(self.gamma_max, self.cap)
 
@@ -216,7 +228,9 @@ class MLPController:
         self._survival *= p
         self._expected.append(self._expected[-1] + self._survival)
         k = len(self._expected) - 1
-        return keep_drafting(k, self._survival, self._expected[-1], p, self.step_ms, self.discount)
+        return keep_drafting(
+            k, self._survival, self._expected[-1], p, self.step_ms, self.discount, self.share
+        )
 
     def submit(self, drafted: int) -> int:
         """Trim: verify the prefix with the best expected tokens per ms, the drafting already paid for.

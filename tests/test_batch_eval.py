@@ -43,11 +43,27 @@ def test_the_mlp_optimises_the_batch_sizes_own_costs(tmp_path):
         return CostModel("fp32", "cpu", 50.0, step_ms, [0.0] * len(step_ms), draft_ms=1.0)
 
     costs = BatchCostModel("fp32", {1: model([10.0, 11, 12, 13, 14]), 8: model([40.0, 80, 120, 160, 200])})
-    cheap, dear = batch_mlp(predictor, 4, "fp32", costs, 1)(), batch_mlp(predictor, 4, "fp32", costs, 8)()
+    cheap, dear = (
+        batch_mlp(predictor, 4, "fp32", costs, 1, 1.0)(),
+        batch_mlp(predictor, 4, "fp32", costs, 8, 0.0)(),
+    )
     assert cheap.name == dear.name == MLP
     assert cheap.step_ms == (10.0, 11, 12, 13, 14) and dear.step_ms[4] == 200.0
+    assert cheap.share == 1.0 == dear.share  # batch 1's share is 1 whatever the exponent; exponent 0 is 1
     assert dear.cap <= cheap.cap  # a dear verify at batch 8 drafts no further than at batch 1
+    shared = batch_mlp(predictor, 4, "fp32", costs, 8, 1.0)()
+    assert shared.share == 1 / 8 and shared.cap <= dear.cap
     assert predictor.stop_rule["step_ms"]["fp32"] == before  # the shared export is left as it was
+
+
+def test_batch_1s_best_gamma_runs_live_only_where_no_fixed_policy_is_it():
+    from speckv.predictor.evaluation.batch_eval import BEST, BEST_AT_1, NONE, compared, same_as
+
+    best = {1: 3, 4: 3, 8: 0, 16: 1}
+    assert BEST_AT_1 not in compared(best, 4, None) and same_as(best, 4) == BEST
+    assert BEST_AT_1 in compared(best, 16, None) and same_as(best, 16) == BEST_AT_1
+    assert compared(best, 16, None)[BEST_AT_1]().start_step(None) == 3
+    assert same_as({1: 0, 4: 2}, 4) == NONE
 
 
 def test_gamma_by_batch_size_end_to_end(tiny_pair_dir, tmp_path):
@@ -82,6 +98,11 @@ def test_gamma_by_batch_size_end_to_end(tiny_pair_dir, tmp_path):
                 # every row's tokens equal the target alone's: batched greedy decoding is lossless
                 assert entry["lossless_batches"] == entry["batches"] > 0, (compression, size, name)
                 assert entry["measured_tokens_per_s"] > 0 and entry["replay_tokens_per_s"] > 0
+            assert "vs_none" in policies[MLP] and "vs_batch_1_best" in policies[MLP]
+        for row in section["by_batch_size"].values():
+            assert row["mlp_share_exponent"] in (0.0, 0.5, 1.0)
+            chosen = row["mlp_dev_rates"][str(row["mlp_share_exponent"])]
+            assert chosen == max(row["mlp_dev_rates"].values())  # chosen on dev prompts
     schedule = json.loads((out / "speculation_schedule.json").read_text())
     assert "not measured on vLLM" in schedule["measured_with"]
     fp32 = schedule["compressions"]["fp32"]

@@ -26,6 +26,21 @@ def test_keep_drafting_is_the_rate_comparison():
     assert not keep_drafting(8, 0.9, 5.0, 0.9, STEP_MS, 1.0)
 
 
+def test_a_batch_share_weighs_the_gain_against_the_whole_batchs_step():
+    # one row of 8 gains 0.81 tokens by a step 2 ms longer for all 8: (8 * 1.9 + 0.81) / 14 < 8 * 1.9 / 12
+    assert keep_drafting(1, 0.9, 1.9, 0.9, STEP_MS, 1.0, share=1.0)
+    assert not keep_drafting(1, 0.9, 1.9, 0.9, STEP_MS, 1.0, share=1 / 8)
+    assert draft_cap(STEP_MS, 1.0, share=1 / 8) <= draft_cap(STEP_MS, 1.0) == 8
+    shared = MLPController(toy_predictor(), gamma_max=8, compression="fp32", name="mlp:toy", share=1 / 8)
+    alone = MLPController(toy_predictor(), gamma_max=8, compression="fp32", name="mlp:toy")
+    signals = TokenSignals(0.9, 0.9, 0.45, 0.1, 0, 30)
+    for c in (shared, alone):
+        c.start_step(StepContext(0, 30, 0, 0, 0, "fp32", 0.99, 0.1, 0.99))
+    assert alone.keep_drafting(signals) and not shared.keep_drafting(signals)
+    with pytest.raises(SpeckvError, match="share must be in"):
+        MLPController(toy_predictor(), gamma_max=8, compression="fp32", name="mlp:toy", share=0.0)
+
+
 def _one_unit(names: tuple[str, ...], feature: str, scale: float, bias: float) -> dict[str, np.ndarray]:
     """p = sigmoid(scale * x[feature] + bias) through a 16-unit relu layer (only unit 0 used)."""
     n = len(names)

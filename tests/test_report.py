@@ -89,7 +89,7 @@ def row(table_: dict, name: str) -> dict[str, tuple[str, str]]:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    config = write_evaluation(root)
+    config = write_evaluation(root, batch=True)
     metrics = build_report(config, collect(ROOT, ROOT / "params.yaml"))
     out = Path(config.out_dir)
     page = Page()
@@ -222,6 +222,32 @@ def test_dvc_plot_data_and_metrics(report):
     ]
     assert metrics["replay"]["oracle_gap_share"] == pytest.approx(0.40)
     assert metrics["live"]["speedup_mlp_vs_best_fixed_low"] == pytest.approx(1.05)
+
+
+def test_gamma_by_batch_size_section_schedule_and_metrics(report):
+    out, page, metrics = report
+    section = page.sections["batch"]
+    replay, live = section["tables"]
+    assert "not measured on vLLM" in section["text"] and "fp32: B=1 → 3, B=2 → 2, B=4 → 0" in section["text"]
+    assert [(r[0][0], r[1][0], r[2][0]) for r in replay["rows"]][:3] == [
+        ("fp32", "1", "3"),
+        ("fp32", "2", "2"),
+    ] + [("fp32", "4", "0")]
+    four = next(r for r in live["rows"] if r[0][0] == "int8" and r[1][0] == "4")
+    cells = dict(zip(live["columns"], four, strict=True))
+    assert cells["none tok/s"][0] == "40.0" and cells["mlp ÷ none"][0].startswith("0.98")
+    assert cells["replay error, tok/s / speedup (max)"][0] == "4.0% / 5.0%" and cells["= none"][0] == "8/8"
+    assert json.loads((out / "speculation_schedule.json").read_text())["measured_with"] == "test"
+    assert (out / "batch.png").is_file()
+    assert metrics["batch"]["int8"]["best_gamma"] == {"1": 2, "2": 1, "4": 0}
+    assert metrics["batch"]["fp32"]["live_vs_none"]["4"]["mlp"] == pytest.approx(0.98)
+
+
+def test_a_report_without_batch_outputs_leaves_the_section_out(tmp_path):
+    config = write_evaluation(tmp_path, live=False)
+    metrics = build_report(config)
+    assert "batch" not in metrics and not (Path(config.out_dir) / "speculation_schedule.json").exists()
+    assert "Gamma by batch size" not in (Path(config.out_dir) / "report.md").read_text()
 
 
 def test_fidelity_under_both_clocks(report):

@@ -4,10 +4,12 @@ replay under batched cost models measured in the batched loop, proven in batched
 Per compression: the pair's dense greedy traces of dev and test prompts (with the batched loop's causal
 draft); a BatchCostModel calibrated at every batch size (profiling/batch_costs.py); at each batch size the
 dev prompts replayed in batches (profiling/batch_replay.py) at every fixed gamma, the best kept; on the test
-prompts `none`, that best gamma, batch 1's best gamma applied at every size, and the MLP whose stop rule
-optimises the batch size's own cost table; then, at the live batch sizes, the test prompts decoded in the
-same batches under `none`, the batch's best fixed gamma and the MLP, interleaved batch by batch, decode
-tokens/s summed over the batch against what replay predicted for the same batches.
+prompts `none`, that best gamma, batch 1's best gamma applied at every size, and the MLP whose stop rule is
+batch-aware: it optimises the batch size's own cost table and weighs a row's drafted tokens by its share of
+the batch (predictor.policy; the share's exponent chosen on dev prompts); then, at the live batch sizes, the
+test prompts decoded in the same batches under `none`, the batch's best fixed gamma, the MLP and batch 1's
+best gamma (where it differs from both fixed policies), interleaved batch by batch, decode tokens/s summed
+over the batch against what replay predicted for the same batches.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from speckv.profiling.replay import Trace
 log = logging.getLogger(__name__)
 
 NONE, BEST, BEST_AT_1, MLP = "none", "best-fixed", "batch-1-best", "mlp"
+# the MLP's share of a batch step at batch size B is B ** -exponent, the exponent chosen on dev per B:
+# 0 re-costs the batch-1 rule only, 1 charges a row's drafted tokens with the whole batch's longer step
+SHARE_EXPONENTS = (0.0, 0.5, 1.0)
 
 
 @dataclass
@@ -81,51 +86,73 @@ def prompt_batches(prompts: list[dict], traces: list[Trace], size: int) -> list[
     return [[by_id[t.prompt_id] for t in batch] for batch in compose_batches(traces, size)]
 
 
-def compared(best: dict[int, int], batch: int, mlp_for) -> dict:
-    """Controller factories of the policies run live at `batch`: none, its best fixed gamma and the MLP."""
-    return {NONE: lambda: FixedGamma(0), BEST: lambda: FixedGamma(best[batch]), MLP: mlp_for(batch)}
+def compared(best: dict[int, int], batch: int, mlp) -> dict:
+    """Controller factories of the policies run live at `batch`: none, its best fixed gamma, the MLP (`mlp`,
+    a factory) and batch 1's best gamma where it is neither of the fixed ones."""
+    policies = {NONE: lambda: FixedGamma(0), BEST: lambda: FixedGamma(best[batch]), MLP: mlp}
+    if best[1] not in (0, best[batch]):
+        policies[BEST_AT_1] = lambda: FixedGamma(best[1])
+    return policies
 
 
-def batch_mlp(predictor: AcceptancePredictor, gamma_max: int, compression: str, costs, batch: int):
+def same_as(best: dict[int, int], batch: int) -> str:
+    """The live policy whose runs stand for batch 1's best gamma at `batch` (itself when it ran)."""
+    return NONE if best[1] == 0 else BEST if best[1] == best[batch] else BEST_AT_1
+
+
+def batch_mlp(
+    predictor: AcceptancePredictor, gamma_max: int, compression: str, costs, batch: int, exponent: float
+):
     """A factory of the MLP controller whose stop rule optimises batch size `batch`'s cost table: the
-    export's rule with that table in place of its batch-1 one (its discount and trim stay as tuned)."""
+    export's rule with that table in place of its batch-1 one (its discount and trim stay as tuned) and a
+    row's share of the step `batch ** -exponent`."""
     table = costs.step_costs(batch)
     rule = copy.deepcopy(predictor.stop_rule)
     rule["step_ms"][compression] = [float(t) for t in table[: gamma_max + 1]]
     rule["draft_ms"][compression] = float(table.draft_ms)
     batched = copy.copy(predictor)
     batched.stop_rule = rule
-    return lambda: MLPController(batched, gamma_max, compression, name=MLP)
+    share = float(batch) ** -exponent
+    return lambda: MLPController(batched, gamma_max, compression, name=MLP, share=share)
 
 
 def choose_gammas(dev: list[Trace], test: list[Trace], costs: BatchCostModel, config: BatchConfig, mlp_for):
-    """Per batch size: every fixed gamma's dev rate, the best one, and the test rates of the compared
-    policies (and batch 1's best gamma applied at that size); the rows of the replay table."""
+    """Per batch size: every fixed gamma's dev rate, the best one, the MLP's share exponent with the best
+    dev rate (`mlp_for(batch, exponent)` builds it), and the test rates of the compared policies (and batch
+    1's best gamma applied at that size); the rows of the replay table and each size's MLP factory."""
     step, cap = costs.step, config.max_new_tokens
-    table, rows, best = {}, [], {}
+    table, rows, best, mlps = {}, [], {}, {}
     for b in config.batch_sizes:
         dev_rates = {
             g: batch_goodput(lambda g=g: FixedGamma(g), dev, b, step, cap)
             for g in range(config.gamma_max + 1)
         }
         best[b] = max(dev_rates, key=lambda g: (dev_rates[g], -g))
-        table[b] = {"dev_rates": dev_rates, "best_gamma": best[b]}
+        mlp_rates = {e: batch_goodput(mlp_for(b, e), dev, b, step, cap) for e in SHARE_EXPONENTS}
+        exponent = max(SHARE_EXPONENTS, key=lambda e: (mlp_rates[e], -e))  # ties: the smaller exponent
+        mlps[b] = mlp_for(b, exponent)
+        table[b] = {
+            "dev_rates": dev_rates,
+            "best_gamma": best[b],
+            "mlp_dev_rates": {str(e): r for e, r in mlp_rates.items()},
+            "mlp_share_exponent": exponent,
+        }
     for b in config.batch_sizes:
-        policies = {**compared(best, b, mlp_for), BEST_AT_1: lambda: FixedGamma(best[1])}
+        policies = {**compared(best, b, mlps[b]), BEST_AT_1: lambda: FixedGamma(best[1])}
         test_rates = {}
         for name, factory in policies.items():
             tokens, ms = replay_totals(factory, test, b, step, cap)
             test_rates[name] = 1e3 * tokens / ms if ms > 0 else 0.0
             rows.append({"batch_size": b, "policy": name, "tokens": tokens, "ms": ms})
         table[b]["test_rates"] = test_rates
-    return best, table, rows
+    return best, table, rows, mlps
 
 
 def live_runs(
-    pair, prompts: list[dict], traces: list[Trace], best: dict[int, int], config: BatchConfig, mlp_for
+    pair, prompts: list[dict], traces: list[Trace], best: dict[int, int], config: BatchConfig, mlps
 ):
-    """The test prompts, in the batches replay made of their `traces`, at every live batch size under `none`,
-    the batch's best fixed gamma and the MLP, the policies' order rotated batch by batch: one row per
+    """The test prompts, in the batches replay made of their `traces`, at every live batch size under the
+    `compared` policies (`mlps[b]` the MLP's factory), their order rotated batch by batch: one row per
     (batch, policy)."""
     from speckv.profiling.batch_decode import speculative_generate_batch
     from speckv.profiling.decode import DecodeConfig
@@ -149,7 +176,7 @@ def live_runs(
         for i, batch in enumerate(prompt_batches(prompts, traces, b))
     ]
     for k, (b, i, batch) in enumerate(tqdm(plan, desc=f"batched live {pair.compression}", unit="batch")):
-        policies = compared(best, b, mlp_for)
+        policies = compared(best, b, mlps[b])
         names = list(policies)
         for name in names[k % len(names) :] + names[: k % len(names)]:
             controllers = [policies[name]() for _ in batch]
@@ -163,7 +190,7 @@ def live_runs(
                     "batch_size": b,
                     "prompt_id": f"B{b}/{i}",
                     "policy": name,
-                    "gamma": best[b] if name == BEST else None,
+                    "gamma": {BEST: best[b], BEST_AT_1: best[1], NONE: 0}.get(name),
                     "decode_tokens": result.decode_tokens,
                     "decode_s": result.decode_s,
                     "new_tokens": result.new_tokens,
@@ -173,18 +200,19 @@ def live_runs(
     return pd.DataFrame(rows)
 
 
-def fidelity(live: pd.DataFrame, table: dict, config: BatchConfig) -> dict:
+def fidelity(live: pd.DataFrame, table: dict, best: dict[int, int], config: BatchConfig) -> dict:
     """Per live batch size and policy: measured decode tokens/s (summed over the batch) against replay's
-    prediction for the same batches (`table`'s test rates), the ratio to `none` with a paired CI over
-    batches, and whether every row's tokens equal `none`'s."""
+    prediction for the same batches (`table`'s test rates), the ratios to `none` and to batch 1's best gamma
+    with paired CIs over batches, and whether every row's tokens equal `none`'s."""
     out: dict[str, Any] = {}
     for b in config.live_batch_sizes:
         mine = live[live["batch_size"] == b]
         alone = mine[mine["policy"] == NONE]
         none_tokens = dict(zip(alone["prompt_id"], alone["tokens"], strict=True))
+        at_1 = same_as(best, b)
         entry = {}
-        for name in (NONE, BEST, MLP):
-            runs = mine[mine["policy"] == name]
+        for name in (NONE, BEST, MLP, BEST_AT_1):
+            runs = mine[mine["policy"] == (at_1 if name == BEST_AT_1 else name)]
             measured = runs["decode_tokens"].sum() / runs["decode_s"].sum()
             predicted = table[b]["test_rates"][name]
             same = (t == none_tokens.get(p) for p, t in zip(runs["prompt_id"], runs["tokens"], strict=True))
@@ -195,11 +223,15 @@ def fidelity(live: pd.DataFrame, table: dict, config: BatchConfig) -> dict:
                 "lossless_batches": int(sum(same)),
                 "batches": len(runs),
             }
-            if name != NONE:
-                ci = paired_ratio(
-                    mine, name, NONE, time_col="decode_s", tokens_col="decode_tokens", **config.bootstrap
-                )
-                entry[name]["vs_none"] = ci.as_dict()
+            if name == BEST_AT_1:
+                entry[name]["runs_of"] = at_1
+            for key, base in (("vs_none", NONE), ("vs_batch_1_best", at_1)):
+                ran = runs["policy"].iloc[0]
+                if name != NONE and (name != BEST_AT_1 or key == "vs_none"):
+                    ratio = paired_ratio(
+                        mine, ran, base, time_col="decode_s", tokens_col="decode_tokens", **config.bootstrap
+                    )
+                    entry[name][key] = ratio.as_dict()
         out[str(b)] = entry
     return out
 
@@ -247,13 +279,13 @@ def run_compression(config: BatchConfig, compression: str, predictor, dev: list[
         config.gamma_max,
         config.calibration_tokens,
     )
-    mlp_for = lambda b: batch_mlp(predictor, config.gamma_max, compression, costs, b)  # noqa: E731
-    best, table, replay_rows = choose_gammas(dev_traces, test_traces, costs, config, mlp_for)
-    live = live_runs(pair, test, test_traces, best, config, mlp_for)
+    mlp_for = lambda b, e: batch_mlp(predictor, config.gamma_max, compression, costs, b, e)  # noqa: E731
+    best, table, replay_rows, mlps = choose_gammas(dev_traces, test_traces, costs, config, mlp_for)
+    live = live_runs(pair, test, test_traces, best, config, mlps)
     section = {
         "best_gamma": {str(b): g for b, g in best.items()},
         "by_batch_size": {str(b): v for b, v in table.items()},
-        "live": fidelity(live, table, config),
+        "live": fidelity(live, table, best, config),
     }
     errors = [abs(e["replay_error"]) for b in section["live"].values() for e in b.values()]
     section["fidelity_max_abs_error"] = max(errors, default=0.0)

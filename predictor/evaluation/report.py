@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 from speckv.predictor.evaluation.comparisons import LIVE_BASES
+from speckv.predictor.evaluation.report_batch import batch_figure, batch_metrics, batch_section, load_batch
 from speckv.predictor.evaluation.report_plots import (
     acceptance_by_position,
     acceptance_figure,
@@ -42,6 +43,9 @@ class ReportConfig:
     predictor_dir: str = "artifacts/predictor"  # metrics.json, importance.md, reliability.png, importance.png
     calibrate_dir: str = "artifacts/calibrate"  # cost models, plotted
     out_dir: str = "artifacts/report"  # report.md, report.html, metrics.json, provenance.json, *.png, plots/
+    batch_dir: str = (
+        "artifacts/batch"  # `speckv batch` outputs: gamma by batch size, speculation_schedule.json
+    )
 
 
 def load_inputs(config: ReportConfig) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
@@ -159,6 +163,14 @@ def build_report(config: ReportConfig, provenance: dict | None = None) -> dict[s
             figures[name] = Figure(name, title, (predictor_dir / name).read_bytes())
 
     verdict_, sections = build_sections(summary, replay, live, figures, predictor_dir, provenance)
+    batch = load_batch(config.batch_dir)
+    if batch is not None:
+        figure = Figure("batch.png", "Gamma by batch size", to_png(batch_figure(*batch)))
+        figures[figure.name] = figure
+        plots = next(i for i, section in enumerate(sections) if section.anchor == "plots")
+        sections.insert(plots, batch_section(batch[0], figure))
+        schedule = Path(config.batch_dir) / "speculation_schedule.json"
+        write_bytes(out / schedule.name, schedule.read_bytes())
     for figure in figures.values():
         write_bytes(out / figure.name, figure.png)
     for name, frame in plot_data(summary, rates).items():
@@ -168,5 +180,7 @@ def build_report(config: ReportConfig, provenance: dict | None = None) -> dict[s
     if provenance is not None:
         write_bytes(out / "provenance.json", json.dumps(provenance, indent=2).encode())
     metrics = dvc_metrics(summary)
+    if batch is not None:
+        metrics["batch"] = batch_metrics(batch[0])
     write_bytes(out / "metrics.json", json.dumps(metrics, indent=2).encode())
     return metrics
