@@ -33,6 +33,15 @@ def test_the_config_refuses_what_it_cannot_run():
         BatchConfig(max_new_tokens=1)
 
 
+def test_a_batch_larger_than_the_prompts_is_refused(tmp_path):
+    prompts = str(write_prompt_file(tmp_path / "prompts.jsonl"))
+    with pytest.raises(SpeckvError, match="batch sizes up to 64 need as many dev prompts"):
+        run_batch(
+            BatchConfig(prompts=prompts, batch_sizes=[1, 64], live_batch_sizes=[1], out_dir=str(tmp_path))
+        )
+    assert not any(tmp_path.glob("*.json"))
+
+
 def test_the_mlp_optimises_the_batch_sizes_own_costs(tmp_path):
     from speckv.predictor.controller import shared_export
 

@@ -257,7 +257,7 @@ def _within(path: str, other: str) -> bool:
 
 def test_every_pair_runs_every_templated_stage_and_no_other_dvc_yaml_exists():
     templated = {name.partition("@")[0] for name in STAGES if "@" in name}
-    assert templated == {"prompts", "calibrate", "profile", "train", "evaluate", "report"}
+    assert templated == {"prompts", "calibrate", "profile", "train", "evaluate", "batch", "report"}
     assert {name for name in STAGES if "@" in name} == {f"{s}@{p}" for s in templated for p in PAIRS}
     assert {"default", "qwen-coder"} <= set(PAIRS)
     assert all(stage_pair(f"{s}@{p}") == p for s in templated for p in PAIRS)

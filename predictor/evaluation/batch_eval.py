@@ -311,8 +311,12 @@ def run_batch(config: BatchConfig) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     dev = load_prompt_file(Path(config.prompts), splits=["dev"], per_task=config.dev_per_task)
     test = load_prompt_file(Path(config.prompts), splits=["test"], per_task=config.test_per_task)
-    if not dev or not test:
-        raise SpeckvError(f"{config.prompts} needs dev and test prompts")
+    if len(dev) < max(config.batch_sizes) or len(test) < max(config.live_batch_sizes):
+        raise SpeckvError(
+            f"{config.prompts} gives {len(dev)} dev and {len(test)} test prompts: batch sizes up to "
+            f"{max(config.batch_sizes)} need as many dev prompts (dev_per_task), live batches up to "
+            f"{max(config.live_batch_sizes)} as many test prompts (test_per_task)"
+        )
     predictor = shared_export(config.export_dir)
     out = Path(config.out_dir)
     summary: dict[str, Any] = {"config": asdict(config), "cpu": cpu_info(), "compressions": {}}

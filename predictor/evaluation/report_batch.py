@@ -76,8 +76,9 @@ def live_table(summary: dict) -> Table:
     rows = []
     for compression, section in summary["compressions"].items():
         for b, entry in sorted(section["live"].items(), key=lambda kv: int(kv[0])):
-            lossless = sum(e["lossless_batches"] for e in entry.values())
-            batches = sum(e["batches"] for e in entry.values())
+            ran = [e for e in entry.values() if e.get("runs_of", BEST_AT_1) == BEST_AT_1]  # no run twice
+            lossless = sum(e["lossless_batches"] for e in ran)
+            batches = sum(e["batches"] for e in ran)
             worst = max(abs(e["replay_error"]) for e in entry.values())
             worst_ratio = max(abs(speedup_error(entry, p)) for p in entry if p != NONE)
             rows.append(
