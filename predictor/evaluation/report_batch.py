@@ -100,21 +100,26 @@ def batch_figure(summary: dict, costs: dict[str, dict]) -> plt.Figure:
     """Left: the batched step cost by draft length, relative to the target alone, one line per batch size
     and compression. Right: the best gamma chosen at each batch size."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = ("-", "--", ":", "-.")
+    styles, ticks = ("-", "--", ":", "-."), []
     for i, (compression, models) in enumerate(costs.items()):
-        for b in sorted(models, key=int):
+        for j, b in enumerate(
+            sorted(models, key=int)
+        ):  # a colour per batch size, a line style per compression
             step = models[b]["step_ms"]
-            left.plot(
-                range(len(step)), [t / step[0] for t in step], styles[i % 4], label=f"{compression} B={b}"
-            )
+            ratios = [t / step[0] for t in step]
+            left.plot(range(len(step)), ratios, styles[i % 4], color=f"C{j}", label=f"{compression} B={b}")
         section = summary["compressions"][compression]
         sizes = _sizes(section)
-        right.plot([int(b) for b in sizes], [section["best_gamma"][b] for b in sizes], "o" + styles[i % 4])
-        right.lines[-1].set_label(compression)
+        best = [section["best_gamma"][b] for b in sizes]
+        right.plot([int(b) for b in sizes], best, "o" + styles[i % 4], label=compression)
+        ticks = [int(b) for b in sizes]
     left.set(xlabel="draft forwards per step (gamma)", ylabel="step ms ÷ step ms at gamma 0")
     left.set_title("Batched step cost (calibrated in the batched loop)")
     left.legend(fontsize=7, ncol=2)
     right.set(xscale="log", xlabel="batch size", ylabel="best fixed gamma (dev replay)")
+    right.set_xticks(ticks, [str(b) for b in ticks])
+    right.minorticks_off()
+    right.yaxis.get_major_locator().set_params(integer=True)
     right.set_title("Gamma by batch size")
     right.legend()
     fig.tight_layout()
