@@ -22,10 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from speckv.profiling.controllers import Controller, StepContext, draft_budget, submitted
+from speckv.profiling.controllers import Controller, submitted
 from speckv.profiling.errors import SpeckvError
-from speckv.profiling.replay import ReplayResult, Trace, _limit
-from speckv.profiling.signals import TokenSignals
+from speckv.profiling.replay import ReplayResult, Trace, _limit, draft_on_trace
 
 __all__ = [
     "BatchReplayResult",
@@ -114,7 +113,6 @@ class _Row:
     controller: Controller
     limit: int  # max_new_tokens the trace was generated with
     result: RowReplay
-    recent: np.ndarray  # StepContext.target_recent per position
     i: int = 0  # tokens committed so far (the trace position the next step starts at)
 
     @property
@@ -144,31 +142,12 @@ def _check(controllers: list[Controller], traces: list[Trace]) -> None:
 
 
 def _draft(row: _Row) -> int:
-    """Step 1 for one row, as `replay` runs it: the row's budget, then how many tokens it drafts."""
-    trace, i, controller, result = row.trace, row.i, row.controller, row.result
-    ctx = StepContext(
-        step=len(result.gammas),
-        position=row.position,
-        new_tokens=i,
-        prev_gamma=result.gammas[-1] if result.gammas else 0,
-        prev_accepted=result.accepts[-1] if result.accepts else 0,
-        compression=trace.compression,
-        target_top1=float(trace.target_top1[i]),
-        target_entropy=float(trace.target_entropy[i]),
-        target_recent=float(row.recent[i]),
-    )
-    peek = getattr(controller, "peek", None)  # only hindsight policies (FirstTokenOracle) have it
-    if peek is not None:
-        peek(int(trace.match_len[i]))
-    budget = draft_budget(controller, ctx, trace.gamma_max, row.limit - i)
-    if controller.needs_signals:
-        # after each drafted token but the budget's last, the controller says whether to go on
-        for j in range(budget - 1):
-            values = trace.signals[i, j]
-            signals = TokenSignals(*map(float, values), draft_index=j, position=row.position + j)
-            if not controller.keep_drafting(signals):
-                return j + 1
-    return budget
+    """Step 1 for one row, as `replay` runs it: how many tokens it drafts."""
+    gammas, accepts = row.result.gammas, row.result.accepts
+    prev_gamma, prev_accepted = (gammas[-1], accepts[-1]) if gammas else (0, 0)
+    return draft_on_trace(
+        row.controller, row.trace, row.i, len(gammas), prev_gamma, prev_accepted, row.limit
+    )[1]
 
 
 def _commit(row: _Row, drafted: int, ms: float) -> None:
@@ -203,7 +182,6 @@ def replay_batch(
                 controller=controller,
                 limit=_limit(trace, max_new_tokens),
                 result=RowReplay(new_tokens=trace.n_new, prompt_id=trace.prompt_id),
-                recent=trace.target_recent,
             )
         )
     out = BatchReplayResult(rows=[row.result for row in rows])

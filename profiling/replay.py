@@ -159,6 +159,38 @@ def _limit(trace: Trace, max_new_tokens: int | None) -> int:
     return max_new_tokens
 
 
+def draft_on_trace(
+    controller: Controller, trace: Trace, i: int, step: int, prev_gamma: int, prev_accepted: int, limit: int
+) -> tuple[int, int]:
+    """Step 1 of the step that starts at trace position `i` (the `step`-th), as the decode loop runs it:
+    the controller's budget (capped by `limit` tokens) and how many tokens it drafts before it says stop;
+    hindsight policies (FirstTokenOracle) first peek at the trace's match length."""
+    position = int(trace.position[i])
+    ctx = StepContext(
+        step=step,
+        position=position,
+        new_tokens=i,
+        prev_gamma=prev_gamma,
+        prev_accepted=prev_accepted,
+        compression=trace.compression,
+        target_top1=float(trace.target_top1[i]),
+        target_entropy=float(trace.target_entropy[i]),
+        target_recent=float(trace.target_recent[i]),
+    )
+    peek = getattr(controller, "peek", None)
+    if peek is not None:
+        peek(int(trace.match_len[i]))
+    budget = draft_budget(controller, ctx, trace.gamma_max, limit - i)
+    if controller.needs_signals:
+        # as in the loop: after each drafted token but the budget's last, ask whether to go on
+        for j in range(budget - 1):
+            values = trace.signals[i, j]
+            signals = TokenSignals(*map(float, values), draft_index=j, position=position + j)
+            if not controller.keep_drafting(signals):
+                return budget, j + 1
+    return budget, budget
+
+
 def replay(
     controller: Controller, trace: Trace, step_ms: Sequence[float], max_new_tokens: int | None = None
 ) -> ReplayResult:
@@ -179,35 +211,11 @@ def replay(
     prompt_len = int(trace.position[0])
     result.prefill_ms = costs.target_prefill(prompt_len - 1)
     controller.reset()
-    peek = getattr(controller, "peek", None)  # only hindsight policies (FirstTokenOracle) have it
-    recent = trace.target_recent
     i = prev_gamma = prev_accepted = prev_drafted = 0
     draft_cached = 0  # positions the draft has read; the loop fills it lazily, on the first drafted token
     while i < trace.n_new:
         position = int(trace.position[i])
-        ctx = StepContext(
-            step=len(result.gammas),
-            position=position,
-            new_tokens=i,
-            prev_gamma=prev_gamma,
-            prev_accepted=prev_accepted,
-            compression=trace.compression,
-            target_top1=float(trace.target_top1[i]),
-            target_entropy=float(trace.target_entropy[i]),
-            target_recent=float(recent[i]),
-        )
-        if peek is not None:
-            peek(int(trace.match_len[i]))
-        budget = draft_budget(controller, ctx, gamma_max, limit - i)
-        k = budget
-        if controller.needs_signals:
-            # as in the loop: after each drafted token but the budget's last, ask whether to go on
-            for j in range(budget - 1):
-                values = trace.signals[i, j]
-                signals = TokenSignals(*map(float, values), draft_index=j, position=position + j)
-                if not controller.keep_drafting(signals):
-                    k = j + 1
-                    break
+        budget, k = draft_on_trace(controller, trace, i, len(result.gammas), prev_gamma, prev_accepted, limit)
         n = submitted(controller, k)
         accepted = min(int(trace.match_len[i]), n)
         ms = costs.step(k, position) if n == k else costs.trimmed(k, n, position)

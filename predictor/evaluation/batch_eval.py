@@ -225,8 +225,8 @@ def fidelity(live: pd.DataFrame, table: dict, best: dict[int, int], config: Batc
             }
             if name == BEST_AT_1:
                 entry[name]["runs_of"] = at_1
+            ran = runs["policy"].iloc[0]
             for key, base in (("vs_none", NONE), ("vs_batch_1_best", at_1)):
-                ran = runs["policy"].iloc[0]
                 if name != NONE and (name != BEST_AT_1 or key == "vs_none"):
                     ratio = paired_ratio(
                         mine, ran, base, time_col="decode_s", tokens_col="decode_tokens", **config.bootstrap
