@@ -26,7 +26,14 @@ from speckv.profiling.costmodel import CostModel, StepCosts
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.generation import DecodeConfig
 
-__all__ = ["BatchCostModel", "batch_steps", "calibrate_batches", "fit_batch"]
+__all__ = [
+    "BatchCostModel",
+    "BatchTimer",
+    "batch_steps",
+    "calibrate_batches",
+    "calibration_runs",
+    "fit_batch",
+]
 
 
 @dataclass
@@ -143,7 +150,63 @@ def fit_batch(steps: pd.DataFrame, gamma_max: int, compression: str, device: str
     )
 
 
-@torch.inference_mode()
+Run = tuple[int, int, int]  # (batch size, fixed gamma, index of the batch's first prompt)
+
+
+def calibration_runs(n_prompts: int, batch_sizes: list[int], gamma_max: int) -> list[Run]:
+    """Every run of a batched calibration: at each batch size B, the prompts in batches of B (a batch larger
+    than the prompt list cycles through it) at every fixed gamma 0..gamma_max, the gammas' order rotating
+    from one batch size to the next so that load from elsewhere spreads over all. Every batch size sees
+    every prompt, so each size's context slope is fitted over the same contexts."""
+    if n_prompts < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise SpeckvError("batched calibration needs prompts and batch sizes >= 1")
+    gammas = list(range(gamma_max + 1))
+    return [
+        (b, g, start)
+        for i, b in enumerate(batch_sizes)
+        for g in gammas[i % len(gammas) :] + gammas[: i % len(gammas)]
+        for start in range(0, n_prompts, b)
+    ]
+
+
+class BatchTimer:
+    """Times calibration runs in the batched loop (warmed up once) and fits a BatchCostModel to their steps:
+    all at once (`calibrate_batches`) or in blocks between other work (the live runs' own clock)."""
+
+    def __init__(
+        self, target, draft, compression: str, prompts: list[list[int]], gamma_max: int, tokens: int
+    ):
+        if not prompts:
+            raise SpeckvError("batched calibration needs prompts")
+        self.target, self.draft, self.compression = target, draft, compression
+        self.prompts, self.gamma_max, self.tokens = prompts, gamma_max, tokens
+        self.config = DecodeConfig(max_new_tokens=tokens, gamma_max=gamma_max)  # no EOS: every row runs
+        self.steps: list[dict] = []
+        warm = DecodeConfig(max_new_tokens=4, gamma_max=gamma_max)
+        speculative_generate_batch(target, draft, prompts[:1], [FixedGamma(gamma_max)], warm, compression)
+
+    @torch.inference_mode()
+    def time(self, runs: list[Run]) -> None:
+        for b, g, start in runs:
+            rows = [self.prompts[(start + i) % len(self.prompts)] for i in range(b)]
+            controllers = [FixedGamma(g) for _ in rows]
+            result = speculative_generate_batch(
+                self.target, self.draft, rows, controllers, self.config, self.compression
+            )
+            self.steps += batch_steps(result, b, g)
+
+    def model(self, batch_sizes: list[int]) -> BatchCostModel:
+        frame = pd.DataFrame(self.steps)
+        device = str(self.target.device)
+        models = {
+            b: fit_batch(frame[frame["batch"] == b], self.gamma_max, self.compression, device)
+            for b in batch_sizes
+        }
+        meta = {"prompt_tokens": [len(p) for p in self.prompts], "max_new_tokens": self.tokens}
+        meta["threads"] = torch.get_num_threads()
+        return BatchCostModel(self.compression, models, meta)
+
+
 def calibrate_batches(
     target,
     draft,
@@ -153,36 +216,12 @@ def calibrate_batches(
     gamma_max: int,
     max_new_tokens: int,
 ) -> tuple[BatchCostModel, pd.DataFrame]:
-    """A BatchCostModel from the batched loop's own steps: at each batch size B, `prompts` in batches of B
-    (the last one filled up from the start, cycling) decoded at every fixed gamma 0..gamma_max, the gammas'
-    order rotating from one batch size to the next so that load from elsewhere spreads over all; and those
+    """A BatchCostModel from the batched loop's own steps at every run of `calibration_runs`, and those
     steps."""
-    if not prompts or not batch_sizes or min(batch_sizes) < 1:
-        raise SpeckvError("batched calibration needs prompts and batch sizes >= 1")
     from tqdm import tqdm
 
-    config = DecodeConfig(max_new_tokens=max_new_tokens, gamma_max=gamma_max)  # no EOS: every row runs
-    warm = DecodeConfig(max_new_tokens=4, gamma_max=gamma_max)
-    speculative_generate_batch(target, draft, prompts[:1], [FixedGamma(gamma_max)], warm, compression)
-    gammas = list(range(gamma_max + 1))
-    steps: list[dict] = []
-    # every batch size sees every prompt: ceil(len(prompts) / B) batches per gamma (a batch larger than the
-    # prompt list cycles through it), so each size's context slope is fitted over the same contexts
-    runs = [
-        (b, g, start)
-        for i, b in enumerate(batch_sizes)
-        for g in gammas[i % len(gammas) :] + gammas[: i % len(gammas)]
-        for start in range(0, len(prompts), b)
-    ]
-    for b, g, start in tqdm(runs, desc=f"batched costs {compression}", unit="run"):
-        rows = [prompts[(start + i) % len(prompts)] for i in range(b)]
-        result = speculative_generate_batch(
-            target, draft, rows, [FixedGamma(g) for _ in rows], config, compression
-        )
-        steps += batch_steps(result, b, g)
-    frame = pd.DataFrame(steps)
-    device = str(target.device)
-    models = {b: fit_batch(frame[frame["batch"] == b], gamma_max, compression, device) for b in batch_sizes}
-    meta = {"prompt_tokens": [len(p) for p in prompts], "max_new_tokens": max_new_tokens}
-    meta["threads"] = torch.get_num_threads()
-    return BatchCostModel(compression, models, meta), frame.assign(compression=compression)
+    runs = calibration_runs(len(prompts), batch_sizes, gamma_max)
+    timer = BatchTimer(target, draft, compression, prompts, gamma_max, max_new_tokens)
+    for run in tqdm(runs, desc=f"batched costs {compression}", unit="run"):
+        timer.time([run])
+    return timer.model(batch_sizes), pd.DataFrame(timer.steps).assign(compression=compression)

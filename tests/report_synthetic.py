@@ -153,6 +153,8 @@ def _live_entry(rate: float) -> dict:
             "measured_tokens_per_s": rate * ratio,
             "replay_tokens_per_s": rate * ratio * (1 + error),
             "replay_error": error,
+            "tuning_model_tokens_per_s": rate * ratio * (1 + 2 * error),
+            "tuning_model_error": 2 * error,
             "lossless_batches": 2,
             "batches": 2,
             "vs_none": _ci(ratio),

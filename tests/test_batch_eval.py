@@ -102,11 +102,15 @@ def test_gamma_by_batch_size_end_to_end(tiny_pair_dir, tmp_path):
         section = summary["compressions"][compression]
         assert set(section["best_gamma"]) == {"1", "2"}
         assert BatchCostModel.load(out / f"{compression}_batch.json").batch_sizes == [1, 2]
+        # the live runs' own clock: the live batch sizes, calibrated between the live batches
+        assert BatchCostModel.load(out / f"{compression}_batch_live_clock.json").batch_sizes == [1, 2]
+        assert section["tuning_model_max_abs_error"] >= 0
         for size, policies in section["live"].items():
             for name, entry in policies.items():
                 # every row's tokens equal the target alone's: batched greedy decoding is lossless
                 assert entry["lossless_batches"] == entry["batches"] > 0, (compression, size, name)
                 assert entry["measured_tokens_per_s"] > 0 and entry["replay_tokens_per_s"] > 0
+                assert entry["tuning_model_tokens_per_s"] > 0  # replay under the calibration, beside
             assert "vs_none" in policies[MLP] and "vs_batch_1_best" in policies[MLP]
         for row in section["by_batch_size"].values():
             assert row["mlp_share_exponent"] in (0.0, 0.5, 1.0)

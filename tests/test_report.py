@@ -237,6 +237,7 @@ def test_gamma_by_batch_size_section_schedule_and_metrics(report):
     cells = dict(zip(live["columns"], four, strict=True))
     assert cells["none tok/s"][0] == "40.0" and cells["mlp ÷ none"][0].startswith("0.98")
     assert cells["replay error, tok/s / speedup (max)"][0] == "4.0% / 5.0%" and cells["= none"][0] == "8/8"
+    assert cells["under the calibration"][0] == "8.0% / 9.8%"
     assert json.loads((out / "speculation_schedule.json").read_text())["measured_with"] == "test"
     assert (out / "batch.png").is_file()
     assert metrics["batch"]["int8"]["best_gamma"] == {"1": 2, "2": 1, "4": 0}

@@ -47,7 +47,7 @@ class BatchConfig:
     export_dir: str = (
         "artifacts/predictor/export"  # the MLP export whose stop rule is re-costed per batch size
     )
-    out_dir: str = "artifacts/batch"  # summary.json, {compression}_batch.json, live.parquet, replay.parquet
+    out_dir: str = "artifacts/batch"  # summary.json, {c}_batch.json, {c}_batch_live_clock.json, *.parquet
     batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # calibrated and replayed
     live_batch_sizes: list[int] = field(default_factory=lambda: [1, 4, 8])  # run live
     gamma_max: int = 8  # most tokens drafted per step
@@ -138,22 +138,43 @@ def choose_gammas(dev: list[Trace], test: list[Trace], costs: BatchCostModel, co
             "mlp_share_exponent": exponent,
         }
     for b in config.batch_sizes:
-        policies = {**compared(best, b, mlps[b]), BEST_AT_1: lambda: FixedGamma(best[1])}
-        test_rates = {}
-        for name, factory in policies.items():
-            tokens, ms = replay_totals(factory, test, b, step, cap)
-            test_rates[name] = 1e3 * tokens / ms if ms > 0 else 0.0
-            rows.append({"batch_size": b, "policy": name, "tokens": tokens, "ms": ms})
-        table[b]["test_rates"] = test_rates
+        table[b]["test_rates"], mine = test_rates(test, b, step, config, replayed(best, b, mlps[b]))
+        rows += mine
     return best, table, rows, mlps
 
 
+def replayed(best: dict[int, int], batch: int, mlp) -> dict:
+    """The policies replayed on test prompts at `batch`: the compared ones and batch 1's best gamma."""
+    return {**compared(best, batch, mlp), BEST_AT_1: lambda: FixedGamma(best[1])}
+
+
+def test_rates(test: list[Trace], batch: int, step, config: BatchConfig, policies: dict):
+    """Each policy's replayed decode tokens/s on the test traces in batches of `batch` under the clock
+    `step`, and the rows of the replay table."""
+    rates, rows = {}, []
+    for name, factory in policies.items():
+        tokens, ms = replay_totals(factory, test, batch, step, config.max_new_tokens)
+        rates[name] = 1e3 * tokens / ms if ms > 0 else 0.0
+        rows.append({"batch_size": batch, "policy": name, "tokens": tokens, "ms": ms})
+    return rates, rows
+
+
 def live_runs(
-    pair, prompts: list[dict], traces: list[Trace], best: dict[int, int], config: BatchConfig, mlps
+    pair,
+    prompts: list[dict],
+    traces: list[Trace],
+    best: dict[int, int],
+    config: BatchConfig,
+    mlps,
+    calibration: list[list[int]],
 ):
     """The test prompts, in the batches replay made of their `traces`, at every live batch size under the
     `compared` policies (`mlps[b]` the MLP's factory), their order rotated batch by batch: one row per
-    (batch, policy)."""
+    (batch, policy); and the live runs' own clock: the batched calibration runs of the live batch sizes on
+    `calibration` (dev prompts), cut into blocks that take turns with the live batches, fitted as the
+    calibration is (so replay can be read in the machine's state of the live runs)."""
+    import numpy as np
+    from speckv.profiling.batch_costs import BatchTimer, calibration_runs
     from speckv.profiling.batch_decode import speculative_generate_batch
     from speckv.profiling.decode import DecodeConfig
     from speckv.profiling.models import eos_ids
@@ -164,10 +185,8 @@ def live_runs(
         gamma_max=config.gamma_max,
         eos_token_ids=eos_ids(pair.tokenizer, pair.target),
     )
-    warm = DecodeConfig(max_new_tokens=8, gamma_max=config.gamma_max)
-    first = [prompts[0]["input_ids"]]
-    speculative_generate_batch(
-        pair.target, pair.draft, first, [FixedGamma(config.gamma_max)], warm, pair.compression
+    clock = BatchTimer(
+        pair.target, pair.draft, pair.compression, calibration, config.gamma_max, config.calibration_tokens
     )
     rows = []
     plan = [
@@ -175,7 +194,10 @@ def live_runs(
         for b in config.live_batch_sizes
         for i, batch in enumerate(prompt_batches(prompts, traces, b))
     ]
+    runs = calibration_runs(len(calibration), config.live_batch_sizes, config.gamma_max)
+    blocks = [[runs[j] for j in idx] for idx in np.array_split(np.arange(len(runs)), len(plan))]
     for k, (b, i, batch) in enumerate(tqdm(plan, desc=f"batched live {pair.compression}", unit="batch")):
+        clock.time(blocks[k])
         policies = compared(best, b, mlps[b])
         names = list(policies)
         for name in names[k % len(names) :] + names[: k % len(names)]:
@@ -197,13 +219,14 @@ def live_runs(
                     "tokens": [r.token_ids for r in result.rows],
                 }
             )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), clock.model(config.live_batch_sizes)
 
 
 def fidelity(live: pd.DataFrame, table: dict, best: dict[int, int], config: BatchConfig) -> dict:
     """Per live batch size and policy: measured decode tokens/s (summed over the batch) against replay's
-    prediction for the same batches (`table`'s test rates), the ratios to `none` and to batch 1's best gamma
-    with paired CIs over batches, and whether every row's tokens equal `none`'s."""
+    prediction for the same batches under the live runs' own clock (`table`'s live_clock_rates) and under
+    the calibration every choice was made with (its test_rates, `tuning_model_*`), the ratios to `none` and
+    to batch 1's best gamma with paired CIs over batches, and whether every row's tokens equal `none`'s."""
     out: dict[str, Any] = {}
     for b in config.live_batch_sizes:
         mine = live[live["batch_size"] == b]
@@ -214,12 +237,14 @@ def fidelity(live: pd.DataFrame, table: dict, best: dict[int, int], config: Batc
         for name in (NONE, BEST, MLP, BEST_AT_1):
             runs = mine[mine["policy"] == (at_1 if name == BEST_AT_1 else name)]
             measured = runs["decode_tokens"].sum() / runs["decode_s"].sum()
-            predicted = table[b]["test_rates"][name]
+            predicted, tuning = table[b]["live_clock_rates"][name], table[b]["test_rates"][name]
             same = (t == none_tokens.get(p) for p, t in zip(runs["prompt_id"], runs["tokens"], strict=True))
             entry[name] = {
                 "measured_tokens_per_s": float(measured),
                 "replay_tokens_per_s": float(predicted),
                 "replay_error": float(predicted / measured - 1.0),
+                "tuning_model_tokens_per_s": float(tuning),
+                "tuning_model_error": float(tuning / measured - 1.0),
                 "lossless_batches": int(sum(same)),
                 "batches": len(runs),
             }
@@ -281,17 +306,24 @@ def run_compression(config: BatchConfig, compression: str, predictor, dev: list[
     )
     mlp_for = lambda b, e: batch_mlp(predictor, config.gamma_max, compression, costs, b, e)  # noqa: E731
     best, table, replay_rows, mlps = choose_gammas(dev_traces, test_traces, costs, config, mlp_for)
-    live = live_runs(pair, test, test_traces, best, config, mlps)
+    live, clock = live_runs(pair, test, test_traces, best, config, mlps, calibration)
+    for b in config.live_batch_sizes:
+        table[b]["live_clock_rates"], _ = test_rates(
+            test_traces, b, clock.step, config, replayed(best, b, mlps[b])
+        )
     section = {
         "best_gamma": {str(b): g for b, g in best.items()},
         "by_batch_size": {str(b): v for b, v in table.items()},
         "live": fidelity(live, table, best, config),
     }
-    errors = [abs(e["replay_error"]) for b in section["live"].values() for e in b.values()]
-    section["fidelity_max_abs_error"] = max(errors, default=0.0)
+    for key, error in (
+        ("fidelity_max_abs_error", "replay_error"),
+        ("tuning_model_max_abs_error", "tuning_model_error"),
+    ):
+        section[key] = max((abs(e[error]) for b in section["live"].values() for e in b.values()), default=0.0)
     return (
         section,
-        costs,
+        (costs, clock),
         live.assign(tokens=live["tokens"].map(str)),
         pd.DataFrame(replay_rows).assign(compression=compression),
     )
@@ -338,8 +370,9 @@ def run_batch(config: BatchConfig) -> dict[str, Any]:
         }
     out.mkdir(parents=True, exist_ok=True)
     lives, replays = [], []
-    for compression, (costs, live, replay_rows) in results.items():
+    for compression, ((costs, clock), live, replay_rows) in results.items():
         costs.save(out / f"{compression}_batch.json")
+        clock.save(out / f"{compression}_batch_live_clock.json")
         lives.append(live)
         replays.append(replay_rows)
     with atomic_path(out / "live.parquet") as tmp:
