@@ -147,7 +147,7 @@ def _batch_entry(best: int, rate: float) -> dict:
     }
 
 
-def _live_entry(rate: float) -> dict:
+def _live_entry(rate: float, batches: int = 2) -> dict:
     def policy(ratio: float, error: float) -> dict:
         return {
             "measured_tokens_per_s": rate * ratio,
@@ -155,10 +155,10 @@ def _live_entry(rate: float) -> dict:
             "replay_error": error,
             "tuning_model_tokens_per_s": rate * ratio * (1 + 2 * error),
             "tuning_model_error": 2 * error,
-            "lossless_batches": 2,
-            "batches": 2,
-            "vs_none": _ci(ratio),
-            "vs_batch_1_best": _ci(ratio / 0.9),
+            "lossless_batches": batches,
+            "batches": batches,
+            "vs_none": {**_ci(ratio), "n": batches},
+            "vs_batch_1_best": {**_ci(ratio / 0.9), "n": batches},
         }
 
     return {
@@ -180,7 +180,7 @@ def write_batch(root: Path) -> Path:
             c: {
                 "best_gamma": best,
                 "by_batch_size": {b: _batch_entry(g, 10.0 * int(b)) for b, g in best.items()},
-                "live": {"1": _live_entry(10.0), "4": _live_entry(40.0)},
+                "live": {"1": _live_entry(10.0), "4": _live_entry(40.0, batches=1)},
                 "fidelity_max_abs_error": 0.04,
             }
             for c, best in BATCH_BEST.items()

@@ -235,8 +235,10 @@ def test_gamma_by_batch_size_section_schedule_and_metrics(report):
     ] + [("fp32", "4", "0")]
     four = next(r for r in live["rows"] if r[0][0] == "int8" and r[1][0] == "4")
     cells = dict(zip(live["columns"], four, strict=True))
-    assert cells["none tok/s"][0] == "40.0" and cells["mlp ÷ none"][0].startswith("0.98")
-    assert cells["replay error, tok/s / speedup (max)"][0] == "4.0% / 5.0%" and cells["= none"][0] == "8/8"
+    assert cells["none tok/s"][0] == "40.0" and cells["mlp ÷ none"][0] == "0.980× (one batch)"
+    assert cells["replay error, tok/s / speedup (max)"][0] == "4.0% / 5.0%" and cells["= none"][0] == "4/4"
+    one = next(r for r in live["rows"] if r[0][0] == "int8" and r[1][0] == "1")
+    assert dict(zip(live["columns"], one, strict=True))["mlp ÷ none"][0] == "0.980× [0.930, 1.030]"
     assert cells["under the calibration"][0] == "8.0% / 9.8%"
     assert json.loads((out / "speculation_schedule.json").read_text())["measured_with"] == "test"
     assert (out / "batch.png").is_file()

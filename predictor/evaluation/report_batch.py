@@ -79,6 +79,13 @@ def _errors(entry: dict, clock: str) -> Cell:
     return Cell(f"{100 * worst:.1f}% / {100 * worst_ratio:.1f}%")
 
 
+def _ratio(entry: dict) -> Cell:
+    """A live ratio with its CI over batches; one batch has no interval to show."""
+    if entry.get("n", 2) < 2:
+        return Cell(f"{entry['ratio']:.3f}× (one batch)")
+    return ratio_cell(entry)
+
+
 def live_table(summary: dict) -> Table:
     """Per compression and live batch size: measured tokens/s of `none`, the ratios of the best fixed gamma,
     the MLP and batch 1's best gamma to `none` (paired CIs over batches), replay's largest error under the
@@ -92,8 +99,8 @@ def live_table(summary: dict) -> Table:
             batches = sum(e["batches"] for e in ran)
             rows.append(
                 [Cell(compression), Cell(b), Cell(f"{entry[NONE]['measured_tokens_per_s']:.1f}")]
-                + [ratio_cell(entry[p]["vs_none"]) for p in (BEST, MLP, BEST_AT_1)]
-                + [ratio_cell(entry[MLP]["vs_batch_1_best"])]
+                + [_ratio(entry[p]["vs_none"]) for p in (BEST, MLP, BEST_AT_1)]
+                + [_ratio(entry[MLP]["vs_batch_1_best"])]
                 + [_errors(entry, "replay"), _errors(entry, "tuning_model")]
                 + [Cell(f"{lossless}/{batches}")]
             )
