@@ -1,9 +1,11 @@
 """Measured cost of one batched speculative step at several batch sizes, as the batched loop runs it.
 
 At batch size B a step that runs g draft forwards and one verify of B x (g + 1) tokens costs
-`step_ms[g] + step_ms_per_token[g] * (L - context_tokens)` of that batch size's CostModel, L the mean
-context of the rows: each batch size is calibrated like batch 1 (profiling/calibrate.py), in the batched
-loop itself (profiling/batch_decode.py) at every fixed gamma, with every row decoding. Between calibrated
+`step_ms[g] + step_ms_per_token[g] * (L - context_tokens)` of that batch size's CostModel, L the context
+of the batch's longest row: every row's attention reads the cache up to the longest row's length
+(profiling/row_cache.py), so a batch costs what its widest row makes it, not its mean. Each batch size is
+calibrated like batch 1 (profiling/calibrate.py), in the batched loop itself (profiling/batch_decode.py)
+at every fixed gamma, with every row decoding, on batches of different widths (`calibration_runs`). Between calibrated
 batch sizes the cost is interpolated linearly in B (batches shrink as rows finish); beyond the largest it
 is extrapolated along the last two. The first step of a batch (every row's first token, after the
 prefills) belongs to the time to first token and is not fitted.
@@ -15,7 +17,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from speckv.profiling.atomic import write_text
@@ -61,7 +62,8 @@ class BatchCostModel:
         return next(iter(self.models.values())).gamma_max
 
     def step(self, batch: int, gamma: int, position: float) -> float:
-        """Modelled ms of a step of `batch` active rows, `gamma` draft forwards, mean context `position`."""
+        """Modelled ms of a step of `batch` active rows, `gamma` draft forwards, longest row context
+        `position`."""
         if batch < 1:
             raise SpeckvError(f"batch size {batch} < 1")
         sizes = self.batch_sizes
@@ -98,7 +100,8 @@ class BatchCostModel:
 
 def batch_steps(result, batch: int, gamma: int) -> list[dict]:
     """The decode steps (after the first) of one fixed-gamma batched run in which every row still decoded
-    (so step s is every row's step s): batch size, draft forwards, mean row context and timings."""
+    (so step s is every row's step s): batch size, draft forwards, the longest row's context (the width
+    every row's attention reads) and timings."""
     rows = []
     for s in range(result.steps):
         if s > 0 and result.batch_sizes[s] == batch:
@@ -109,7 +112,7 @@ def batch_steps(result, batch: int, gamma: int) -> list[dict]:
                     "step": s,
                     "gamma": result.draft_forwards[s] if gamma else 0,
                     "verify_gamma": result.gammas[s],
-                    "position": float(np.mean([row.positions[s] for row in result.rows])),
+                    "position": float(max(row.positions[s] for row in result.rows)),
                     "step_ms": 1e3 * result.step_s[s],
                     "draft_ms": 1e3 * result.draft_s[s],
                     "verify_ms": 1e3 * result.verify_s[s],
@@ -150,23 +153,26 @@ def fit_batch(steps: pd.DataFrame, gamma_max: int, compression: str, device: str
     )
 
 
-Run = tuple[int, int, int]  # (batch size, fixed gamma, index of the batch's first prompt)
+Run = tuple[int, int, int, int]  # (batch size, fixed gamma, first prompt, prompts) of the length-sorted list
 
 
 def calibration_runs(n_prompts: int, batch_sizes: list[int], gamma_max: int) -> list[Run]:
-    """Every run of a batched calibration: at each batch size B, the prompts in batches of B (a batch larger
-    than the prompt list cycles through it) at every fixed gamma 0..gamma_max, the gammas' order rotating
-    from one batch size to the next so that load from elsewhere spreads over all. Every batch size sees
-    every prompt, so each size's context slope is fitted over the same contexts."""
+    """Every run of a batched calibration over prompts sorted by length: at each batch size B, the prompts cut
+    into consecutive groups, ceil(n / B) of them and at least two, each group one batch of B rows cycling
+    through it, at every fixed gamma 0..gamma_max; the gammas' order rotates from one batch size to the next
+    so that load from elsewhere spreads over all. Every batch size sees every prompt, and a short group's
+    batch is narrower than a long group's, so each size's width slope is fitted over a spread of widths
+    (a batch cycling through all prompts would always be as wide as the longest)."""
     if n_prompts < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise SpeckvError("batched calibration needs prompts and batch sizes >= 1")
     gammas = list(range(gamma_max + 1))
-    return [
-        (b, g, start)
-        for i, b in enumerate(batch_sizes)
-        for g in gammas[i % len(gammas) :] + gammas[: i % len(gammas)]
-        for start in range(0, n_prompts, b)
-    ]
+    runs = []
+    for i, b in enumerate(batch_sizes):
+        groups = min(n_prompts, max(2, -(-n_prompts // b)))
+        bounds = [k * n_prompts // groups for k in range(groups + 1)]
+        for g in gammas[i % len(gammas) :] + gammas[: i % len(gammas)]:
+            runs += [(b, g, lo, hi - lo) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    return runs
 
 
 class BatchTimer:
@@ -179,7 +185,8 @@ class BatchTimer:
         if not prompts:
             raise SpeckvError("batched calibration needs prompts")
         self.target, self.draft, self.compression = target, draft, compression
-        self.prompts, self.gamma_max, self.tokens = prompts, gamma_max, tokens
+        self.prompts = sorted(prompts, key=len)  # calibration_runs' groups are of the length-sorted list
+        self.gamma_max, self.tokens = gamma_max, tokens
         self.config = DecodeConfig(max_new_tokens=tokens, gamma_max=gamma_max)  # no EOS: every row runs
         self.steps: list[dict] = []
         warm = DecodeConfig(max_new_tokens=4, gamma_max=gamma_max)
@@ -187,8 +194,8 @@ class BatchTimer:
 
     @torch.inference_mode()
     def time(self, runs: list[Run]) -> None:
-        for b, g, start in runs:
-            rows = [self.prompts[(start + i) % len(self.prompts)] for i in range(b)]
+        for b, g, first, count in runs:
+            rows = [self.prompts[first + i % count] for i in range(b)]
             controllers = [FixedGamma(g) for _ in rows]
             result = speculative_generate_batch(
                 self.target, self.draft, rows, controllers, self.config, self.compression

@@ -12,7 +12,7 @@ Greedy output does not depend on the batch, so every row decides and advances ex
 on its trace alone; only the time is the batch's. A step costs `step_ms(batch_size, gamma, position)`: the
 rows active, gamma = the draft forwards the step ran (the most tokens any row drafted, trimmed ones
 included: each forward is a sequential pass over the batch, and the verify is at most one token wider), and
-the mean context of the active rows. That callable covers the whole step (drafting, verify, signals); the
+the context of the longest active row (every row's attention reads the cache that far). That callable covers the whole step (drafting, verify, signals); the
 prefills are not modelled.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 from speckv.profiling.controllers import Controller, submitted
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.replay import ReplayResult, Trace, _limit, draft_on_trace
@@ -35,7 +34,7 @@ __all__ = [
     "replay_totals",
 ]
 
-StepMs = Callable[[int, int, float], float]  # (batch_size, gamma, mean position) -> ms of one batched step
+StepMs = Callable[[int, int, float], float]  # (batch_size, gamma, longest row position) -> ms of a step
 
 
 @dataclass
@@ -70,7 +69,9 @@ class BatchReplayResult:
     rows: list[RowReplay]  # one per trace, in the order given
     batch_sizes: list[int] = field(default_factory=list)  # per step: rows decoding
     gammas: list[int] = field(default_factory=list)  # per step: draft forwards (most tokens a row drafted)
-    step_ms: list[float] = field(default_factory=list)  # per step: step_ms(batch size, gamma, mean position)
+    step_ms: list[float] = field(
+        default_factory=list
+    )  # per step: step_ms(batch size, gamma, longest row position)
 
     @property
     def steps(self) -> int:
@@ -189,7 +190,7 @@ def replay_batch(
     while active:
         drafted = [_draft(row) for row in active]
         gamma = max(drafted)
-        position = float(np.mean([row.position for row in active]))
+        position = float(max(row.position for row in active))
         ms = float(step_ms(len(active), gamma, position))
         for row, k in zip(active, drafted, strict=True):
             _commit(row, k, ms)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from speckv.profiling.batch_costs import BatchCostModel, calibrate_batches, fit_batch
+from speckv.profiling.batch_costs import BatchCostModel, calibrate_batches, calibration_runs, fit_batch
 from speckv.profiling.costmodel import CostModel
 from speckv.profiling.errors import SpeckvError
 from tiny import perturbed_draft, tiny_target
@@ -65,6 +65,17 @@ def test_a_fit_is_a_level_per_gamma_and_one_context_slope():
         fit_batch(pd.DataFrame(rows), 3, "fp32", "cpu")
 
 
+def test_calibration_batches_span_narrow_and_wide_groups_of_the_sorted_prompts():
+    runs = calibration_runs(6, [1, 4, 8], gamma_max=1)
+    assert [r for r in runs if r[0] == 1 and r[1] == 0] == [(1, 0, k, 1) for k in range(6)]
+    # ceil(6 / 4) = 2 groups of 3 prompts; at 8 still two groups, not one batch cycling through all six
+    for b in (4, 8):
+        assert sorted(r[2:] for r in runs if r[0] == b and r[1] == 0) == [(0, 3), (3, 3)]
+    assert {(b, g) for b, g, _, _ in runs} == {(b, g) for b in (1, 4, 8) for g in (0, 1)}
+    assert calibration_runs(1, [4], gamma_max=0) == [(4, 0, 0, 1)]
+    assert [r[2:] for r in calibration_runs(5, [2], gamma_max=0)] == [(0, 1), (1, 2), (3, 2)]
+
+
 def test_calibration_runs_the_batched_loop_at_every_size_and_gamma():
     target = tiny_target()
     draft = perturbed_draft(target, 0.02)
@@ -77,6 +88,9 @@ def test_calibration_runs_the_batched_loop_at_every_size_and_gamma():
     assert (steps["step"] > 0).all()  # the first step belongs to the time to first token
     alone = steps[steps["batch"] == 1]  # batch 1 decodes every prompt, so its slope spans their contexts
     assert alone["position"].min() < 9 and alone["position"].max() >= 13
+    # a batch's context is its longest row's: the short group's batch of 4 is narrower than the long one's
+    four = steps[(steps["batch"] == 4) & (steps["fixed"] == 0) & (steps["step"] == 1)]
+    assert sorted(four["position"]) == [6 + 1, 13 + 1]  # one token committed per step at gamma 0
     for m in costs.models.values():
         assert m.step_ms == sorted(m.step_ms) and min(m.step_ms) > 0
     with pytest.raises(SpeckvError, match="batch sizes >= 1"):

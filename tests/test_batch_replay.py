@@ -137,13 +137,16 @@ def test_the_step_is_charged_at_the_most_tokens_drafted():
         in_step = [b for b, row in enumerate(out.rows) if len(row.drafted) > s]
         assert batch_size == out.batch_sizes[s] == len(in_step)
         assert gamma == max(out.rows[b].drafted[s] for b in in_step)
-        # a row's context: its start and every token it committed (accepted + 1 a step) before step s
+        # a row's context: its start and every token it committed (accepted + 1 a step) before step s;
+        # the step is charged at the longest active row's (the width every row's attention reads)
         starts = [int(traces[b].position[0]) + s + sum(out.rows[b].accepts[:s]) for b in in_step]
-        assert position == pytest.approx(np.mean(starts))
+        assert position == max(starts)
     # step 0: every row at its first position; the verify is as wide as row b's 3 tokens, not row a's 1
-    assert cost.calls[0] == (3, 3, pytest.approx((10 + 20 + 60) / 3))
-    # step 1: a committed 2 tokens, b 4, c 1
-    assert cost.calls[1] == (3, 3, pytest.approx((12 + 24 + 61) / 3))
+    assert cost.calls[0] == (3, 3, 60)
+    # step 1: a committed 2 tokens, b 4, c 1: c is still the widest
+    assert cost.calls[1] == (3, 3, 61)
+    # b (4 tokens a step from 20) leaves after step 2; a and c go on, c still the widest
+    assert out.batch_sizes[3] == 2 and cost.calls[3][2] == 63
 
 
 def test_a_row_that_stops_early_drafts_less_than_the_batch():

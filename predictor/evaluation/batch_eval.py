@@ -54,7 +54,7 @@ class BatchConfig:
     dev_per_task: int = 4  # dev prompts per task traced: the best gamma per batch size is chosen on them
     test_per_task: int = 4  # test prompts per task traced, replayed and run live
     max_new_tokens: int = 64  # tokens per row, traced and live
-    calibration_prompts: int = 6  # dev prompts the batched calibration cycles through
+    calibration_prompts: int = 6  # dev prompts of the batched calibration (narrow and wide batches)
     calibration_tokens: int = 24  # tokens per row of each calibration run
     threads: int = 2  # torch CPU threads
     cpu_kernels: bool = True  # as calibrate.cpu_kernels
