@@ -17,12 +17,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from speckv.profiling.atomic import write_text
 from speckv.profiling.batch_decode import speculative_generate_batch
 from speckv.profiling.controllers import FixedGamma
-from speckv.profiling.costfit import monotone, pooled_slope, stalled
+from speckv.profiling.costfit import monotone, stalled
 from speckv.profiling.costmodel import CostModel, StepCosts
 from speckv.profiling.errors import SpeckvError
 from speckv.profiling.generation import DecodeConfig
@@ -34,6 +35,7 @@ __all__ = [
     "calibrate_batches",
     "calibration_runs",
     "fit_batch",
+    "width_slopes",
 ]
 
 
@@ -121,16 +123,37 @@ def batch_steps(result, batch: int, gamma: int) -> list[dict]:
     return rows
 
 
+def width_slopes(steps: pd.DataFrame, gamma_max: int) -> list[float]:
+    """ms per token of width at each gamma 0..gamma_max, as a + b * gamma: the least-squares fit of the
+    steps' time on their width within each gamma, refitted once without the steps more than four median
+    absolute deviations off the first fit; never negative. Each of a step's g draft forwards attends over
+    the width too, so the slope grows with gamma (one slope for all gammas overstates gamma 0's)."""
+    kept = steps
+    a = b = 0.0
+    for _ in range(2):
+        by_gamma = kept.groupby("gamma")
+        x = (kept["position"] - by_gamma["position"].transform("mean")).to_numpy()
+        y = (kept["step_ms"] - by_gamma["step_ms"].transform("mean")).to_numpy()
+        design = np.stack([x, x * kept["gamma"].to_numpy()], axis=1)
+        if not np.any(x):
+            return [0.0] * (gamma_max + 1)
+        (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+        residual = y - design @ np.array([a, b])
+        mad = float(np.median(np.abs(residual - np.median(residual))))
+        kept = kept[np.abs(residual) <= 4 * max(mad, 1e-9)]
+    return [max(float(a + b * g), 0.0) for g in range(gamma_max + 1)]
+
+
 def fit_batch(steps: pd.DataFrame, gamma_max: int, compression: str, device: str) -> CostModel:
-    """One batch size's CostModel from its steps: a level per gamma plus one context slope shared by all
-    (costfit.pooled_slope), stalled steps left out, levels made non-decreasing; the draft's per-token cost
-    is the median draft time per forward of the drafting steps."""
+    """One batch size's CostModel from its steps: a level per gamma plus a width slope per gamma
+    (`width_slopes`), stalled steps left out, levels made non-decreasing; the draft's per-token cost is the
+    median draft time per forward of the drafting steps."""
     if steps.empty:
         raise SpeckvError("no batched steps to fit")
     # descheduled steps are judged against their own gamma's (a longer draft is not a stall)
     keep = steps.groupby("gamma")["step_ms"].transform(lambda ms: ~stalled(ms.to_numpy()))
     steps = steps[keep.astype(bool)]
-    slope = pooled_slope(steps)
+    slopes = width_slopes(steps, gamma_max)
     context = float(steps["position"].mean())
     levels = []
     for g in range(gamma_max + 1):
@@ -139,7 +162,7 @@ def fit_batch(steps: pd.DataFrame, gamma_max: int, compression: str, device: str
             raise SpeckvError(
                 f"no batched step ran {g} draft forwards: calibrate with max_new_tokens > {g + 1}"
             )
-        levels.append(float((mine["step_ms"] - slope * (mine["position"] - context)).mean()))
+        levels.append(float((mine["step_ms"] - slopes[g] * (mine["position"] - context)).mean()))
     drafting = steps[steps["gamma"] > 0]
     draft_ms = float((drafting["draft_ms"] / drafting["gamma"]).median()) if not drafting.empty else 0.0
     return CostModel(
@@ -147,7 +170,7 @@ def fit_batch(steps: pd.DataFrame, gamma_max: int, compression: str, device: str
         device=device,
         context_tokens=context,
         step_ms=monotone(levels),
-        step_ms_per_token=[slope] * (gamma_max + 1),
+        step_ms_per_token=slopes,
         draft_ms=draft_ms,
         meta={"steps": len(steps), "batch": int(steps["batch"].iloc[0])},
     )

@@ -65,6 +65,26 @@ def test_a_fit_is_a_level_per_gamma_and_one_context_slope():
         fit_batch(pd.DataFrame(rows), 3, "fp32", "cpu")
 
 
+def test_the_width_slope_grows_with_the_draft_forwards_that_also_read_the_width():
+    import pandas as pd
+
+    rows = [
+        {
+            "batch": 8,
+            "gamma": g,
+            "position": width,
+            "step_ms": 90.0 + 30.0 * g + (0.05 + 0.02 * g) * (width - 200),
+            "draft_ms": 3.0 * g,
+        }
+        for g in range(4)
+        for width in (100, 150, 350, 400)
+    ]
+    fitted = fit_batch(pd.DataFrame(rows), 3, "fp32", "cpu")
+    assert fitted.step_ms_per_token == pytest.approx([0.05, 0.07, 0.09, 0.11], abs=1e-6)
+    assert fitted.step_at(0, 400.0) == pytest.approx(100.0, abs=0.05)
+    assert fitted.step_at(3, 100.0) == pytest.approx(180.0 - 11.0, abs=0.05)
+
+
 def test_calibration_batches_span_narrow_and_wide_groups_of_the_sorted_prompts():
     runs = calibration_runs(6, [1, 4, 8], gamma_max=1)
     assert [r for r in runs if r[0] == 1 and r[1] == 0] == [(1, 0, k, 1) for k in range(6)]
