@@ -175,12 +175,12 @@ def batch_metrics(summary: dict) -> dict:
             b: {p: entry[p]["vs_none"]["ratio"] for p in (BEST, MLP)} for b, entry in section["live"].items()
         }
         ratio_errors = [abs(speedup_error(e, p)) for e in section["live"].values() for p in e if p != NONE]
-        tuning = {key: section[key] for key in ("tuning_model_max_abs_error",) if key in section}
         out[compression] = {
             "best_gamma": section["best_gamma"],
             "live_vs_none": live,
             "fidelity_max_abs_error": section["fidelity_max_abs_error"],
             "fidelity_ratio_max_abs_error": max(ratio_errors, default=0.0),
-            **tuning,
         }
+        if "tuning_model_max_abs_error" in section:
+            out[compression]["tuning_model_max_abs_error"] = section["tuning_model_max_abs_error"]
     return out
