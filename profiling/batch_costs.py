@@ -5,16 +5,17 @@ At batch size B a step that runs g draft forwards and one verify of B x (g + 1) 
 of the batch's longest row: every row's attention reads the cache up to the longest row's length
 (profiling/row_cache.py), so a batch costs what its widest row makes it, not its mean. Each batch size is
 calibrated like batch 1 (profiling/calibrate.py), in the batched loop itself (profiling/batch_decode.py)
-at every fixed gamma, with every row decoding, on batches of different widths (`calibration_runs`). Between calibrated
-batch sizes the cost is interpolated linearly in B (batches shrink as rows finish); beyond the largest it
-is extrapolated along the last two. The first step of a batch (every row's first token, after the
-prefills) belongs to the time to first token and is not fitted.
+at every fixed gamma, with every row decoding, on batches of different widths (`calibration_runs`).
+Between calibrated batch sizes the cost is interpolated linearly in B (batches shrink as rows finish);
+beyond the largest it is extrapolated along the last two. The first step of a batch (every row's first
+token, after the prefills) belongs to the time to first token and is not fitted.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +195,7 @@ def calibration_runs(n_prompts: int, batch_sizes: list[int], gamma_max: int) -> 
         groups = min(n_prompts, max(2, -(-n_prompts // b)))
         bounds = [k * n_prompts // groups for k in range(groups + 1)]
         for g in gammas[i % len(gammas) :] + gammas[: i % len(gammas)]:
-            runs += [(b, g, lo, hi - lo) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+            runs += [(b, g, lo, hi - lo) for lo, hi in pairwise(bounds)]
     return runs
 
 

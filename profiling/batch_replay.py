@@ -12,8 +12,8 @@ Greedy output does not depend on the batch, so every row decides and advances ex
 on its trace alone; only the time is the batch's. A step costs `step_ms(batch_size, gamma, position)`: the
 rows active, gamma = the draft forwards the step ran (the most tokens any row drafted, trimmed ones
 included: each forward is a sequential pass over the batch, and the verify is at most one token wider), and
-the context of the longest active row (every row's attention reads the cache that far). That callable covers the whole step (drafting, verify, signals); the
-prefills are not modelled.
+the context of the longest active row (every row's attention reads the cache that far). That callable
+covers the whole step (drafting, verify, signals); the prefills are not modelled.
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ class BatchReplayResult:
     rows: list[RowReplay]  # one per trace, in the order given
     batch_sizes: list[int] = field(default_factory=list)  # per step: rows decoding
     gammas: list[int] = field(default_factory=list)  # per step: draft forwards (most tokens a row drafted)
-    step_ms: list[float] = field(
-        default_factory=list
-    )  # per step: step_ms(batch size, gamma, longest row position)
+    # per step: step_ms(batch size, gamma, longest row position)
+    step_ms: list[float] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
